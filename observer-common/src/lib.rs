@@ -1,1 +1,53 @@
+//! Records shared by the eBPF programs and the daemon: the one place each layout lives.
+//!
+//! Every record starts with a [`Header`] whose `kind` says which record follows.
+//! Kinds have fixed numbers, never renumbered. The `user` feature adds `aya::Pod`
+//! impls and checked decoding for the daemon.
 #![no_std]
+
+pub mod bind;
+pub mod config;
+#[cfg(feature = "user")]
+pub mod decode;
+
+pub use bind::BindRecord;
+
+/// Which record follows the header.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Bind = 1,
+}
+
+impl Kind {
+    pub const fn from_u32(v: u32) -> Option<Kind> {
+        match v {
+            1 => Some(Kind::Bind),
+            _ => None,
+        }
+    }
+
+    /// The full size of a record of this kind, header included.
+    pub const fn record_size(self) -> usize {
+        // No `_` arm: a new kind cannot be forgotten here.
+        match self {
+            Kind::Bind => core::mem::size_of::<BindRecord>(),
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    /// A [`Kind`] as `u32`.
+    pub kind: u32,
+    pub _reserved: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event completed.
+    pub ktime_ns: u64,
+}
+
+/// Index of the lost-event counter in the per-CPU `LOST` array.
+pub const LOST_RINGBUF: u32 = 0;
+/// Index of the counter of binds that found the in-flight map full.
+pub const LOST_INFLIGHT: u32 = 1;
+pub const LOST_SLOTS: u32 = 2;

@@ -1,1 +1,36 @@
-fn main() {}
+//! `observer`: watches every socket bind() on the host and streams JSON Lines.
+
+mod btf_offsets;
+mod cli;
+mod clock;
+mod daemon;
+mod event;
+mod loader;
+mod mounts;
+mod names;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::report_parse_error(e),
+    };
+    env_logger::Builder::new()
+        .filter_level(cli.log_level())
+        .parse_env("OBSERVER_LOG")
+        .target(env_logger::Target::Stderr)
+        .init();
+    match cli.command {
+        cli::Command::Run(args) => match daemon::run(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("observer: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

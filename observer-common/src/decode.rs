@@ -1,0 +1,103 @@
+//! Checked decoding of ring-buffer records (user side).
+
+use crate::{BindRecord, Header, Kind};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    #[error("{kind:?} record of {got} bytes, expected {want}")]
+    Length { kind: Kind, got: usize, want: usize },
+}
+
+/// A record, copied out of the ring buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Bind(BindRecord),
+}
+
+/// Decodes one ring-buffer entry: reads the kind, checks the length, copies unaligned.
+pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+    if bytes.len() < size_of::<Header>() {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    let raw_kind = u32::from_ne_bytes(
+        bytes[core::mem::offset_of!(Header, kind)..][..4]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    let kind = Kind::from_u32(raw_kind).ok_or(DecodeError::UnknownKind(raw_kind))?;
+    let want = kind.record_size();
+    if bytes.len() != want {
+        return Err(DecodeError::Length {
+            kind,
+            got: bytes.len(),
+            want,
+        });
+    }
+    match kind {
+        // SAFETY: the length was checked; BindRecord is plain old data (`aya::Pod`).
+        Kind::Bind => Ok(Record::Bind(unsafe {
+            core::ptr::read_unaligned(bytes.as_ptr().cast::<BindRecord>())
+        })),
+    }
+}
+
+/// The bytes of a record, as the kernel side writes them (for tests and tools).
+pub fn encode(record: &BindRecord) -> &[u8] {
+    // SAFETY: BindRecord is `repr(C)` plain old data without padding holes.
+    unsafe {
+        core::slice::from_raw_parts(
+            (record as *const BindRecord).cast::<u8>(),
+            size_of::<BindRecord>(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bind::flags;
+
+    #[test]
+    fn bind_round_trip() {
+        let mut r = BindRecord::zeroed();
+        r.pid_tgid = (42 << 32) | 43;
+        r.ret = -98;
+        r.family = 2;
+        r.port = 5700;
+        r.flags = flags::CGROUP_HOOK | flags::REUSEADDR_KNOWN;
+        r.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        r.comm[..4].copy_from_slice(b"curl");
+        assert_eq!(decode(encode(&r)), Ok(Record::Bind(r)));
+    }
+
+    #[test]
+    fn rejects_short_unknown_and_wrong_length() {
+        assert_eq!(decode(&[0; 8]), Err(DecodeError::Short(8)));
+        let mut bytes = encode(&BindRecord::zeroed()).to_vec();
+        bytes[0] = 99;
+        assert_eq!(decode(&bytes), Err(DecodeError::UnknownKind(99)));
+        let zeroed = BindRecord::zeroed();
+        let bytes = encode(&zeroed);
+        assert_eq!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Length {
+                kind: Kind::Bind,
+                got: bytes.len() - 1,
+                want: size_of::<BindRecord>()
+            })
+        );
+    }
+
+    #[test]
+    fn layout_has_no_padding() {
+        // encode() exposes every byte: the layout must have no implicit padding.
+        let fields =
+            size_of::<Header>() + 6 * 8 + 5 * 4 + 6 * 2 + 16 + 16 + crate::bind::SOCKADDR_MAX;
+        assert_eq!(size_of::<BindRecord>(), fields);
+        assert_eq!(size_of::<BindRecord>() % 8, 0);
+    }
+}

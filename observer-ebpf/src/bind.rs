@@ -1,0 +1,232 @@
+//! One record per `bind()` syscall, assembled across four hooks in a per-thread
+//! map entry keyed by `pid_tgid`:
+//!
+//! - `sys_enter_bind` creates the entry (fd, start time, the caller's sockaddr pointer);
+//! - `cgroup/bind4|6` adds what the socket says (address, type, options, cookie);
+//! - `cgroup/post_bind4|6` adds the port the kernel actually gave;
+//! - `sys_exit_bind` adds the result and the process, submits, and deletes the entry.
+//!
+//! Binds that never reach `inet_bind` (EBADF, ENOTSOCK, other families, short
+//! addresses) get only the tracepoints; `sys_exit_bind` then copies the caller's
+//! sockaddr so the daemon can still say what was asked.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_ANY,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel, generated,
+    },
+    macros::{cgroup_sock, cgroup_sock_addr, map, tracepoint},
+    maps::HashMap,
+    programs::{SockAddrContext, SockContext, TracePointContext},
+};
+use observer_common::{
+    BindRecord, LOST_INFLIGHT, LOST_RINGBUF,
+    bind::{SOCKADDR_MAX, flags},
+};
+
+use crate::maps::{EVENTS, count_lost, kernel_offsets};
+
+/// A bind in progress: the record plus what only the kernel side needs.
+#[repr(C)]
+struct Inflight {
+    /// The caller's `struct sockaddr *`, read at exit only when no cgroup hook ran.
+    uaddr: u64,
+    record: BindRecord,
+}
+
+/// Binds in flight, one per thread; 16 Ki threads inside bind() at once.
+#[map]
+static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
+
+const SOL_SOCKET: i32 = 1;
+const SO_REUSEADDR: i32 = 2;
+const SO_REUSEPORT: i32 = 15;
+
+// Offsets in the syscall tracepoints' records (see
+// /sys/kernel/tracing/events/syscalls/sys_{enter,exit}_bind/format).
+const ENTER_FD: usize = 16;
+const ENTER_UMYADDR: usize = 24;
+const ENTER_ADDRLEN: usize = 32;
+const EXIT_RET: usize = 16;
+
+#[tracepoint]
+pub fn obs_sys_enter_bind(ctx: TracePointContext) -> u32 {
+    let _ = try_enter(&ctx);
+    0
+}
+
+fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    let fd: u64 = unsafe { ctx.read_at(ENTER_FD)? };
+    let uaddr: u64 = unsafe { ctx.read_at(ENTER_UMYADDR)? };
+    let addrlen: u64 = unsafe { ctx.read_at(ENTER_ADDRLEN)? };
+    let mut entry = Inflight {
+        uaddr,
+        record: BindRecord::zeroed(),
+    };
+    let r = &mut entry.record;
+    r.fd = fd as i32;
+    r.addrlen = addrlen as u32;
+    r.flags = flags::ENTER;
+    r.enter_ns = unsafe { generated::bpf_ktime_get_ns() };
+    if INFLIGHT
+        .insert(bpf_get_current_pid_tgid(), &entry, BPF_ANY as u64)
+        .is_err()
+    {
+        count_lost(LOST_INFLIGHT);
+    }
+    Ok(())
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn obs_bind4(ctx: SockAddrContext) -> i32 {
+    on_bind::<false>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn obs_bind6(ctx: SockAddrContext) -> i32 {
+    on_bind::<true>(&ctx);
+    1
+}
+
+/// One copy per family: the verifier rejects `user_ip6` reads in `bind4` even on a dead branch.
+#[inline(always)]
+fn on_bind<const V6: bool>(ctx: &SockAddrContext) {
+    let Some(entry) = INFLIGHT.get_ptr_mut(bpf_get_current_pid_tgid()) else {
+        return; // the bind started before we attached
+    };
+    let r = unsafe { &mut (*entry).record };
+    let sa = unsafe { &*ctx.sock_addr };
+    r.family = sa.user_family as u16;
+    r.sock_type = sa.type_ as u16;
+    r.protocol = sa.protocol as u16;
+    // user_port holds sin_port as stored in memory: network order in the low 16 bits.
+    r.port = u16::from_be(sa.user_port as u16);
+    if !V6 {
+        r.addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    } else {
+        for (i, word) in sa.user_ip6.iter().enumerate() {
+            r.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    }
+    r.sock_cookie = unsafe { generated::bpf_get_socket_cookie(ctx.as_ptr()) };
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if !sk.is_null() {
+        r.bound_dev_if = unsafe { (*sk).bound_dev_if };
+        r.flags |= flags::BOUND_DEV_IF_KNOWN;
+    }
+    let mut f = flags::CGROUP_HOOK;
+    f |= sockopt(ctx, SO_REUSEADDR, flags::REUSEADDR_KNOWN, flags::REUSEADDR);
+    f |= sockopt(ctx, SO_REUSEPORT, flags::REUSEPORT_KNOWN, flags::REUSEPORT);
+    r.flags |= f;
+}
+
+/// A boolean SOL_SOCKET option as flag bits: `known` when the kernel answered, `set` when on.
+fn sockopt(ctx: &SockAddrContext, name: i32, known: u32, set: u32) -> u32 {
+    let mut val: i32 = 0;
+    let ret = unsafe {
+        generated::bpf_getsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            name,
+            (&mut val as *mut i32).cast(),
+            size_of::<i32>() as i32,
+        )
+    };
+    match (ret, val) {
+        (0, 0) => known,
+        (0, _) => known | set,
+        _ => 0,
+    }
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn obs_post_bind4(ctx: SockContext) -> i32 {
+    on_post_bind(&ctx);
+    1
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn obs_post_bind6(ctx: SockContext) -> i32 {
+    on_post_bind(&ctx);
+    1
+}
+
+fn on_post_bind(ctx: &SockContext) {
+    if let Some(entry) = INFLIGHT.get_ptr_mut(bpf_get_current_pid_tgid()) {
+        let r = unsafe { &mut (*entry).record };
+        // src_port is in host order in struct bpf_sock.
+        r.bound_port = unsafe { (*ctx.sock).src_port } as u16;
+        r.flags |= flags::POST_BIND;
+    }
+}
+
+#[tracepoint]
+pub fn obs_sys_exit_bind(ctx: TracePointContext) -> u32 {
+    let _ = try_exit(&ctx);
+    0
+}
+
+fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = INFLIGHT.get_ptr_mut(id) else {
+        return Ok(()); // entered before we attached, or the map was full (counted)
+    };
+    let entry = unsafe { &mut *entry };
+    let r = &mut entry.record;
+    r.ret = unsafe { ctx.read_at::<i64>(EXIT_RET)? };
+    r.header.ktime_ns = unsafe { generated::bpf_ktime_get_ns() };
+    r.pid_tgid = id;
+    r.uid_gid = bpf_get_current_uid_gid();
+    r.cgroup_id = unsafe { generated::bpf_get_current_cgroup_id() };
+    r.comm = bpf_get_current_comm().unwrap_or_default();
+    r.netns = current_netns();
+    if r.flags & flags::CGROUP_HOOK == 0 && entry.uaddr != 0 {
+        let len = core::cmp::min(r.addrlen as usize, SOCKADDR_MAX);
+        if len > 0 {
+            let ret = unsafe {
+                generated::bpf_probe_read_user(
+                    r.sockaddr.as_mut_ptr().cast(),
+                    len as u32,
+                    entry.uaddr as *const core::ffi::c_void,
+                )
+            };
+            if ret == 0 {
+                r.flags |= flags::SOCKADDR;
+            }
+        }
+    }
+    if EVENTS.output::<BindRecord>(&*r, 0).is_err() {
+        count_lost(LOST_RINGBUF);
+    }
+    let _ = INFLIGHT.remove(id);
+    Ok(())
+}
+
+/// Inode of the current task's network namespace (`task->nsproxy->net_ns->ns.inum`),
+/// through offsets the daemon read from BTF; 0 when they are unknown.
+fn current_netns() -> u32 {
+    let off = kernel_offsets();
+    if !off.netns_known() {
+        return 0;
+    }
+    unsafe {
+        let task = generated::bpf_get_current_task() as *const u8;
+        let Ok(nsproxy) = bpf_probe_read_kernel(task.add(off.task_nsproxy as usize).cast::<u64>())
+        else {
+            return 0;
+        };
+        if nsproxy == 0 {
+            return 0; // an exiting task
+        }
+        let nsproxy = nsproxy as *const u8;
+        let Ok(net) = bpf_probe_read_kernel(nsproxy.add(off.nsproxy_net_ns as usize).cast::<u64>())
+        else {
+            return 0;
+        };
+        let net = net as *const u8;
+        bpf_probe_read_kernel(net.add(off.net_ns_inum as usize).cast::<u32>()).unwrap_or(0)
+    }
+}

@@ -1,0 +1,111 @@
+//! Command line: validated completely before anything is loaded.
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "observer",
+    version,
+    about = "Watch every socket bind() on this host, and why it failed, as JSON Lines",
+    after_help = "EXAMPLES:\n    \
+        observer run                      # stream until Ctrl-C\n    \
+        observer run --duration 10 | jq 'select(.event == \"bind\" and .errno != null)'"
+)]
+pub struct Cli {
+    /// More diagnostics on stderr (-v info, -vv debug). OBSERVER_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach the eBPF programs and write one JSON object per event to stdout.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Stop by itself after SECS seconds (default: run until SIGINT/SIGTERM).
+    #[arg(short, long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<std::time::Duration>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("'{s}' must be a positive number of seconds"));
+    }
+    std::time::Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+impl Cli {
+    pub fn log_level(&self) -> log::LevelFilter {
+        match self.verbose {
+            0 => log::LevelFilter::Warn,
+            1 => log::LevelFilter::Info,
+            _ => log::LevelFilter::Debug,
+        }
+    }
+}
+
+/// `--help` and `--version` print in full; a usage error is one line on stderr, exit 2.
+pub fn report_parse_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(if e.use_stderr() { 2 } else { 0 })
+        }
+        _ => {
+            eprintln!("observer: {}", one_line(&e.render().to_string()));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn one_line(rendered: &str) -> String {
+    let first = rendered.lines().next().unwrap_or("invalid arguments");
+    let msg = first.strip_prefix("error: ").unwrap_or(first);
+    format!("{msg} (see --help)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("observer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_with_duration() {
+        let cli = parse(&["run", "--duration", "2.5"]).unwrap();
+        let Command::Run(run) = cli.command;
+        assert_eq!(run.duration, Some(std::time::Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn bad_input_is_one_line() {
+        for args in [
+            &["run", "--duration", "soon"][..],
+            &["run", "--duration", "-1"],
+            &["run", "--bogus"],
+            &["frobnicate"],
+        ] {
+            let e = parse(args).unwrap_err();
+            let line = one_line(&e.render().to_string());
+            assert!(!line.contains('\n'), "{line}");
+            assert!(line.len() > 20, "{args:?}: {line}");
+        }
+        let e = parse(&["run", "--duration", "soon"]).unwrap_err();
+        assert!(one_line(&e.render().to_string()).contains("--duration"));
+    }
+}

@@ -1,0 +1,197 @@
+//! `observer run`: attach, stream records until a signal or the duration, detach.
+
+use std::{io, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use observer_common::{
+    LOST_INFLIGHT, LOST_RINGBUF, LOST_SLOTS,
+    decode::{Record, decode},
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    time::{MissedTickBehavior, interval, sleep},
+};
+
+use crate::{
+    btf_offsets,
+    cli::RunArgs,
+    clock::Clock,
+    event::{Bind, Lost, SCHEMA_VERSION, Start, Stop, Totals},
+    loader, mounts,
+    output::{JsonLines, is_closed_pipe},
+};
+
+/// Ring buffer size: about 32 k bind records, 0.3 s of binds at 100 k/s.
+const RING_BUFFER_BYTES: u32 = 8 << 20;
+/// How often the per-CPU loss counters are read.
+const LOST_POLL: Duration = Duration::from_secs(1);
+
+pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    match rt.block_on(stream(args)) {
+        Err(e) if e.downcast_ref::<io::Error>().is_some_and(is_closed_pipe) => {
+            log::debug!("stdout closed: stopping");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => other.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+async fn stream(args: RunArgs) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "must run as root: loading and attaching the eBPF programs needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN"
+        );
+    }
+    raise_memlock();
+    if mounts::ensure_tracefs()? {
+        eprintln!(
+            "observer: tracefs was not mounted; mounted it at {}",
+            mounts::TRACEFS
+        );
+    }
+    let cgroup = mounts::cgroup2_mount()?;
+    let offsets = btf_offsets::kernel_offsets();
+    let clock = Clock::new();
+    let mut attached = loader::load_and_attach(&cgroup, &offsets, RING_BUFFER_BYTES)?;
+    let ring = RingBuf::try_from(attached.ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
+    let lost = PerCpuArray::try_from(attached.ebpf.take_map("LOST").context("no LOST map")?)?;
+    // SAFETY: the RingBuf owns its map fd, which stays open until the AsyncFd drops it.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(io::Error::from)
+        .context("polling the ring buffer")?;
+
+    let mut s = Stream {
+        out: JsonLines::stdout(),
+        clock,
+        totals: Totals::default(),
+        lost_seen: [0; LOST_SLOTS as usize],
+        lost,
+    };
+    s.out.emit(&Start {
+        v: SCHEMA_VERSION,
+        ts: s.now(),
+        event: "observer_start",
+        version: env!("CARGO_PKG_VERSION"),
+        kernel: kernel_release(),
+        pid: std::process::id(),
+        hooks: &attached.hooks,
+        prog_ids: &attached.prog_ids,
+        cgroup: cgroup.display().to_string(),
+        ring_buffer_bytes: RING_BUFFER_BYTES,
+    })?;
+    s.out.flush()?;
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let deadline = sleep(args.duration.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(deadline);
+    let mut tick = interval(LOST_POLL);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+    let reason = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                s.drain(guard.get_inner_mut())?;
+                guard.clear_ready();
+            }
+            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = &mut deadline, if args.duration.is_some() => break "duration",
+            _ = tick.tick() => { s.poll_lost()?; s.out.flush()?; }
+        }
+    };
+    s.drain(ring.get_mut())?;
+    s.poll_lost()?;
+    s.out.emit(&Stop {
+        v: SCHEMA_VERSION,
+        ts: s.now(),
+        event: "observer_stop",
+        reason,
+        totals: s.totals,
+        lost: s.totals.lost,
+    })?;
+    s.out.flush()?;
+    drop(ring);
+    drop(attached); // detaches every program: their links are owned by this process
+    Ok(())
+}
+
+struct Stream {
+    out: JsonLines,
+    clock: Clock,
+    totals: Totals,
+    lost_seen: [u64; LOST_SLOTS as usize],
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl Stream {
+    fn now(&self) -> String {
+        self.clock.rfc3339(self.clock.now_ktime()).to_string()
+    }
+
+    /// Writes every record waiting in the ring buffer, then flushes once.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<()> {
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Ok(Record::Bind(r)) => {
+                    self.totals.bind += 1;
+                    self.out.emit(&Bind::from_record(&r, &self.clock))?;
+                }
+                Err(e) => log::warn!("skipping a record: {e}"),
+            }
+        }
+        self.out.flush()
+    }
+
+    /// Emits a `lost` record per cause whose kernel counter moved.
+    fn poll_lost(&mut self) -> Result<()> {
+        for (slot, cause) in [
+            (LOST_RINGBUF, "ring_buffer"),
+            (LOST_INFLIGHT, "inflight_map"),
+        ] {
+            let total: u64 = self
+                .lost
+                .get(&slot, 0)
+                .context("reading the LOST counters")?
+                .iter()
+                .sum();
+            let seen = &mut self.lost_seen[slot as usize];
+            if total > *seen {
+                let count = total - *seen;
+                *seen = total;
+                self.totals.lost += count;
+                self.out.emit(&Lost {
+                    v: SCHEMA_VERSION,
+                    ts: self.now(),
+                    event: "lost",
+                    count,
+                    cause,
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg.
+fn raise_memlock() {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK ({e}); not needed on kernels with memcg accounting"
+        );
+    }
+}

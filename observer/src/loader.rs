@@ -1,0 +1,102 @@
+//! Loads the embedded eBPF object and attaches its programs.
+
+use std::{fs::File, path::Path};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint},
+};
+use observer_common::config::{KERNEL_OFFSETS_SYMBOL, KernelOffsets};
+
+/// The eBPF object, built by `cargo xtask build` and embedded by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf.o"));
+
+/// Where a program attaches.
+enum Hook {
+    Tracepoint(&'static str, &'static str),
+    CgroupSockAddr(&'static str),
+    CgroupSock(&'static str),
+}
+
+/// Programs in attach order: the exit side first, `sys_enter_bind` last, so that
+/// every in-flight entry created is also completed and submitted.
+const PROGRAMS: [(&str, Hook); 6] = [
+    (
+        "obs_sys_exit_bind",
+        Hook::Tracepoint("syscalls", "sys_exit_bind"),
+    ),
+    ("obs_post_bind4", Hook::CgroupSock("post_bind4")),
+    ("obs_post_bind6", Hook::CgroupSock("post_bind6")),
+    ("obs_bind4", Hook::CgroupSockAddr("bind4")),
+    ("obs_bind6", Hook::CgroupSockAddr("bind6")),
+    (
+        "obs_sys_enter_bind",
+        Hook::Tracepoint("syscalls", "sys_enter_bind"),
+    ),
+];
+
+pub struct Attached {
+    /// Owns every program, map and link: dropping it detaches everything.
+    pub ebpf: Ebpf,
+    /// `section/name` of each attached hook.
+    pub hooks: Vec<String>,
+    pub prog_ids: Vec<u32>,
+}
+
+pub fn load_and_attach(
+    cgroup: &Path,
+    offsets: &KernelOffsets,
+    ring_bytes: u32,
+) -> Result<Attached> {
+    if OBJECT.is_empty() {
+        bail!("this binary was built without its eBPF programs: build it with `cargo xtask build`");
+    }
+    let mut ebpf = EbpfLoader::new()
+        .override_global(KERNEL_OFFSETS_SYMBOL, offsets, true)
+        .map_max_entries("EVENTS", ring_bytes)
+        .load(OBJECT)
+        .context("loading the eBPF object into the kernel")?;
+    let cgroup_fd =
+        File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+
+    let mut hooks = Vec::new();
+    let mut prog_ids = Vec::new();
+    for (name, hook) in PROGRAMS {
+        let prog = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} is missing from the eBPF object"))?;
+        let (label, info) = match hook {
+            Hook::Tracepoint(category, event) => {
+                let p: &mut TracePoint = prog.try_into()?;
+                p.load().with_context(|| format!("loading {name}"))?;
+                p.attach(category, event).with_context(|| {
+                    format!("attaching {name} to tracepoint {category}:{event}")
+                })?;
+                (format!("tracepoint/{category}/{event}"), p.info()?)
+            }
+            Hook::CgroupSockAddr(kind) => {
+                let p: &mut CgroupSockAddr = prog.try_into()?;
+                p.load().with_context(|| format!("loading {name}"))?;
+                p.attach(&cgroup_fd, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+                (format!("cgroup/{kind}"), p.info()?)
+            }
+            Hook::CgroupSock(kind) => {
+                let p: &mut CgroupSock = prog.try_into()?;
+                p.load().with_context(|| format!("loading {name}"))?;
+                p.attach(&cgroup_fd, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+                (format!("cgroup/{kind}"), p.info()?)
+            }
+        };
+        log::info!("attached {label} (prog id {})", info.id());
+        hooks.push(label);
+        prog_ids.push(info.id());
+    }
+    Ok(Attached {
+        ebpf,
+        hooks,
+        prog_ids,
+    })
+}

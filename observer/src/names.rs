@@ -1,0 +1,78 @@
+//! Names for kernel numbers: errno, address family, socket type and protocol.
+
+use nix::errno::Errno;
+
+/// `EADDRINUSE` for 98; `None` for 0 and numbers the C library does not name.
+pub fn errno_name(errno: i32) -> Option<String> {
+    if errno == 0 {
+        return None;
+    }
+    match Errno::from_raw(errno) {
+        Errno::UnknownErrno => Some(format!("E{errno}")),
+        e => Some(format!("{e:?}")),
+    }
+}
+
+/// The family as `ss` and the schema name it: `inet`, `inet6`, `unix`, …
+pub fn family_name(family: u16) -> String {
+    match i32::from(family) {
+        libc::AF_UNSPEC => "unspec".into(),
+        libc::AF_UNIX => "unix".into(),
+        libc::AF_INET => "inet".into(),
+        libc::AF_INET6 => "inet6".into(),
+        libc::AF_NETLINK => "netlink".into(),
+        libc::AF_PACKET => "packet".into(),
+        libc::AF_VSOCK => "vsock".into(),
+        libc::AF_BLUETOOTH => "bluetooth".into(),
+        libc::AF_XDP => "xdp".into(),
+        libc::AF_TIPC => "tipc".into(),
+        libc::AF_ALG => "alg".into(),
+        n => format!("af_{n}"),
+    }
+}
+
+/// `tcp`, `udp`, … from the socket's type and protocol.
+pub fn proto_name(sock_type: u16, protocol: u16) -> String {
+    match (i32::from(sock_type), i32::from(protocol)) {
+        (libc::SOCK_STREAM, libc::IPPROTO_TCP) => "tcp".into(),
+        (libc::SOCK_STREAM, libc::IPPROTO_MPTCP) => "mptcp".into(),
+        (_, libc::IPPROTO_SCTP) => "sctp".into(),
+        (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => "udp".into(),
+        (libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE) => "udplite".into(),
+        (libc::SOCK_DGRAM, libc::IPPROTO_ICMP | libc::IPPROTO_ICMPV6) => "icmp".into(),
+        (libc::SOCK_RAW, p) => format!("raw/{p}"),
+        (t, p) => format!("type{t}/{p}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errnos() {
+        assert_eq!(errno_name(0), None);
+        assert_eq!(errno_name(98).as_deref(), Some("EADDRINUSE"));
+        assert_eq!(errno_name(99).as_deref(), Some("EADDRNOTAVAIL"));
+        assert_eq!(errno_name(13).as_deref(), Some("EACCES"));
+        assert_eq!(errno_name(22).as_deref(), Some("EINVAL"));
+        assert_eq!(errno_name(9).as_deref(), Some("EBADF"));
+        assert_eq!(errno_name(88).as_deref(), Some("ENOTSOCK"));
+        assert_eq!(errno_name(97).as_deref(), Some("EAFNOSUPPORT"));
+        assert_eq!(errno_name(4242).as_deref(), Some("E4242"));
+    }
+
+    #[test]
+    fn families_and_protocols() {
+        assert_eq!(family_name(2), "inet");
+        assert_eq!(family_name(10), "inet6");
+        assert_eq!(family_name(1), "unix");
+        assert_eq!(family_name(16), "netlink");
+        assert_eq!(family_name(250), "af_250");
+        assert_eq!(proto_name(1, 6), "tcp");
+        assert_eq!(proto_name(2, 17), "udp");
+        assert_eq!(proto_name(1, 262), "mptcp");
+        assert_eq!(proto_name(3, 255), "raw/255");
+        assert_eq!(proto_name(5, 0), "type5/0");
+    }
+}
