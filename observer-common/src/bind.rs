@@ -20,6 +20,8 @@ pub mod flags {
     pub const BOUND_DEV_IF_KNOWN: u32 = 1 << 7;
     /// `sys_enter_bind` was seen (the bind started after the observer attached).
     pub const ENTER: u32 = 1 << 8;
+    /// The cgroup hook was `bind6` (else `bind4`): how to read `addr`.
+    pub const CGROUP_HOOK_V6: u32 = 1 << 9;
 }
 
 #[repr(C)]

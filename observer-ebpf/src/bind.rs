@@ -117,7 +117,7 @@ fn on_bind<const V6: bool>(ctx: &SockAddrContext) {
         r.bound_dev_if = unsafe { (*sk).bound_dev_if };
         r.flags |= flags::BOUND_DEV_IF_KNOWN;
     }
-    let mut f = flags::CGROUP_HOOK;
+    let mut f = flags::CGROUP_HOOK | if V6 { flags::CGROUP_HOOK_V6 } else { 0 };
     f |= sockopt(ctx, SO_REUSEADDR, flags::REUSEADDR_KNOWN, flags::REUSEADDR);
     f |= sockopt(ctx, SO_REUSEPORT, flags::REUSEPORT_KNOWN, flags::REUSEPORT);
     r.flags |= f;

@@ -32,6 +32,31 @@ pub struct RunArgs {
     /// Stop by itself after SECS seconds (default: run until SIGINT/SIGTERM).
     #[arg(short, long, value_name = "SECS", value_parser = parse_duration)]
     pub duration: Option<std::time::Duration>,
+
+    /// Size of the kernel ring buffer in bytes: a power of two, at least one page.
+    /// Events that do not fit are counted and reported in `lost` records.
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_size)]
+    pub ring_buffer: u32,
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size in bytes"))?;
+    let page = page_size();
+    if !n.is_power_of_two() || n < page {
+        return Err(format!(
+            "{n} must be a power of two of at least {page} (the page size)"
+        ));
+    }
+    Ok(n)
+}
+
+fn page_size() -> u32 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |p| p as u32)
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -90,6 +115,16 @@ mod tests {
         let cli = parse(&["run", "--duration", "2.5"]).unwrap();
         let Command::Run(run) = cli.command;
         assert_eq!(run.duration, Some(std::time::Duration::from_millis(2500)));
+        assert_eq!(run.ring_buffer, 8 << 20);
+    }
+
+    #[test]
+    fn ring_buffer_size_is_a_power_of_two_pages() {
+        let Command::Run(run) = parse(&["run", "--ring-buffer", "65536"]).unwrap().command;
+        assert_eq!(run.ring_buffer, 65536);
+        for bad in ["65537", "1024", "0", "big"] {
+            assert!(parse(&["run", "--ring-buffer", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -98,6 +133,7 @@ mod tests {
             &["run", "--duration", "soon"][..],
             &["run", "--duration", "-1"],
             &["run", "--bogus"],
+            &["run", "--ring-buffer", "3000"],
             &["frobnicate"],
         ] {
             let e = parse(args).unwrap_err();

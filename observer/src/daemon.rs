@@ -23,8 +23,6 @@ use crate::{
     output::{JsonLines, is_closed_pipe},
 };
 
-/// Ring buffer size: about 32 k bind records, 0.3 s of binds at 100 k/s.
-const RING_BUFFER_BYTES: u32 = 8 << 20;
 /// How often the per-CPU loss counters are read.
 const LOST_POLL: Duration = Duration::from_secs(1);
 
@@ -58,7 +56,7 @@ async fn stream(args: RunArgs) -> Result<()> {
     let cgroup = mounts::cgroup2_mount()?;
     let offsets = btf_offsets::kernel_offsets();
     let clock = Clock::new();
-    let mut attached = loader::load_and_attach(&cgroup, &offsets, RING_BUFFER_BYTES)?;
+    let mut attached = loader::load_and_attach(&cgroup, &offsets, args.ring_buffer)?;
     let ring = RingBuf::try_from(attached.ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
     let lost = PerCpuArray::try_from(attached.ebpf.take_map("LOST").context("no LOST map")?)?;
     // SAFETY: the RingBuf owns its map fd, which stays open until the AsyncFd drops it.
@@ -83,7 +81,7 @@ async fn stream(args: RunArgs) -> Result<()> {
         hooks: &attached.hooks,
         prog_ids: &attached.prog_ids,
         cgroup: cgroup.display().to_string(),
-        ring_buffer_bytes: RING_BUFFER_BYTES,
+        ring_buffer_bytes: args.ring_buffer,
     })?;
     s.out.flush()?;
 

@@ -101,15 +101,22 @@ impl Bind {
     }
 }
 
-/// The address as the cgroup hook saw it in the socket layer.
+/// The address as the cgroup hook saw it. The hook is chosen by the socket's
+/// family; a sockaddr of another family (EAFNOSUPPORT follows) has no address
+/// the hook could read, but its port sits at the same offset in both.
 fn hook_target(r: &BindRecord) -> Target {
-    let addr = match i32::from(r.family) {
-        libc::AF_INET => Ipv4Addr::from(<[u8; 4]>::try_from(&r.addr[..4]).unwrap()).to_string(),
-        _ => Ipv6Addr::from(r.addr).to_string(),
+    let v6_hook = r.flags & flags::CGROUP_HOOK_V6 != 0;
+    let addr = match (i32::from(r.family), v6_hook) {
+        // AF_UNSPEC with INADDR_ANY is accepted as AF_INET by inet_bind.
+        (libc::AF_INET | libc::AF_UNSPEC, false) => {
+            Some(Ipv4Addr::from(<[u8; 4]>::try_from(&r.addr[..4]).unwrap()).to_string())
+        }
+        (libc::AF_INET6, true) => Some(Ipv6Addr::from(r.addr).to_string()),
+        _ => None,
     };
     Target {
         family: Some(r.family),
-        addr: Some(addr),
+        addr,
         port: Some(r.port),
     }
 }
@@ -268,8 +275,22 @@ mod tests {
     fn ipv6_from_hook() {
         let mut r = hooked_v4();
         r.family = 10;
+        r.flags |= flags::CGROUP_HOOK_V6;
         r.addr = std::net::Ipv6Addr::LOCALHOST.octets();
         assert_eq!(Bind::from_record(&r, &clock()).addr.as_deref(), Some("::1"));
+    }
+
+    #[test]
+    fn foreign_family_in_bind4_has_no_address() {
+        let mut r = hooked_v4();
+        r.family = 10; // a sockaddr_in6 passed to an AF_INET socket
+        r.ret = -97;
+        let b = Bind::from_record(&r, &clock());
+        assert_eq!(
+            (b.family.as_deref(), b.addr, b.port),
+            (Some("inet6"), None, Some(5700))
+        );
+        assert_eq!(b.errno.as_deref(), Some("EAFNOSUPPORT"));
     }
 
     #[test]

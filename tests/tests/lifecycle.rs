@@ -1,0 +1,116 @@
+//! Start, stop and clean-up of the daemon: nothing of ours stays in the kernel.
+
+use observer_tests::{
+    observer::{Observer, loaded_prog_ids},
+    require_root,
+};
+use serde_json::Value;
+
+const HOOKS: [&str; 6] = [
+    "tracepoint/syscalls/sys_exit_bind",
+    "cgroup/post_bind4",
+    "cgroup/post_bind6",
+    "cgroup/bind4",
+    "cgroup/bind6",
+    "tracepoint/syscalls/sys_enter_bind",
+];
+
+fn prog_ids(start: &Value) -> Vec<u32> {
+    start["prog_ids"]
+        .as_array()
+        .expect("prog_ids")
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn check_start(start: &Value) -> Vec<u32> {
+    assert_eq!(start["v"], 1);
+    assert_eq!(start["version"], env!("CARGO_PKG_VERSION"));
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(start["kernel"], release.trim());
+    let hooks: Vec<&str> = start["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert_eq!(hooks, HOOKS);
+    let ids = prog_ids(start);
+    assert_eq!(ids.len(), HOOKS.len());
+    let loaded = loaded_prog_ids();
+    for id in &ids {
+        assert!(
+            loaded.contains(id),
+            "program {id} is not loaded while the observer runs"
+        );
+    }
+    ids
+}
+
+fn check_gone(ids: &[u32]) {
+    let loaded = loaded_prog_ids();
+    let left: Vec<&u32> = ids.iter().filter(|id| loaded.contains(id)).collect();
+    assert!(
+        left.is_empty(),
+        "programs still loaded after exit: {left:?}"
+    );
+}
+
+#[test]
+fn duration_stops_by_itself_and_detaches() {
+    require_root!();
+    let (obs, start) = Observer::start(&["--duration", "1"]);
+    let ids = check_start(&start);
+    let done = obs.wait();
+    assert!(done.status.success(), "{}: {}", done.status, done.stderr);
+    let records = done.records(); // every stdout line is a JSON object
+    let stop = records.last().unwrap();
+    assert_eq!(stop["event"], "observer_stop");
+    assert_eq!(stop["reason"], "duration");
+    assert!(
+        stop["totals"]["bind"].is_u64() && stop["lost"].is_u64(),
+        "{stop}"
+    );
+    assert!(!done.stderr.contains("panicked"), "{}", done.stderr);
+    check_gone(&ids);
+}
+
+#[test]
+fn sigterm_and_sigint_stop_cleanly_and_detach() {
+    require_root!();
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+        let (obs, start) = Observer::start(&[]);
+        let ids = check_start(&start);
+        obs.signal(sig);
+        let done = obs.wait();
+        assert!(
+            done.status.success(),
+            "{name}: {}: {}",
+            done.status,
+            done.stderr
+        );
+        let records = done.records();
+        assert_eq!(records.last().unwrap()["reason"], name);
+        check_gone(&ids);
+    }
+}
+
+#[test]
+fn sigkill_leaves_nothing_loaded() {
+    require_root!();
+    let (obs, start) = Observer::start(&[]);
+    let ids = check_start(&start);
+    obs.signal(libc::SIGKILL);
+    let done = obs.wait();
+    assert!(!done.status.success());
+    // Links are owned by the process's fds: the kernel releases them at exit.
+    // Program release is deferred (RCU), so allow it a moment.
+    for _ in 0..50 {
+        if ids.iter().all(|id| !loaded_prog_ids().contains(id)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    check_gone(&ids);
+}
