@@ -20,7 +20,7 @@ use crate::{
     clock::Clock,
     event::{Bind, Lost, SCHEMA_VERSION, Start, Stop, Totals},
     loader, mounts,
-    output::{JsonLines, is_closed_pipe},
+    output::{JsonLines, is_closed_pipe, stdout_closed, stdout_closed_watch},
 };
 
 /// How often the per-CPU loss counters are read.
@@ -89,6 +89,7 @@ async fn stream(args: RunArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = sleep(args.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
+    let stdout_watch = stdout_closed_watch();
     let mut tick = interval(LOST_POLL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
@@ -102,6 +103,10 @@ async fn stream(args: RunArgs) -> Result<()> {
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
             _ = &mut deadline, if args.duration.is_some() => break "duration",
+            _ = stdout_closed(&stdout_watch) => {
+                log::debug!("stdout closed: stopping");
+                return Ok(());
+            }
             _ = tick.tick() => { s.poll_lost()?; s.out.flush()?; }
         }
     };

@@ -114,3 +114,30 @@ fn sigkill_leaves_nothing_loaded() {
     }
     check_gone(&ids);
 }
+
+#[test]
+fn closed_stdout_ends_quietly_and_detaches() {
+    require_root!();
+    use std::io::{BufRead, BufReader};
+    // `observer run | head -n 1`: the reader goes away after the first line.
+    let mut child = std::process::Command::new(observer_tests::observer::observer_bin())
+        .arg("run")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap(); // the reader is dropped here: the pipe is closed
+    let start: Value = serde_json::from_str(&first).unwrap();
+    let ids = prog_ids(&start);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().all(|l| l.contains("tracefs")),
+        "closed stdout must end quietly, stderr: {stderr}"
+    );
+    check_gone(&ids);
+}
