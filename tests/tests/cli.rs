@@ -33,12 +33,20 @@ fn usage_errors_exit_2_with_one_line() {
 #[test]
 fn not_root_is_a_clear_error() {
     observer_tests::require_root!(); // to become someone else
-    let out = Command::new(observer_bin())
+    // A copy nobody can reach: the build tree may sit under a private directory.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("observer-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("observer");
+    std::fs::copy(observer_bin(), &bin).unwrap();
+    let out = Command::new(&bin)
         .args(["run", "--duration", "1"])
         .uid(65534)
         .gid(65534)
         .output()
         .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
     let line = one_line_error(&out, 1);
     assert!(line.contains("root") && line.contains("CAP_BPF"), "{line}");
 }
