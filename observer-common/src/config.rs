@@ -12,10 +12,50 @@ pub struct KernelOffsets {
     pub nsproxy_net_ns: u32,
     /// `net.ns` + `ns_common.inum`
     pub net_ns_inum: u32,
-    pub _reserved: u32,
+    /// `sock_common.skc_net` (a `possible_net_t`, whose first member is the `struct net *`)
+    pub sk_net: u32,
+    /// fd → socket: `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds`,
+    /// `fdtable.fd`, `file.private_data` (a `struct socket *`), `socket.sk`.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    /// `sock_common` members: family, local port (host order), local IPv4 and IPv6 address.
+    pub skc_family: u32,
+    pub skc_num: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_v6_rcv_saddr: u32,
 }
 
 impl KernelOffsets {
+    pub const ZERO: KernelOffsets = KernelOffsets {
+        task_nsproxy: 0,
+        nsproxy_net_ns: 0,
+        net_ns_inum: 0,
+        sk_net: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdt_max_fds: 0,
+        fdt_fd: 0,
+        file_private_data: 0,
+        socket_sk: 0,
+        skc_family: 0,
+        skc_num: 0,
+        skc_rcv_saddr: 0,
+        skc_v6_rcv_saddr: 0,
+    };
+
+    /// The socket behind a file descriptor can be read.
+    pub const fn fd_sock_known(&self) -> bool {
+        self.task_files != 0
+            && self.fdt_fd != 0
+            && self.file_private_data != 0
+            && self.socket_sk != 0
+            && self.skc_num != 0
+    }
+
     pub const fn netns_known(&self) -> bool {
         self.task_nsproxy != 0 && self.nsproxy_net_ns != 0 && self.net_ns_inum != 0
     }

@@ -1,6 +1,6 @@
 //! Checked decoding of ring-buffer records (user side).
 
-use crate::{BindRecord, Header, Kind};
+use crate::{BindRecord, Header, Kind, SockCallRecord, TcpStateRecord};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -16,6 +16,8 @@ pub enum DecodeError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Bind(BindRecord),
+    TcpState(TcpStateRecord),
+    SockCall(SockCallRecord),
 }
 
 /// Decodes one ring-buffer entry: reads the kind, checks the length, copies unaligned.
@@ -37,23 +39,25 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             want,
         });
     }
-    match kind {
-        // SAFETY: the length was checked; BindRecord is plain old data (`aya::Pod`).
-        Kind::Bind => Ok(Record::Bind(unsafe {
-            core::ptr::read_unaligned(bytes.as_ptr().cast::<BindRecord>())
-        })),
-    }
+    Ok(match kind {
+        Kind::Bind => Record::Bind(copy_out(bytes)),
+        Kind::TcpState => Record::TcpState(copy_out(bytes)),
+        Kind::SockCall => Record::SockCall(copy_out(bytes)),
+    })
+}
+
+/// Copies a record out of (unaligned) ring-buffer memory whose length `decode` checked.
+fn copy_out<T: aya::Pod>(bytes: &[u8]) -> T {
+    assert_eq!(bytes.len(), size_of::<T>());
+    // SAFETY: the length is checked; T is plain old data (`aya::Pod`).
+    unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
 }
 
 /// The bytes of a record, as the kernel side writes them (for tests and tools).
-pub fn encode(record: &BindRecord) -> &[u8] {
-    // SAFETY: BindRecord is `repr(C)` plain old data without padding holes.
-    unsafe {
-        core::slice::from_raw_parts(
-            (record as *const BindRecord).cast::<u8>(),
-            size_of::<BindRecord>(),
-        )
-    }
+pub fn encode<T: aya::Pod>(record: &T) -> &[u8] {
+    // SAFETY: records are `repr(C)` plain old data without padding holes
+    // (checked by the layout tests).
+    unsafe { core::slice::from_raw_parts((record as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
 #[cfg(test)]
@@ -89,6 +93,30 @@ mod tests {
                 got: bytes.len() - 1,
                 want: size_of::<BindRecord>()
             })
+        );
+    }
+
+    #[test]
+    fn tcp_state_and_sockcall_round_trip() {
+        let mut t = TcpStateRecord::zeroed();
+        t.skaddr = 0xffff_8881_0000_1000;
+        t.oldstate = crate::tcp::state::FIN_WAIT2;
+        t.newstate = crate::tcp::state::CLOSE;
+        assert_eq!(decode(encode(&t)), Ok(Record::TcpState(t)));
+        let mut c = SockCallRecord::zeroed(crate::sockcall::Call::Connect);
+        c.ret = -99;
+        assert_eq!(decode(encode(&c)), Ok(Record::SockCall(c)));
+    }
+
+    #[test]
+    fn other_layouts_have_no_padding() {
+        assert_eq!(
+            size_of::<TcpStateRecord>(),
+            16 + 4 * 8 + 4 + 2 + 2 + 4 * 2 + 3 * 16
+        );
+        assert_eq!(
+            size_of::<SockCallRecord>(),
+            16 + 5 * 8 + 5 * 4 + 2 * 2 + 2 * 16 + crate::bind::SOCKADDR_MAX
         );
     }
 

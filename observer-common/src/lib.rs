@@ -9,20 +9,28 @@ pub mod bind;
 pub mod config;
 #[cfg(feature = "user")]
 pub mod decode;
+pub mod sockcall;
+pub mod tcp;
 
 pub use bind::BindRecord;
+pub use sockcall::SockCallRecord;
+pub use tcp::TcpStateRecord;
 
 /// Which record follows the header.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Bind = 1,
+    TcpState = 2,
+    SockCall = 3,
 }
 
 impl Kind {
     pub const fn from_u32(v: u32) -> Option<Kind> {
         match v {
             1 => Some(Kind::Bind),
+            2 => Some(Kind::TcpState),
+            3 => Some(Kind::SockCall),
             _ => None,
         }
     }
@@ -32,6 +40,8 @@ impl Kind {
         // No `_` arm: a new kind cannot be forgotten here.
         match self {
             Kind::Bind => core::mem::size_of::<BindRecord>(),
+            Kind::TcpState => core::mem::size_of::<TcpStateRecord>(),
+            Kind::SockCall => core::mem::size_of::<SockCallRecord>(),
         }
     }
 }
@@ -48,6 +58,6 @@ pub struct Header {
 
 /// Index of the lost-event counter in the per-CPU `LOST` array.
 pub const LOST_RINGBUF: u32 = 0;
-/// Index of the counter of binds that found the in-flight map full.
+/// Index of the counter of syscalls that found their in-flight map full.
 pub const LOST_INFLIGHT: u32 = 1;
 pub const LOST_SLOTS: u32 = 2;

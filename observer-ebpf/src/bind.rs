@@ -13,10 +13,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_ANY,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_probe_read_kernel, generated,
-    },
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated},
     macros::{cgroup_sock, cgroup_sock_addr, map, tracepoint},
     maps::HashMap,
     programs::{SockAddrContext, SockContext, TracePointContext},
@@ -26,7 +23,10 @@ use observer_common::{
     bind::{SOCKADDR_MAX, flags},
 };
 
-use crate::maps::{EVENTS, count_lost, kernel_offsets};
+use crate::{
+    kernel::current_netns,
+    maps::{EVENTS, count_lost},
+};
 
 /// A bind in progress: the record plus what only the kernel side needs.
 #[repr(C)]
@@ -203,30 +203,4 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let _ = INFLIGHT.remove(id);
     Ok(())
-}
-
-/// Inode of the current task's network namespace (`task->nsproxy->net_ns->ns.inum`),
-/// through offsets the daemon read from BTF; 0 when they are unknown.
-fn current_netns() -> u32 {
-    let off = kernel_offsets();
-    if !off.netns_known() {
-        return 0;
-    }
-    unsafe {
-        let task = generated::bpf_get_current_task() as *const u8;
-        let Ok(nsproxy) = bpf_probe_read_kernel(task.add(off.task_nsproxy as usize).cast::<u64>())
-        else {
-            return 0;
-        };
-        if nsproxy == 0 {
-            return 0; // an exiting task
-        }
-        let nsproxy = nsproxy as *const u8;
-        let Ok(net) = bpf_probe_read_kernel(nsproxy.add(off.nsproxy_net_ns as usize).cast::<u64>())
-        else {
-            return 0;
-        };
-        let net = net as *const u8;
-        bpf_probe_read_kernel(net.add(off.net_ns_inum as usize).cast::<u32>()).unwrap_or(0)
-    }
 }

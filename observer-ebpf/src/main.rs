@@ -5,7 +5,10 @@
 #![no_main]
 
 mod bind;
+mod kernel;
 mod maps;
+mod sockcall;
+mod tcp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -16,12 +16,7 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0)
 
 /// Written by the daemon before load (see `KernelOffsets`).
 #[unsafe(no_mangle)]
-pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
-    task_nsproxy: 0,
-    nsproxy_net_ns: 0,
-    net_ns_inum: 0,
-    _reserved: 0,
-};
+pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::ZERO;
 
 pub fn kernel_offsets() -> KernelOffsets {
     // Volatile: the loader rewrites the value; the compiler must not fold the zeros.

@@ -1,6 +1,6 @@
 //! Kernel struct offsets for the eBPF side, read from the running kernel's BTF
 //! (Rust eBPF has no CO-RE relocations). A member that cannot be found leaves its
-//! offset 0, and the eBPF side then reports the field as unknown.
+//! offsets 0, and the eBPF side then reports the fields that need it as unknown.
 
 use btf_rs::{Btf, Type};
 use observer_common::config::KernelOffsets;
@@ -11,33 +11,67 @@ pub fn kernel_offsets() -> KernelOffsets {
     let btf = match Btf::from_file(VMLINUX_BTF) {
         Ok(btf) => btf,
         Err(e) => {
-            log::warn!("no kernel BTF ({VMLINUX_BTF}: {e}): netns will be null");
-            return KernelOffsets::default();
+            log::warn!(
+                "no kernel BTF ({VMLINUX_BTF}: {e}): netns and socket addresses will be null"
+            );
+            return KernelOffsets::ZERO;
         }
     };
     let off = |ty: &str, member: &str| {
         let o = member_offset(&btf, ty, member);
         if o.is_none() {
-            log::warn!("BTF: no member {ty}.{member}: netns will be null");
+            log::warn!("BTF: no member {ty}.{member}: the fields that need it will be null");
         }
         o
     };
-    let netns = (|| {
-        Some((
-            off("task_struct", "nsproxy")?,
-            off("nsproxy", "net_ns")?,
-            off("net", "ns")? + off("ns_common", "inum")?,
-        ))
-    })();
-    match netns {
-        Some((task_nsproxy, nsproxy_net_ns, net_ns_inum)) => KernelOffsets {
-            task_nsproxy,
-            nsproxy_net_ns,
-            net_ns_inum,
-            _reserved: 0,
-        },
-        None => KernelOffsets::default(),
+    let mut k = KernelOffsets::ZERO;
+    if let (Some(a), Some(b), Some(c), Some(d)) = (
+        off("task_struct", "nsproxy"),
+        off("nsproxy", "net_ns"),
+        off("net", "ns"),
+        off("ns_common", "inum"),
+    ) {
+        (k.task_nsproxy, k.nsproxy_net_ns, k.net_ns_inum) = (a, b, c + d);
     }
+    k.sk_net = off("sock_common", "skc_net").unwrap_or(0);
+    let chain = [
+        off("task_struct", "files"),
+        off("files_struct", "fdt"),
+        off("fdtable", "max_fds"),
+        off("fdtable", "fd"),
+        off("file", "private_data"),
+        off("socket", "sk"),
+        off("sock_common", "skc_family"),
+        off("sock_common", "skc_num"),
+        off("sock_common", "skc_rcv_saddr"),
+        off("sock_common", "skc_v6_rcv_saddr"),
+    ];
+    if let [
+        Some(files),
+        Some(fdt),
+        Some(max_fds),
+        Some(fd),
+        Some(private_data),
+        Some(sk),
+        Some(family),
+        Some(num),
+        Some(saddr),
+        Some(saddr6),
+    ] = chain
+    {
+        k.task_files = files;
+        k.files_fdt = fdt;
+        k.fdt_max_fds = max_fds;
+        k.fdt_fd = fd;
+        k.file_private_data = private_data;
+        k.socket_sk = sk;
+        k.skc_family = family;
+        k.skc_num = num;
+        k.skc_rcv_saddr = saddr;
+        k.skc_v6_rcv_saddr = saddr6;
+    }
+    log::debug!("kernel offsets from BTF: {k:?}");
+    k
 }
 
 /// Byte offset of `member` in struct `ty`, looking into anonymous structs and unions.

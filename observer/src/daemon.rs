@@ -18,9 +18,10 @@ use crate::{
     btf_offsets,
     cli::RunArgs,
     clock::Clock,
-    event::{Bind, Lost, SCHEMA_VERSION, Start, Stop, Totals},
+    events::{Bind, Lost, SCHEMA_VERSION, SockCall, Start, Stop, TcpState, Totals, tuple},
     loader, mounts,
     output::{JsonLines, is_closed_pipe, stdout_closed, stdout_closed_watch},
+    time_wait::{self, Closer, Transition},
 };
 
 /// How often the per-CPU loss counters are read.
@@ -64,12 +65,14 @@ async fn stream(args: RunArgs) -> Result<()> {
         .map_err(io::Error::from)
         .context("polling the ring buffer")?;
 
+    let (tw_tx, mut tw_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut s = Stream {
         out: JsonLines::stdout(),
         clock,
         totals: Totals::default(),
-        lost_seen: [0; LOST_SLOTS as usize],
+        lost_seen: [0; LOST_SLOTS as usize + 1],
         lost,
+        time_wait: time_wait::spawn(clock, tw_tx),
     };
     s.out.emit(&Start {
         v: SCHEMA_VERSION,
@@ -108,6 +111,13 @@ async fn stream(args: RunArgs) -> Result<()> {
                 return Ok(());
             }
             _ = tick.tick() => { s.poll_lost()?; s.out.flush()?; }
+            Some(o) = tw_rx.recv() => {
+                s.time_wait_record(o)?;
+                while let Ok(o) = tw_rx.try_recv() {
+                    s.time_wait_record(o)?;
+                }
+                s.out.flush()?;
+            }
         }
     };
     s.drain(ring.get_mut())?;
@@ -130,8 +140,9 @@ struct Stream {
     out: JsonLines,
     clock: Clock,
     totals: Totals,
-    lost_seen: [u64; LOST_SLOTS as usize],
+    lost_seen: [u64; LOST_SLOTS as usize + 1],
     lost: PerCpuArray<MapData, u64>,
+    time_wait: time_wait::Handle,
 }
 
 impl Stream {
@@ -147,24 +158,74 @@ impl Stream {
                     self.totals.bind += 1;
                     self.out.emit(&Bind::from_record(&r, &self.clock))?;
                 }
+                Ok(Record::TcpState(r)) => {
+                    self.totals.tcp_state += 1;
+                    let event = TcpState::from_record(&r, &self.clock);
+                    self.out.emit(&event)?;
+                    let (src, dst) = tuple(&r);
+                    self.time_wait.send(Transition {
+                        ktime_ns: r.header.ktime_ns,
+                        netns: r.netns,
+                        skaddr: r.skaddr,
+                        old: r.oldstate,
+                        new: r.newstate,
+                        src,
+                        dst,
+                        process: event.pid.map(|pid| Closer {
+                            pid,
+                            tid: event.tid.unwrap_or_default(),
+                            comm: event.comm.clone().unwrap_or_default(),
+                            uid: event.uid.unwrap_or_default(),
+                        }),
+                    });
+                }
+                Ok(Record::SockCall(r)) => {
+                    let event = SockCall::from_record(&r, &self.clock);
+                    match event.event {
+                        "listen" => self.totals.listen += 1,
+                        _ => self.totals.connect += 1,
+                    }
+                    self.out.emit(&event)?;
+                }
                 Err(e) => log::warn!("skipping a record: {e}"),
             }
         }
         self.out.flush()
     }
 
-    /// Emits a `lost` record per cause whose kernel counter moved.
+    fn time_wait_record(&mut self, o: time_wait::Out) -> io::Result<()> {
+        match o {
+            time_wait::Out::Enter(e) => {
+                self.totals.time_wait_enter += 1;
+                self.out.emit(&e)
+            }
+            time_wait::Out::Exit(e) => {
+                self.totals.time_wait_exit += 1;
+                self.out.emit(&e)
+            }
+        }
+    }
+
+    /// Emits a `lost` record per cause whose counter moved: the kernel's per-CPU
+    /// counters, and the TIME_WAIT tracker's full queue.
     fn poll_lost(&mut self) -> Result<()> {
+        const QUEUE_SLOT: u32 = LOST_SLOTS;
         for (slot, cause) in [
             (LOST_RINGBUF, "ring_buffer"),
             (LOST_INFLIGHT, "inflight_map"),
+            (QUEUE_SLOT, "time_wait_queue"),
         ] {
-            let total: u64 = self
-                .lost
-                .get(&slot, 0)
-                .context("reading the LOST counters")?
-                .iter()
-                .sum();
+            let total: u64 = if slot == QUEUE_SLOT {
+                self.time_wait
+                    .dropped
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            } else {
+                self.lost
+                    .get(&slot, 0)
+                    .context("reading the LOST counters")?
+                    .iter()
+                    .sum()
+            };
             let seen = &mut self.lost_seen[slot as usize];
             if total > *seen {
                 let count = total - *seen;

@@ -19,21 +19,23 @@ enum Hook {
     CgroupSock(&'static str),
 }
 
-/// Programs in attach order: the exit side first, `sys_enter_bind` last, so that
-/// every in-flight entry created is also completed and submitted.
-const PROGRAMS: [(&str, Hook); 6] = [
-    (
-        "obs_sys_exit_bind",
-        Hook::Tracepoint("syscalls", "sys_exit_bind"),
-    ),
+/// Programs in attach order: the exit side of each syscall first, its enter side
+/// last, so that every in-flight entry created is also completed and submitted.
+#[rustfmt::skip]
+const PROGRAMS: [(&str, Hook); 13] = [
+    ("obs_sys_exit_bind", Hook::Tracepoint("syscalls", "sys_exit_bind")),
     ("obs_post_bind4", Hook::CgroupSock("post_bind4")),
     ("obs_post_bind6", Hook::CgroupSock("post_bind6")),
     ("obs_bind4", Hook::CgroupSockAddr("bind4")),
     ("obs_bind6", Hook::CgroupSockAddr("bind6")),
-    (
-        "obs_sys_enter_bind",
-        Hook::Tracepoint("syscalls", "sys_enter_bind"),
-    ),
+    ("obs_sys_enter_bind", Hook::Tracepoint("syscalls", "sys_enter_bind")),
+    ("obs_softirq_exit", Hook::Tracepoint("irq", "softirq_exit")),
+    ("obs_softirq_entry", Hook::Tracepoint("irq", "softirq_entry")),
+    ("obs_inet_sock_set_state", Hook::Tracepoint("sock", "inet_sock_set_state")),
+    ("obs_sys_exit_listen", Hook::Tracepoint("syscalls", "sys_exit_listen")),
+    ("obs_sys_exit_connect", Hook::Tracepoint("syscalls", "sys_exit_connect")),
+    ("obs_sys_enter_listen", Hook::Tracepoint("syscalls", "sys_enter_listen")),
+    ("obs_sys_enter_connect", Hook::Tracepoint("syscalls", "sys_enter_connect")),
 ];
 
 pub struct Attached {

@@ -4,11 +4,14 @@ mod btf_offsets;
 mod cli;
 mod clock;
 mod daemon;
-mod event;
+mod events;
 mod loader;
 mod mounts;
 mod names;
+mod netns;
 mod output;
+mod sock_diag;
+mod time_wait;
 
 use std::process::ExitCode;
 

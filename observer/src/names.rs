@@ -45,6 +45,25 @@ pub fn proto_name(sock_type: u16, protocol: u16) -> String {
     }
 }
 
+/// TCP state names as `ss` and bcc's tcpstates print them (`include/net/tcp_states.h`).
+pub fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +93,8 @@ mod tests {
         assert_eq!(proto_name(1, 262), "mptcp");
         assert_eq!(proto_name(3, 255), "raw/255");
         assert_eq!(proto_name(5, 0), "type5/0");
+        assert_eq!(tcp_state_name(5), "FIN_WAIT2");
+        assert_eq!(tcp_state_name(7), "CLOSE");
+        assert_eq!(tcp_state_name(99), "UNKNOWN");
     }
 }

@@ -5,12 +5,11 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use observer_common::{BindRecord, bind::flags};
 use serde::Serialize;
 
+use super::{SCHEMA_VERSION, Target, c_str, sockaddr_target};
 use crate::{
     clock::Clock,
     names::{errno_name, family_name, proto_name},
 };
-
-pub const SCHEMA_VERSION: u8 = 1;
 
 #[derive(Serialize, Debug)]
 pub struct Bind {
@@ -47,14 +46,6 @@ pub struct BindOptions {
     pub transparent: Option<bool>,
     pub bind_address_no_port: Option<bool>,
     pub bound_dev_if: Option<u32>,
-}
-
-/// What the caller asked to bind to.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Target {
-    family: Option<u16>,
-    addr: Option<String>,
-    port: Option<u16>,
 }
 
 impl Bind {
@@ -119,91 +110,6 @@ fn hook_target(r: &BindRecord) -> Target {
         addr,
         port: Some(r.port),
     }
-}
-
-/// The caller's raw sockaddr (binds the cgroup hook never saw): as much as its length holds.
-fn sockaddr_target(sa: &[u8]) -> Target {
-    let Some(family) = sa.get(..2).map(|b| u16::from_ne_bytes([b[0], b[1]])) else {
-        return Target::default();
-    };
-    let be16 = |at: usize| sa.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
-    let (addr, port) = match i32::from(family) {
-        libc::AF_INET => (
-            sa.get(4..8)
-                .map(|b| Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
-            be16(2),
-        ),
-        libc::AF_INET6 => (
-            sa.get(8..24)
-                .map(|b| Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap()).to_string()),
-            be16(2),
-        ),
-        libc::AF_UNIX => (Some(unix_path(&sa[2..])), None),
-        _ => (None, None),
-    };
-    Target {
-        family: Some(family),
-        addr,
-        port,
-    }
-}
-
-/// `sun_path` as `ss` shows it: a filesystem path, `@name` for the abstract
-/// namespace, and `""` for autobind (no path given).
-fn unix_path(path: &[u8]) -> String {
-    match path.split_first() {
-        Some((0, abstract_name)) => format!("@{}", String::from_utf8_lossy(abstract_name)),
-        _ => c_str(path),
-    }
-}
-
-fn c_str(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
-#[derive(Serialize, Debug)]
-pub struct Start<'a> {
-    pub v: u8,
-    pub ts: String,
-    pub event: &'static str,
-    pub version: &'static str,
-    pub kernel: String,
-    pub pid: u32,
-    /// The hooks actually attached, as `section/name`.
-    pub hooks: &'a [String],
-    /// Kernel ids of the loaded programs, in the order of `hooks`.
-    pub prog_ids: &'a [u32],
-    pub cgroup: String,
-    pub ring_buffer_bytes: u32,
-}
-
-#[derive(Serialize, Debug)]
-pub struct Lost {
-    pub v: u8,
-    pub ts: String,
-    pub event: &'static str,
-    /// Events lost since the previous `lost` record of this cause.
-    pub count: u64,
-    /// `ring_buffer` (full) or `inflight_map` (too many binds in flight at once).
-    pub cause: &'static str,
-}
-
-#[derive(Serialize, Debug, Default, Clone, Copy)]
-pub struct Totals {
-    pub bind: u64,
-    pub lost: u64,
-}
-
-#[derive(Serialize, Debug)]
-pub struct Stop {
-    pub v: u8,
-    pub ts: String,
-    pub event: &'static str,
-    /// `duration`, `SIGINT` or `SIGTERM`.
-    pub reason: &'static str,
-    pub totals: Totals,
-    pub lost: u64,
 }
 
 #[cfg(test)]
@@ -311,39 +217,5 @@ mod tests {
         assert_eq!(b.proto, None);
         assert_eq!(b.options, BindOptions::default());
         assert_eq!((b.sock_cookie, b.bound_port, b.netns), (None, None, None));
-    }
-
-    #[test]
-    fn short_and_foreign_sockaddrs() {
-        // EINVAL for a short address: only what the caller gave.
-        let mut sa = [0u8; 6];
-        sa[..2].copy_from_slice(&2u16.to_ne_bytes());
-        sa[2..4].copy_from_slice(&80u16.to_be_bytes());
-        assert_eq!(
-            sockaddr_target(&sa),
-            Target {
-                family: Some(2),
-                addr: None,
-                port: Some(80)
-            }
-        );
-        assert_eq!(sockaddr_target(&[1]), Target::default());
-        let mut un = vec![0u8; 2];
-        un[..2].copy_from_slice(&1u16.to_ne_bytes());
-        un.extend_from_slice(b"\0observer-test");
-        assert_eq!(sockaddr_target(&un).addr.as_deref(), Some("@observer-test"));
-        let mut path = un[..2].to_vec();
-        path.extend_from_slice(b"/run/x.sock\0\0\0");
-        assert_eq!(sockaddr_target(&path).addr.as_deref(), Some("/run/x.sock"));
-        let mut nl = vec![0u8; 12];
-        nl[..2].copy_from_slice(&16u16.to_ne_bytes());
-        assert_eq!(
-            sockaddr_target(&nl),
-            Target {
-                family: Some(16),
-                addr: None,
-                port: None
-            }
-        );
     }
 }

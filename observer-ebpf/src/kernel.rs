@@ -1,0 +1,80 @@
+//! Reads of kernel structs through offsets the daemon took from BTF
+//! (`KernelOffsets`); every read is a `bpf_probe_read_kernel` that may fail,
+//! and an unknown offset makes the answer "unknown", never a guess.
+
+use aya_ebpf::helpers::{bpf_probe_read_kernel, generated};
+
+use crate::maps::kernel_offsets;
+
+const AF_INET6: u16 = 10;
+
+unsafe fn read<T>(base: u64, off: u32) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
+}
+
+/// Inode of the current task's network namespace (`task->nsproxy->net_ns->ns.inum`); 0 if unknown.
+pub fn current_netns() -> u32 {
+    let off = kernel_offsets();
+    if !off.netns_known() {
+        return 0;
+    }
+    unsafe {
+        let task = generated::bpf_get_current_task();
+        let nsproxy: u64 = read(task, off.task_nsproxy).unwrap_or(0); // 0 for an exiting task
+        let net: u64 = read(nsproxy, off.nsproxy_net_ns).unwrap_or(0);
+        read(net, off.net_ns_inum).unwrap_or(0)
+    }
+}
+
+/// Inode of a socket's network namespace (`sk->__sk_common.skc_net.net->ns.inum`); 0 if unknown.
+pub fn sock_netns(sk: u64) -> u32 {
+    let off = kernel_offsets();
+    if off.sk_net == 0 || off.net_ns_inum == 0 {
+        return 0;
+    }
+    unsafe {
+        let net: u64 = read(sk, off.sk_net).unwrap_or(0);
+        read(net, off.net_ns_inum).unwrap_or(0)
+    }
+}
+
+/// The local end of the socket behind `fd` in the current task: family, port
+/// (host order) and address (4 or 16 bytes).
+pub struct Local {
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+pub fn fd_local(fd: i32) -> Option<Local> {
+    let off = kernel_offsets();
+    if !off.fd_sock_known() || fd < 0 {
+        return None;
+    }
+    unsafe {
+        let task = generated::bpf_get_current_task();
+        let files: u64 = read(task, off.task_files)?;
+        let fdt: u64 = read(files, off.files_fdt)?;
+        let max_fds: u32 = read(fdt, off.fdt_max_fds)?;
+        if fd as u32 >= max_fds {
+            return None;
+        }
+        let fds: u64 = read(fdt, off.fdt_fd)?;
+        let file: u64 = read(fds, fd as u32 * 8)?;
+        let socket: u64 = read(file, off.file_private_data)?;
+        let sk: u64 = read(socket, off.socket_sk)?;
+        let family: u16 = read(sk, off.skc_family)?;
+        let port: u16 = read(sk, off.skc_num)?;
+        let mut addr = [0u8; 16];
+        if family == AF_INET6 {
+            addr = read(sk, off.skc_v6_rcv_saddr)?;
+        } else {
+            let v4: [u8; 4] = read(sk, off.skc_rcv_saddr)?;
+            addr[..4].copy_from_slice(&v4);
+        }
+        Some(Local { family, port, addr })
+    }
+}

@@ -1,0 +1,116 @@
+//! Every TCP state change on the host, from `sock:inet_sock_set_state`.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated},
+    macros::{map, tracepoint},
+    maps::{LruHashMap, PerCpuArray},
+    programs::TracePointContext,
+};
+use observer_common::{
+    LOST_RINGBUF, TcpStateRecord,
+    tcp::{flags, state},
+};
+
+use crate::{
+    kernel::sock_netns,
+    maps::{EVENTS, count_lost},
+};
+
+/// When each socket entered its current state, for `prev_state_ms`. LRU: a
+/// socket whose CLOSE we never saw cannot pin an entry forever.
+#[map]
+static SINCE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(131072, 0);
+
+/// Per CPU: 1 while a softirq handler runs (`irq:softirq_entry` .. `softirq_exit`).
+/// TCP state changes driven by packets and timers run there, on whatever task
+/// was interrupted, so "current" names no process that caused them.
+#[map]
+static IN_SOFTIRQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+#[tracepoint]
+pub fn obs_softirq_entry(_ctx: TracePointContext) -> u32 {
+    set_in_softirq(1);
+    0
+}
+
+#[tracepoint]
+pub fn obs_softirq_exit(_ctx: TracePointContext) -> u32 {
+    set_in_softirq(0);
+    0
+}
+
+fn set_in_softirq(v: u32) {
+    if let Some(p) = IN_SOFTIRQ.get_ptr_mut(0) {
+        unsafe { *p = v };
+    }
+}
+
+fn in_softirq() -> bool {
+    IN_SOFTIRQ.get(0).is_some_and(|v| *v != 0)
+}
+
+// Offsets in the tracepoint's record (events/sock/inet_sock_set_state/format).
+const SKADDR: usize = 8;
+const OLDSTATE: usize = 16;
+const NEWSTATE: usize = 20;
+const SPORT: usize = 24;
+const DPORT: usize = 26;
+const FAMILY: usize = 28;
+const PROTOCOL: usize = 30;
+const SADDR: usize = 32;
+const DADDR: usize = 36;
+const SADDR_V6: usize = 40;
+const DADDR_V6: usize = 56;
+
+const IPPROTO_TCP: u16 = 6;
+const AF_INET: u16 = 2;
+
+#[tracepoint]
+pub fn obs_inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_set_state(&ctx);
+    0
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    if unsafe { ctx.read_at::<u16>(PROTOCOL)? } != IPPROTO_TCP {
+        return Ok(());
+    }
+    let now = unsafe { generated::bpf_ktime_get_ns() };
+    let mut r = TcpStateRecord::zeroed();
+    r.header.ktime_ns = now;
+    unsafe {
+        r.skaddr = ctx.read_at(SKADDR)?;
+        r.oldstate = ctx.read_at::<i32>(OLDSTATE)? as u8;
+        r.newstate = ctx.read_at::<i32>(NEWSTATE)? as u8;
+        r.sport = ctx.read_at(SPORT)?;
+        r.dport = ctx.read_at(DPORT)?;
+        r.family = ctx.read_at(FAMILY)?;
+        if r.family == AF_INET {
+            r.saddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(SADDR)?);
+            r.daddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(DADDR)?);
+        } else {
+            r.saddr = ctx.read_at(SADDR_V6)?;
+            r.daddr = ctx.read_at(DADDR_V6)?;
+        }
+        if let Some(since) = SINCE.get(r.skaddr) {
+            r.prev_state_ns = now.saturating_sub(*since);
+            r.flags |= flags::PREV_KNOWN;
+        }
+        if !in_softirq() {
+            r.pid_tgid = bpf_get_current_pid_tgid();
+            r.uid_gid = bpf_get_current_uid_gid();
+            r.comm = bpf_get_current_comm().unwrap_or_default();
+            r.flags |= flags::PROCESS_CONTEXT;
+        }
+    }
+    if r.newstate == state::CLOSE {
+        let _ = SINCE.remove(r.skaddr);
+    } else {
+        let _ = SINCE.insert(r.skaddr, now, 0);
+    }
+    r.netns = sock_netns(r.skaddr);
+    if EVENTS.output::<TcpStateRecord>(&r, 0).is_err() {
+        count_lost(LOST_RINGBUF);
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! `listen` and `connect` failures.
+
+use observer_common::{
+    SockCallRecord,
+    sockcall::{Call, flags},
+};
+use serde::Serialize;
+
+use super::{SCHEMA_VERSION, c_str, ip_from, sockaddr_target};
+use crate::{
+    clock::Clock,
+    names::{errno_name, family_name},
+};
+
+#[derive(Serialize, Debug)]
+pub struct SockCall {
+    pub v: u8,
+    pub ts: String,
+    /// `listen` or `connect`.
+    pub event: &'static str,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub netns: Option<u32>,
+    pub fd: i32,
+    pub family: Option<String>,
+    /// The socket's local end (`lport: 0` when it had no port yet).
+    pub laddr: Option<String>,
+    pub lport: Option<u16>,
+    /// connect's destination.
+    pub daddr: Option<String>,
+    pub dport: Option<u16>,
+    pub ret: i64,
+    pub errno: Option<String>,
+    pub latency_ns: u64,
+}
+
+impl SockCall {
+    pub fn from_record(r: &SockCallRecord, clock: &Clock) -> SockCall {
+        let local = r.flags & flags::LOCAL != 0;
+        let dest = if r.flags & flags::SOCKADDR != 0 {
+            sockaddr_target(&r.sockaddr[..(r.addrlen as usize).min(r.sockaddr.len())])
+        } else {
+            Default::default()
+        };
+        let family = if local { Some(r.family) } else { dest.family };
+        SockCall {
+            v: SCHEMA_VERSION,
+            ts: clock.rfc3339(r.header.ktime_ns).to_string(),
+            event: if r.call == Call::Listen as u32 {
+                "listen"
+            } else {
+                "connect"
+            },
+            pid: (r.pid_tgid >> 32) as u32,
+            tid: r.pid_tgid as u32,
+            comm: c_str(&r.comm),
+            uid: r.uid_gid as u32,
+            cgroup_id: r.cgroup_id,
+            netns: (r.netns != 0).then_some(r.netns),
+            fd: r.fd,
+            family: family.map(family_name),
+            laddr: local.then(|| ip_from(r.family, &r.laddr).to_string()),
+            lport: local.then_some(r.lport),
+            daddr: dest.addr,
+            dport: dest.port,
+            ret: r.ret,
+            errno: errno_name(-r.ret as i32),
+            latency_ns: r.header.ktime_ns.saturating_sub(r.enter_ns),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_exhaustion_shows_destination_and_local_end() {
+        let mut r = SockCallRecord::zeroed(Call::Connect);
+        r.ret = -99;
+        r.flags = flags::LOCAL | flags::SOCKADDR;
+        r.family = 2;
+        r.laddr[..4].copy_from_slice(&[0, 0, 0, 0]);
+        r.addrlen = 16;
+        r.sockaddr[..2].copy_from_slice(&2u16.to_ne_bytes());
+        r.sockaddr[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        r.sockaddr[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        let c = SockCall::from_record(&r, &Clock::with_offset(0));
+        assert_eq!(c.event, "connect");
+        assert_eq!(c.errno.as_deref(), Some("EADDRNOTAVAIL"));
+        assert_eq!((c.laddr.as_deref(), c.lport), (Some("0.0.0.0"), Some(0)));
+        assert_eq!(
+            (c.daddr.as_deref(), c.dport),
+            (Some("127.0.0.1"), Some(8080))
+        );
+    }
+
+    #[test]
+    fn listen_without_local_end() {
+        let mut r = SockCallRecord::zeroed(Call::Listen);
+        r.ret = -98;
+        let c = SockCall::from_record(&r, &Clock::with_offset(0));
+        assert_eq!(
+            (c.event, c.family, c.laddr, c.daddr),
+            ("listen", None, None, None)
+        );
+        assert_eq!(c.errno.as_deref(), Some("EADDRINUSE"));
+    }
+}

@@ -1,0 +1,123 @@
+//! `tcp_state` records.
+
+use std::net::SocketAddr;
+
+use observer_common::{TcpStateRecord, tcp::flags};
+use serde::Serialize;
+
+use super::{SCHEMA_VERSION, c_str, ip_from};
+use crate::{
+    clock::Clock,
+    names::{family_name, tcp_state_name},
+};
+
+#[derive(Serialize, Debug)]
+pub struct TcpState {
+    pub v: u8,
+    pub ts: String,
+    pub event: &'static str,
+    /// The kernel's socket address, in hex: stable for the socket's life.
+    pub sk: String,
+    /// The process that caused the change; `null` when it happened in softirq
+    /// context (packet receive, timers), where the current task is unrelated.
+    pub pid: Option<u32>,
+    pub tid: Option<u32>,
+    pub comm: Option<String>,
+    pub uid: Option<u32>,
+    pub netns: Option<u32>,
+    pub family: String,
+    pub saddr: String,
+    pub sport: u16,
+    pub daddr: String,
+    pub dport: u16,
+    pub old: &'static str,
+    pub new: &'static str,
+    /// Time spent in `old`; `null` when the socket's previous change was not seen.
+    pub prev_state_ms: Option<f64>,
+}
+
+impl TcpState {
+    pub fn from_record(r: &TcpStateRecord, clock: &Clock) -> TcpState {
+        let process = r.flags & flags::PROCESS_CONTEXT != 0;
+        let (src, dst) = tuple(r);
+        TcpState {
+            v: SCHEMA_VERSION,
+            ts: clock.rfc3339(r.header.ktime_ns).to_string(),
+            event: "tcp_state",
+            sk: format!("{:#x}", r.skaddr),
+            pid: process.then_some((r.pid_tgid >> 32) as u32),
+            tid: process.then_some(r.pid_tgid as u32),
+            comm: process.then(|| c_str(&r.comm)),
+            uid: process.then_some(r.uid_gid as u32),
+            netns: (r.netns != 0).then_some(r.netns),
+            family: family_name(r.family),
+            saddr: src.ip().to_string(),
+            sport: src.port(),
+            daddr: dst.ip().to_string(),
+            dport: dst.port(),
+            old: tcp_state_name(r.oldstate),
+            new: tcp_state_name(r.newstate),
+            prev_state_ms: (r.flags & flags::PREV_KNOWN != 0)
+                .then(|| (r.prev_state_ns / 1000) as f64 / 1000.0),
+        }
+    }
+}
+
+/// The socket's (local, remote) ends.
+pub fn tuple(r: &TcpStateRecord) -> (SocketAddr, SocketAddr) {
+    (
+        SocketAddr::new(ip_from(r.family, &r.saddr), r.sport),
+        SocketAddr::new(ip_from(r.family, &r.daddr), r.dport),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use observer_common::tcp::state;
+
+    #[test]
+    fn softirq_change_has_no_process() {
+        let mut r = TcpStateRecord::zeroed();
+        r.skaddr = 0xffff888100a0b000;
+        r.family = 2;
+        r.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        r.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        r.sport = 5700;
+        r.dport = 41000;
+        r.oldstate = state::FIN_WAIT2;
+        r.newstate = state::CLOSE;
+        r.prev_state_ns = 1_234_567;
+        r.flags = flags::PREV_KNOWN;
+        r.pid_tgid = 99 << 32; // whatever was interrupted: must not show
+        let json = serde_json::to_value(TcpState::from_record(&r, &Clock::with_offset(0))).unwrap();
+        assert_eq!(json["sk"], "0xffff888100a0b000");
+        assert_eq!(
+            (json["old"].as_str(), json["new"].as_str()),
+            (Some("FIN_WAIT2"), Some("CLOSE"))
+        );
+        assert_eq!(json["pid"], serde_json::Value::Null);
+        assert_eq!(json["comm"], serde_json::Value::Null);
+        assert_eq!(json["prev_state_ms"], 1.234);
+        assert_eq!(
+            (json["saddr"].as_str(), json["dport"].as_u64()),
+            (Some("127.0.0.1"), Some(41000))
+        );
+    }
+
+    #[test]
+    fn process_context_change_names_the_process() {
+        let mut r = TcpStateRecord::zeroed();
+        r.family = 10;
+        r.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
+        r.flags = flags::PROCESS_CONTEXT;
+        r.pid_tgid = (7 << 32) | 8;
+        r.comm[..4].copy_from_slice(b"curl");
+        let t = TcpState::from_record(&r, &Clock::with_offset(0));
+        assert_eq!(
+            (t.pid, t.tid, t.comm.as_deref()),
+            (Some(7), Some(8), Some("curl"))
+        );
+        assert_eq!((t.saddr.as_str(), t.prev_state_ms), ("::1", None));
+    }
+}
