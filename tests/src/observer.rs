@@ -100,6 +100,34 @@ impl Observer {
         Some(line)
     }
 
+    /// Reads the stream until `want` records satisfy `pred` (counting those
+    /// already read), or `timeout` passes; returns how many did.
+    pub fn wait_for(
+        &mut self,
+        want: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        let count = |lines: &[String]| {
+            lines
+                .iter()
+                .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| pred(&v)))
+                .count()
+        };
+        let mut n = count(&self.seen);
+        while n < want {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Some(line) = self.next_line(left) else {
+                break;
+            };
+            if serde_json::from_str::<Value>(&line).is_ok_and(|v| pred(&v)) {
+                n += 1;
+            }
+        }
+        n
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }

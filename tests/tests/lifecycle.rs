@@ -6,13 +6,20 @@ use observer_tests::{
 };
 use serde_json::Value;
 
-const HOOKS: [&str; 6] = [
+const HOOKS: [&str; 13] = [
     "tracepoint/syscalls/sys_exit_bind",
     "cgroup/post_bind4",
     "cgroup/post_bind6",
     "cgroup/bind4",
     "cgroup/bind6",
     "tracepoint/syscalls/sys_enter_bind",
+    "tracepoint/irq/softirq_exit",
+    "tracepoint/irq/softirq_entry",
+    "tracepoint/sock/inet_sock_set_state",
+    "tracepoint/syscalls/sys_exit_listen",
+    "tracepoint/syscalls/sys_exit_connect",
+    "tracepoint/syscalls/sys_enter_listen",
+    "tracepoint/syscalls/sys_enter_connect",
 ];
 
 fn prog_ids(start: &Value) -> Vec<u32> {
