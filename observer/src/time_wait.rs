@@ -9,7 +9,7 @@
 //! if a new connection took its 4-tuple, else `expired`.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, hash_map::Entry},
     fs::File,
     net::SocketAddr,
     sync::{
@@ -376,25 +376,13 @@ impl Handle {
     }
 }
 
-/// Starts the tracker thread; its records arrive on `out`. Reports the TIME_WAIT
-/// sockets of every namespace first (`preexisting`).
+/// Reports the TIME_WAIT sockets of every namespace (`preexisting`) before it
+/// returns, so that they all predate the `observer_start` record; then starts
+/// the tracker thread. Its records arrive on `out`.
 pub fn spawn(clock: Clock, out: tokio::sync::mpsc::UnboundedSender<Out>) -> Handle {
-    let (tx, rx) = sync_channel(QUEUE);
-    std::thread::Builder::new()
-        .name("time-wait".into())
-        .spawn(move || run(clock, rx, out))
-        .expect("spawning the time-wait thread");
-    Handle {
-        tx,
-        dropped: Arc::new(AtomicU64::new(0)),
-    }
-}
-
-fn run(clock: Clock, rx: Receiver<Transition>, out: tokio::sync::mpsc::UnboundedSender<Out>) {
     let mut tracker = Tracker::new(clock);
-    let mut diags: HashMap<u32, Diag> = HashMap::new();
     for (ino, file) in netns::all() {
-        match dump(&mut diags, ino, &file) {
+        match open_diag(ino, &file).and_then(|mut d| d.tcp_sockets(time_wait_mask(), None)) {
             Ok(socks) => {
                 for o in tracker.preexisting(ino, &socks, clock.now_ktime()) {
                     let _ = out.send(o);
@@ -403,7 +391,26 @@ fn run(clock: Clock, rx: Receiver<Transition>, out: tokio::sync::mpsc::Unbounded
             Err(e) => log::warn!("sock_diag in netns {ino}: {e}"),
         }
     }
-    diags.clear(); // do not pin namespaces nothing is tracked in
+    let (tx, rx) = sync_channel(QUEUE);
+    std::thread::Builder::new()
+        .name("time-wait".into())
+        .spawn(move || run(tracker, clock, rx, out))
+        .expect("spawning the time-wait thread");
+    Handle {
+        tx,
+        dropped: Arc::new(AtomicU64::new(0)),
+    }
+}
+
+fn run(
+    mut tracker: Tracker,
+    clock: Clock,
+    rx: Receiver<Transition>,
+    out: tokio::sync::mpsc::UnboundedSender<Out>,
+) {
+    // One netlink socket per namespace with something tracked in it; dropped
+    // when nothing is, so that the observer does not keep namespaces alive.
+    let mut diags: HashMap<u32, Diag> = HashMap::new();
     let mut next_tick = Instant::now() + TICK;
     loop {
         match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
@@ -418,14 +425,14 @@ fn run(clock: Clock, rx: Receiver<Transition>, out: tokio::sync::mpsc::Unbounded
         let namespaces = tracker.namespaces();
         diags.retain(|ino, _| namespaces.contains(ino));
         for ino in namespaces {
-            let socks = if let Some(d) = diags.get_mut(&ino) {
-                d.tcp_sockets(state_mask(&[state::TIME_WAIT]), None)
-            } else {
-                match netns::open(ino, tracker.hint(ino)) {
-                    Some(file) => dump(&mut diags, ino, &file),
+            let socks = match diags.entry(ino) {
+                Entry::Occupied(mut d) => d.get_mut().tcp_sockets(time_wait_mask(), None),
+                Entry::Vacant(v) => match netns::open(ino, tracker.hint(ino)) {
                     // The namespace is gone, and its sockets with it.
                     None => Ok(Vec::new()),
-                }
+                    Some(f) => open_diag(ino, &f)
+                        .and_then(|d| v.insert(d).tcp_sockets(time_wait_mask(), None)),
+                },
             };
             match socks {
                 Ok(socks) => {
@@ -441,15 +448,16 @@ fn run(clock: Clock, rx: Receiver<Transition>, out: tokio::sync::mpsc::Unbounded
     }
 }
 
-fn dump(diags: &mut HashMap<u32, Diag>, ino: u32, file: &File) -> std::io::Result<Vec<TcpSock>> {
-    let mut d = if netns::own() == Some(ino) {
-        Diag::open()?
+fn open_diag(ino: u32, file: &File) -> std::io::Result<Diag> {
+    if netns::own() == Some(ino) {
+        Diag::open()
     } else {
-        Diag::open_in(file)?
-    };
-    let socks = d.tcp_sockets(state_mask(&[state::TIME_WAIT]), None);
-    diags.insert(ino, d);
-    socks
+        Diag::open_in(file)
+    }
+}
+
+fn time_wait_mask() -> u32 {
+    state_mask(&[state::TIME_WAIT])
 }
 
 #[cfg(test)]
