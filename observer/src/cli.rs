@@ -25,6 +25,11 @@ pub struct Cli {
 pub enum Command {
     /// Attach the eBPF programs and write one JSON object per event to stdout.
     Run(RunArgs),
+    /// Re-create the classic bind failures, each in its own network namespace.
+    Repro(crate::repro::ReproArgs),
+    /// Internal: a scenario's child process.
+    #[command(hide = true)]
+    ReproHelper(crate::repro::helper::HelperArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -37,6 +42,15 @@ pub struct RunArgs {
     /// Events that do not fit are counted and reported in `lost` records.
     #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_size)]
     pub ring_buffer: u32,
+
+    /// Run these reproduction scenarios (or `all`) while observing, then stop;
+    /// exits non-zero if a scenario failed or one of its events is missing.
+    #[arg(long, value_name = "NAME", num_args = 1..)]
+    pub repro: Option<Vec<String>>,
+
+    /// With --repro: also write the workload's own log of steps, as JSON Lines, to FILE.
+    #[arg(long, value_name = "FILE", requires = "repro")]
+    pub repro_log: Option<std::path::PathBuf>,
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -113,14 +127,18 @@ mod tests {
     #[test]
     fn run_with_duration() {
         let cli = parse(&["run", "--duration", "2.5"]).unwrap();
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else {
+            panic!()
+        };
         assert_eq!(run.duration, Some(std::time::Duration::from_millis(2500)));
         assert_eq!(run.ring_buffer, 8 << 20);
     }
 
     #[test]
     fn ring_buffer_size_is_a_power_of_two_pages() {
-        let Command::Run(run) = parse(&["run", "--ring-buffer", "65536"]).unwrap().command;
+        let Command::Run(run) = parse(&["run", "--ring-buffer", "65536"]).unwrap().command else {
+            panic!()
+        };
         assert_eq!(run.ring_buffer, 65536);
         for bad in ["65537", "1024", "0", "big"] {
             assert!(parse(&["run", "--ring-buffer", bad]).is_err(), "{bad}");

@@ -21,6 +21,7 @@ use crate::{
     events::{Bind, Lost, SCHEMA_VERSION, SockCall, Start, Stop, TcpState, Totals, tuple},
     loader, mounts,
     output::{JsonLines, is_closed_pipe, stdout_closed, stdout_closed_watch},
+    repro::{self, ctx::Sink},
     time_wait::{self, Closer, Transition},
 };
 
@@ -37,11 +38,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             log::debug!("stdout closed: stopping");
             Ok(ExitCode::SUCCESS)
         }
-        other => other.map(|()| ExitCode::SUCCESS),
+        other => other,
     }
 }
 
-async fn stream(args: RunArgs) -> Result<()> {
+async fn stream(args: RunArgs) -> Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "must run as root: loading and attaching the eBPF programs needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN"
@@ -73,6 +74,7 @@ async fn stream(args: RunArgs) -> Result<()> {
         lost_seen: [0; LOST_SLOTS as usize + 1],
         lost,
         time_wait: time_wait::spawn(clock, tw_tx),
+        kept: None,
     };
     s.out.emit(&Start {
         v: SCHEMA_VERSION,
@@ -87,6 +89,22 @@ async fn stream(args: RunArgs) -> Result<()> {
         ring_buffer_bytes: args.ring_buffer,
     })?;
     s.out.flush()?;
+
+    // --repro: the scenarios run beside the stream; their events are kept to check.
+    let (repro_tx, mut repro_rx) = tokio::sync::oneshot::channel();
+    let repro = match &args.repro {
+        Some(names) => {
+            let scenarios = repro::select(names).map_err(anyhow::Error::msg)?;
+            s.kept = Some(Vec::new());
+            std::thread::spawn(move || {
+                let report = repro::run(&scenarios, Sink::Stderr);
+                let _ = repro_tx.send((scenarios, report));
+            });
+            true
+        }
+        None => false,
+    };
+    let mut report = None;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -106,9 +124,13 @@ async fn stream(args: RunArgs) -> Result<()> {
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
             _ = &mut deadline, if args.duration.is_some() => break "duration",
+            r = &mut repro_rx, if repro => {
+                report = r.ok();
+                break "repro";
+            }
             _ = stdout_closed(&stdout_watch) => {
                 log::debug!("stdout closed: stopping");
-                return Ok(());
+                return Ok(ExitCode::SUCCESS);
             }
             _ = tick.tick() => { s.poll_lost()?; s.out.flush()?; }
             Some(o) = tw_rx.recv() => {
@@ -133,7 +155,27 @@ async fn stream(args: RunArgs) -> Result<()> {
     s.out.flush()?;
     drop(ring);
     drop(attached); // detaches every program: their links are owned by this process
-    Ok(())
+    let Some((scenarios, report)) = report else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    eprint!("{}", report.summary(&scenarios));
+    if let Some(path) = &args.repro_log {
+        let mut log = String::new();
+        for step in &report.steps {
+            log += &serde_json::to_string(step)?;
+            log.push('\n');
+        }
+        std::fs::write(path, log).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let problems = repro::check::problems(&report.steps, s.kept.as_deref().unwrap_or_default());
+    for p in &problems {
+        eprintln!("missing from the stream: {p}");
+    }
+    Ok(if report.passed() && problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 struct Stream {
@@ -143,6 +185,8 @@ struct Stream {
     lost_seen: [u64; LOST_SLOTS as usize + 1],
     lost: PerCpuArray<MapData, u64>,
     time_wait: time_wait::Handle,
+    /// bind/listen/connect records as written, while a `--repro` run needs them.
+    kept: Option<Vec<serde_json::Value>>,
 }
 
 impl Stream {
@@ -156,7 +200,9 @@ impl Stream {
             match decode(&item) {
                 Ok(Record::Bind(r)) => {
                     self.totals.bind += 1;
-                    self.out.emit(&Bind::from_record(&r, &self.clock))?;
+                    let event = Bind::from_record(&r, &self.clock);
+                    self.out.emit(&event)?;
+                    self.keep(&event);
                 }
                 Ok(Record::TcpState(r)) => {
                     self.totals.tcp_state += 1;
@@ -186,11 +232,18 @@ impl Stream {
                         _ => self.totals.connect += 1,
                     }
                     self.out.emit(&event)?;
+                    self.keep(&event);
                 }
                 Err(e) => log::warn!("skipping a record: {e}"),
             }
         }
         self.out.flush()
+    }
+
+    fn keep<T: serde::Serialize>(&mut self, event: &T) {
+        if let Some(kept) = &mut self.kept {
+            kept.push(serde_json::to_value(event).expect("records serialize"));
+        }
     }
 
     fn time_wait_record(&mut self, o: time_wait::Out) -> io::Result<()> {

@@ -10,6 +10,7 @@ mod mounts;
 mod names;
 mod netns;
 mod output;
+mod repro;
 mod sock_diag;
 mod time_wait;
 
@@ -28,12 +29,20 @@ fn main() -> ExitCode {
         .target(env_logger::Target::Stderr)
         .init();
     match cli.command {
-        cli::Command::Run(args) => match daemon::run(args) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("observer: {e:#}");
-                ExitCode::FAILURE
+        cli::Command::Run(args) => match args.repro.as_deref().map(repro::select) {
+            Some(Err(e)) => {
+                eprintln!("observer: --repro: {e}");
+                ExitCode::from(2)
             }
+            _ => match daemon::run(args) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("observer: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
         },
+        cli::Command::Repro(args) => repro::cli(args),
+        cli::Command::ReproHelper(args) => repro::helper::run(args),
     }
 }

@@ -1,0 +1,133 @@
+//! Whether the observer's stream holds every step a scenario made: exactly one
+//! matching event each.
+
+use serde_json::Value;
+
+use super::ctx::Step;
+
+/// The event fields a step determines.
+pub fn matches(step: &Step, e: &Value) -> bool {
+    let Some(event) = step.event.as_deref() else {
+        return false;
+    };
+    let common = e["event"] == event
+        && e["pid"] == step.pid
+        && e["tid"] == step.tid
+        && e["netns"] == step.netns
+        && e["fd"] == step.fd
+        && e["errno"].as_str() == step.errno.as_deref();
+    common
+        && match event {
+            "bind" => {
+                e["addr"] == step.addr.as_str()
+                    && e["port"] == step.port
+                    && e["proto"] == step.proto.as_str()
+                    && e["options"]["reuseaddr"] == step.reuseaddr
+                    && e["options"]["reuseport"] == step.reuseport
+                    && e["sock_cookie"] == step.sock_cookie
+            }
+            "listen" => e["laddr"] == step.addr.as_str() && e["lport"] == step.port,
+            "connect" => e["daddr"] == step.addr.as_str() && e["dport"] == step.port,
+            _ => false,
+        }
+}
+
+/// One line per step whose event is missing from `events` or there more than once.
+pub fn problems(steps: &[Step], events: &[Value]) -> Vec<String> {
+    steps
+        .iter()
+        .filter(|s| s.event.is_some())
+        .filter_map(|s| {
+            let n = events.iter().filter(|e| matches(s, e)).count();
+            (n != 1).then(|| {
+                format!(
+                    "{} / {}: {} {} event(s) in the stream, want 1 ({}:{} fd {} tid {} errno {})",
+                    s.scenario,
+                    s.step,
+                    n,
+                    s.event.as_deref().unwrap_or(""),
+                    s.addr,
+                    s.port,
+                    s.fd,
+                    s.tid,
+                    s.errno.as_deref().unwrap_or("none")
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn step(call: &str, errno: Option<&str>) -> Step {
+        Step {
+            scenario: "s".into(),
+            step: "t".into(),
+            call: call.into(),
+            event: if call == "bind" || errno.is_some() {
+                Some(call.into())
+            } else {
+                None
+            },
+            pid: 1,
+            tid: 2,
+            netns: 3,
+            fd: 4,
+            proto: "tcp".into(),
+            addr: "127.0.0.1".into(),
+            port: 5700,
+            reuseaddr: true,
+            reuseport: false,
+            sock_cookie: 9,
+            expected: errno.map(str::to_owned),
+            errno: errno.map(str::to_owned),
+            ok: true,
+        }
+    }
+
+    fn bind_event() -> Value {
+        json!({"event": "bind", "pid": 1, "tid": 2, "netns": 3, "fd": 4, "addr": "127.0.0.1", "port": 5700,
+               "proto": "tcp", "options": {"reuseaddr": true, "reuseport": false}, "errno": "EADDRINUSE", "sock_cookie": 9})
+    }
+
+    #[test]
+    fn bind_matches_field_by_field() {
+        let s = step("bind", Some("EADDRINUSE"));
+        assert!(matches(&s, &bind_event()));
+        for (k, v) in [
+            ("tid", json!(3)),
+            ("errno", Value::Null),
+            ("port", json!(5701)),
+            ("sock_cookie", json!(10)),
+        ] {
+            let mut e = bind_event();
+            e[k] = v;
+            assert!(!matches(&s, &e), "{k}");
+        }
+        let mut e = bind_event();
+        e["options"]["reuseaddr"] = json!(false);
+        assert!(!matches(&s, &e));
+    }
+
+    #[test]
+    fn missing_and_doubled_are_problems_and_silent_calls_are_not() {
+        let s = step("bind", Some("EADDRINUSE"));
+        assert_eq!(
+            problems(std::slice::from_ref(&s), &[bind_event()]),
+            Vec::<String>::new()
+        );
+        assert_eq!(problems(std::slice::from_ref(&s), &[]).len(), 1);
+        assert_eq!(
+            problems(std::slice::from_ref(&s), &[bind_event(), bind_event()]).len(),
+            1
+        );
+        // A successful listen has no event to find.
+        assert!(problems(&[step("listen", None)], &[]).is_empty());
+        let failed = step("connect", Some("EADDRNOTAVAIL"));
+        let e = json!({"event": "connect", "pid": 1, "tid": 2, "netns": 3, "fd": 4, "daddr": "127.0.0.1", "dport": 5700, "errno": "EADDRNOTAVAIL"});
+        assert!(problems(&[failed], &[e]).is_empty());
+    }
+}

@@ -1,0 +1,354 @@
+//! The scenarios' runtime: private network namespaces, sockets with options,
+//! and the log of every call and what the kernel answered.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    process::{Child, Command, Stdio},
+};
+
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::names::errno_name;
+
+/// One call a scenario made, what it expected and what the kernel answered.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub scenario: String,
+    /// What this step is about, for people.
+    pub step: String,
+    /// `bind`, `listen` or `connect`.
+    pub call: String,
+    /// The event this call must produce in the observer's stream, if any:
+    /// every bind, and listen/connect when they fail.
+    pub event: Option<String>,
+    pub pid: u32,
+    pub tid: u32,
+    pub netns: u64,
+    pub fd: i32,
+    pub proto: String,
+    /// bind/listen: the local address; connect: the destination.
+    pub addr: String,
+    pub port: u16,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub sock_cookie: u64,
+    /// The errno the kernel should answer (`null`: success).
+    pub expected: Option<String>,
+    /// The errno it answered.
+    pub errno: Option<String>,
+    pub ok: bool,
+}
+
+/// How to make a socket.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Opts {
+    pub udp: bool,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    /// IPV6_V6ONLY for IPv6 sockets (`None`: the system default).
+    pub v6only: Option<bool>,
+    pub bind_address_no_port: bool,
+}
+
+pub fn tid() -> u32 {
+    nix::unistd::gettid().as_raw() as u32
+}
+
+pub fn thread_netns() -> u64 {
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0)
+}
+
+/// Moves the calling thread into a new network namespace with loopback up.
+pub fn enter_new_netns() -> io::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    // `lo` is down in a new namespace.
+    let fd = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    unsafe {
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        if libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn errno_of(r: io::Result<()>) -> Option<String> {
+    match r {
+        Ok(()) => None,
+        Err(e) => Some(errno_name(e.raw_os_error().unwrap_or(0)).unwrap_or_else(|| e.to_string())),
+    }
+}
+
+/// A scenario in progress, on its own thread, in its own network namespace.
+pub struct Ctx {
+    scenario: String,
+    netns: u64,
+    pub steps: Vec<Step>,
+    sockets: HashMap<String, Socket>,
+    children: Vec<Child>,
+    sink: Sink,
+}
+
+/// Where steps go as they are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sink {
+    /// Kept, and printed as a human line on stderr.
+    Stderr,
+    /// Printed as JSON lines on stdout (a helper reporting to its scenario).
+    Stdout,
+}
+
+impl Ctx {
+    /// A scenario's context, in a new network namespace.
+    pub fn new(scenario: &str, sink: Sink) -> io::Result<Ctx> {
+        enter_new_netns()?;
+        Ok(Ctx::here(scenario, sink))
+    }
+
+    /// A context in the current network namespace (a helper inside its scenario's).
+    pub fn here(scenario: &str, sink: Sink) -> Ctx {
+        Ctx {
+            scenario: scenario.to_owned(),
+            netns: thread_netns(),
+            steps: Vec::new(),
+            sockets: HashMap::new(),
+            children: Vec::new(),
+            sink,
+        }
+    }
+
+    /// A fresh namespace for the next variant: nothing of the last one is left to collide with.
+    pub fn fresh_netns(&mut self) -> io::Result<()> {
+        self.close_all();
+        enter_new_netns()?;
+        self.netns = thread_netns();
+        Ok(())
+    }
+
+    pub fn close_all(&mut self) {
+        self.sockets.clear();
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn socket(&mut self, name: &str, addr: &SocketAddr, o: Opts) -> io::Result<()> {
+        let (ty, proto) = if o.udp {
+            (Type::DGRAM, Protocol::UDP)
+        } else {
+            (Type::STREAM, Protocol::TCP)
+        };
+        let s = Socket::new(Domain::for_address(*addr), ty, Some(proto))?;
+        s.set_reuse_address(o.reuseaddr)?;
+        s.set_reuse_port(o.reuseport)?;
+        if let (Some(v6only), true) = (o.v6only, addr.is_ipv6()) {
+            s.set_only_v6(v6only)?;
+        }
+        if o.bind_address_no_port {
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+                .map_err(io::Error::from)?;
+        }
+        self.sockets.insert(name.to_owned(), s);
+        Ok(())
+    }
+
+    fn sock(&self, name: &str) -> &Socket {
+        &self.sockets[name]
+    }
+
+    fn record(
+        &mut self,
+        name: &str,
+        what: &str,
+        call: &str,
+        addr: SocketAddr,
+        expected: Option<&str>,
+        errno: Option<String>,
+    ) -> bool {
+        let s = self.sock(name);
+        let udp = s.r#type().ok() == Some(Type::DGRAM);
+        let event = match call {
+            "bind" => Some("bind"),
+            _ if errno.is_some() => Some(call),
+            _ => None,
+        };
+        let step = Step {
+            scenario: self.scenario.clone(),
+            step: what.to_owned(),
+            call: call.to_owned(),
+            event: event.map(str::to_owned),
+            pid: std::process::id(),
+            tid: tid(),
+            netns: self.netns,
+            fd: s.as_raw_fd(),
+            proto: if udp { "udp" } else { "tcp" }.to_owned(),
+            addr: addr.ip().to_string(),
+            port: addr.port(),
+            reuseaddr: s.reuse_address().unwrap_or(false),
+            reuseport: s.reuse_port().unwrap_or(false),
+            sock_cookie: s.cookie().unwrap_or(0),
+            expected: expected.map(str::to_owned),
+            ok: errno.as_deref() == expected,
+            errno,
+        };
+        self.push(step)
+    }
+
+    pub fn push(&mut self, step: Step) -> bool {
+        match self.sink {
+            Sink::Stderr => eprintln!("{}", describe(&step)),
+            Sink::Stdout => println!("{}", serde_json::to_string(&step).expect("a step is JSON")),
+        }
+        let ok = step.ok;
+        self.steps.push(step);
+        ok
+    }
+
+    /// bind(); `expected` is the errno name the kernel should answer (`None`: success).
+    pub fn bind(
+        &mut self,
+        name: &str,
+        what: &str,
+        addr: SocketAddr,
+        expected: Option<&str>,
+    ) -> bool {
+        let errno = errno_of(self.sock(name).bind(&addr.into()));
+        self.record(name, what, "bind", addr, expected, errno)
+    }
+
+    pub fn listen(&mut self, name: &str, what: &str, expected: Option<&str>) -> bool {
+        let s = self.sock(name);
+        let local = s
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let errno = errno_of(s.listen(128));
+        self.record(name, what, "listen", local, expected, errno)
+    }
+
+    pub fn connect(
+        &mut self,
+        name: &str,
+        what: &str,
+        to: SocketAddr,
+        expected: Option<&str>,
+    ) -> bool {
+        let errno = errno_of(self.sock(name).connect(&to.into()));
+        self.record(name, what, "connect", to, expected, errno)
+    }
+
+    /// Accepts one connection on the listener `name`, kept open as `as_name`.
+    pub fn accept(&mut self, name: &str, as_name: &str) -> io::Result<()> {
+        let (s, _) = self.sock(name).accept()?;
+        self.sockets.insert(as_name.to_owned(), s);
+        Ok(())
+    }
+
+    pub fn close(&mut self, name: &str) {
+        self.sockets.remove(name);
+    }
+
+    /// Reads until the peer's FIN (end of stream) on `name`.
+    pub fn read_eof(&mut self, name: &str) -> io::Result<()> {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        while self.sock(name).recv(&mut buf)? > 0 {}
+        Ok(())
+    }
+
+    /// Runs `observer repro-helper ARGS` in this namespace; it prints its steps
+    /// as JSON lines on stdout and its "ready" line, then waits to be killed.
+    pub fn helper(&mut self, args: &[String]) -> io::Result<()> {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg("repro-helper")
+            .arg("--scenario")
+            .arg(&self.scenario)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // The helper dies with this thread, even if the observer is killed.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        self.children.push(child);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            if line == "ready" {
+                return Ok(());
+            }
+            let step: Step = serde_json::from_str(&line).map_err(io::Error::other)?;
+            self.push(step);
+        }
+        Err(io::Error::other("repro helper exited before it was ready"))
+    }
+
+    /// Kills the helpers like a crash: SIGKILL, no clean shutdown.
+    pub fn kill_helpers(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Writes `range` ("LOW HIGH") to this namespace's ip_local_port_range.
+    pub fn port_range(&self, range: &str) -> io::Result<()> {
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", range)
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        self.close_all();
+    }
+}
+
+/// The human line for a step: what it did, what the kernel answered, what was expected.
+pub fn describe(s: &Step) -> String {
+    let answer = s.errno.as_deref().unwrap_or("ok");
+    let expected = s.expected.as_deref().unwrap_or("ok");
+    let opts = match (s.reuseaddr, s.reuseport) {
+        (false, false) => String::new(),
+        (true, false) => " SO_REUSEADDR".into(),
+        (false, true) => " SO_REUSEPORT".into(),
+        (true, true) => " SO_REUSEADDR+SO_REUSEPORT".into(),
+    };
+    let addr = if s.addr.contains(':') {
+        format!("[{}]:{}", s.addr, s.port)
+    } else {
+        format!("{}:{}", s.addr, s.port)
+    };
+    format!(
+        "{:<22} {:<4} {} {}{} {:<46} -> {:<13} expected {:<13} {}",
+        s.scenario,
+        s.proto,
+        s.call,
+        addr,
+        opts,
+        format!("({})", s.step),
+        answer,
+        expected,
+        if s.ok { "ok" } else { "UNEXPECTED" }
+    )
+}

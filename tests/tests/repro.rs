@@ -1,0 +1,129 @@
+//! `observer run --repro all`: every step the workload logged is in the stream
+//! exactly once, field by field.
+
+use std::process::Command;
+
+use observer_tests::{observer::observer_bin, require_root};
+use serde_json::Value;
+
+fn lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The fields of the stream's event that a step determines.
+fn same(step: &Value, e: &Value) -> bool {
+    let common = ["pid", "tid", "netns", "fd", "errno"]
+        .iter()
+        .all(|k| e[*k] == step[*k])
+        && e["event"] == step["event"];
+    common
+        && match step["call"].as_str().unwrap() {
+            "bind" => {
+                e["addr"] == step["addr"]
+                    && e["port"] == step["port"]
+                    && e["proto"] == step["proto"]
+                    && e["options"]["reuseaddr"] == step["reuseaddr"]
+                    && e["options"]["reuseport"] == step["reuseport"]
+                    && e["sock_cookie"] == step["sock_cookie"]
+            }
+            "listen" => e["laddr"] == step["addr"] && e["lport"] == step["port"],
+            "connect" => e["daddr"] == step["addr"] && e["dport"] == step["port"],
+            other => panic!("unknown call {other}"),
+        }
+}
+
+#[test]
+fn every_scenario_step_is_in_the_stream_exactly_once() {
+    require_root!();
+    let log = std::env::temp_dir().join(format!("observer-repro-{}.jsonl", std::process::id()));
+    let out = Command::new(observer_bin())
+        .args(["run", "--repro", "all", "--repro-log"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {}: {stderr}", out.status);
+    let steps = lines(&std::fs::read_to_string(&log).unwrap());
+    std::fs::remove_file(&log).unwrap();
+    let events = lines(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(events[0]["event"], "observer_start");
+    assert_eq!(events.last().unwrap()["reason"], "repro");
+
+    let names: std::collections::BTreeSet<&str> = steps
+        .iter()
+        .map(|s| s["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 6, "every scenario ran: {names:?}");
+    assert!(
+        steps.iter().all(|s| s["ok"] == true),
+        "every kernel answer as expected"
+    );
+    let observable: Vec<&Value> = steps.iter().filter(|s| !s["event"].is_null()).collect();
+    assert!(
+        observable.len() > 50,
+        "{} observable steps",
+        observable.len()
+    );
+    for s in &observable {
+        let n = events.iter().filter(|e| same(s, e)).count();
+        assert_eq!(n, 1, "{n} events for step {s}");
+    }
+    // Failures of each kind made it: EADDRINUSE binds, EADDRNOTAVAIL connects.
+    for (event, errno) in [("bind", "EADDRINUSE"), ("connect", "EADDRNOTAVAIL")] {
+        assert!(
+            observable
+                .iter()
+                .any(|s| s["event"] == event && s["errno"] == errno),
+            "{event} {errno}"
+        );
+    }
+    // Successful listens and connects make no event.
+    let silent = steps.iter().filter(|s| s["event"].is_null()).count();
+    assert!(silent > 0);
+    let workload_pids: std::collections::BTreeSet<u64> =
+        steps.iter().map(|s| s["pid"].as_u64().unwrap()).collect();
+    let from_workload = events
+        .iter()
+        .filter(|e| ["listen", "connect"].contains(&e["event"].as_str().unwrap_or("")))
+        .filter(|e| workload_pids.contains(&e["pid"].as_u64().unwrap()))
+        .count();
+    let failed_calls = observable.iter().filter(|s| s["event"] != "bind").count();
+    assert_eq!(
+        from_workload, failed_calls,
+        "listen/connect events only for the failures"
+    );
+}
+
+#[test]
+fn repro_cli_lists_and_refuses_unknown_names() {
+    let out = Command::new(observer_bin())
+        .args(["repro", "--list"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let list = String::from_utf8(out.stdout).unwrap();
+    let names: Vec<&str> = list
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "restart-time-wait",
+            "wildcard-vs-specific",
+            "reuseaddr",
+            "reuseport",
+            "ephemeral-exhaustion",
+            "udp"
+        ]
+    );
+    for args in [&["repro", "nope"][..], &["run", "--repro", "nope"]] {
+        let out = Command::new(observer_bin()).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("'nope'"), "{err}");
+    }
+}
