@@ -115,7 +115,7 @@ pub struct Stop {
     pub v: u8,
     pub ts: String,
     pub event: &'static str,
-    /// `duration`, `SIGINT` or `SIGTERM`.
+    /// `duration`, `SIGINT`, `SIGTERM` or `repro`.
     pub reason: &'static str,
     pub totals: Totals,
     pub lost: u64,

@@ -56,6 +56,8 @@ fn ready() {
 }
 
 fn helper(args: HelperArgs) -> io::Result<()> {
+    // Exec'd as /proc/self/exe, its comm would be "exe".
+    let _ = nix::sys::prctl::set_name(c"repro-helper");
     let mut ctx = Ctx::here(&args.scenario, Sink::Stdout);
     match args.mode {
         Mode::Server {
