@@ -27,6 +27,9 @@ pub struct KernelOffsets {
     pub skc_num: u32,
     pub skc_rcv_saddr: u32,
     pub skc_v6_rcv_saddr: u32,
+    /// The byte of `sock_common` holding the bitfields `skc_reuse:4` and
+    /// `skc_reuseport:1`: `byte << 16 | reuse_bit << 8 | reuseport_bit`; 0 if unknown.
+    pub skc_reuse_bits: u32,
 }
 
 impl KernelOffsets {
@@ -45,6 +48,7 @@ impl KernelOffsets {
         skc_num: 0,
         skc_rcv_saddr: 0,
         skc_v6_rcv_saddr: 0,
+        skc_reuse_bits: 0,
     };
 
     /// The socket behind a file descriptor can be read.

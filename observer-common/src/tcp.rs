@@ -8,6 +8,10 @@ pub mod flags {
     pub const PROCESS_CONTEXT: u16 = 1 << 0;
     /// `prev_state_ns` is known (the previous change of this socket was seen).
     pub const PREV_KNOWN: u16 = 1 << 1;
+    /// The socket's SO_REUSEADDR / SO_REUSEPORT bits were read (`REUSEADDR`, `REUSEPORT`).
+    pub const REUSE_KNOWN: u16 = 1 << 2;
+    pub const REUSEADDR: u16 = 1 << 3;
+    pub const REUSEPORT: u16 = 1 << 4;
 }
 
 #[repr(C)]

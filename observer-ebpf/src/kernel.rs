@@ -78,3 +78,16 @@ pub fn fd_local(fd: i32) -> Option<Local> {
         Some(Local { family, port, addr })
     }
 }
+
+/// SO_REUSEADDR and SO_REUSEPORT of a socket (its `skc_reuse`, `skc_reuseport`
+/// bitfields), if their place is known.
+pub fn sock_reuse(sk: u64) -> Option<(bool, bool)> {
+    let bits = kernel_offsets().skc_reuse_bits;
+    if bits == 0 {
+        return None;
+    }
+    let byte: u8 = unsafe { read(sk, bits >> 16)? };
+    let reuse = (byte >> ((bits >> 8) & 7)) & 0xf;
+    let reuseport = (byte >> (bits & 7)) & 1;
+    Some((reuse != 0, reuseport != 0))
+}

@@ -12,7 +12,7 @@ use observer_common::{
 };
 
 use crate::{
-    kernel::sock_netns,
+    kernel::{sock_netns, sock_reuse},
     maps::{EVENTS, count_lost},
 };
 
@@ -109,6 +109,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         let _ = SINCE.insert(r.skaddr, now, 0);
     }
     r.netns = sock_netns(r.skaddr);
+    if let Some((reuseaddr, reuseport)) = sock_reuse(r.skaddr) {
+        r.flags |= flags::REUSE_KNOWN
+            | if reuseaddr { flags::REUSEADDR } else { 0 }
+            | if reuseport { flags::REUSEPORT } else { 0 };
+    }
     if EVENTS.output::<TcpStateRecord>(&r, 0).is_err() {
         count_lost(LOST_RINGBUF);
     }

@@ -70,12 +70,25 @@ pub fn kernel_offsets() -> KernelOffsets {
         k.skc_rcv_saddr = saddr;
         k.skc_v6_rcv_saddr = saddr6;
     }
+    // The reuse bitfields share one byte (skc_reuse:4, skc_reuseport:1, …).
+    if let (Some(reuse), Some(reuseport)) = (
+        member_bit_offset(&btf, "sock_common", "skc_reuse"),
+        member_bit_offset(&btf, "sock_common", "skc_reuseport"),
+    ) && reuse / 8 == reuseport / 8
+    {
+        k.skc_reuse_bits = (reuse / 8) << 16 | (reuse % 8) << 8 | (reuseport % 8);
+    }
     log::debug!("kernel offsets from BTF: {k:?}");
     k
 }
 
 /// Byte offset of `member` in struct `ty`, looking into anonymous structs and unions.
 fn member_offset(btf: &Btf, ty: &str, member: &str) -> Option<u32> {
+    member_bit_offset(btf, ty, member).map(|bits| bits / 8)
+}
+
+/// Bit offset of `member` (a bitfield, or any member) in struct `ty`.
+fn member_bit_offset(btf: &Btf, ty: &str, member: &str) -> Option<u32> {
     btf.resolve_types_by_name(ty)
         .ok()?
         .iter()
@@ -83,7 +96,6 @@ fn member_offset(btf: &Btf, ty: &str, member: &str) -> Option<u32> {
             Type::Struct(s) => find_in(btf, s, member),
             _ => None,
         })
-        .map(|bits| bits / 8)
 }
 
 fn find_in(btf: &Btf, s: &btf_rs::Struct, member: &str) -> Option<u32> {

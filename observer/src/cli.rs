@@ -27,6 +27,10 @@ pub enum Command {
     Run(RunArgs),
     /// Re-create the classic bind failures, each in its own network namespace.
     Repro(crate::repro::ReproArgs),
+    /// Would a bind like this succeed right now, and if not, why? Exit 0 if it would.
+    Explain(crate::explain::cli::ExplainArgs),
+    /// Every socket on a port: state, ends, owner (the `ss` answer).
+    Who(crate::explain::cli::WhoArgs),
     /// Internal: a scenario's child process.
     #[command(hide = true)]
     ReproHelper(crate::repro::helper::HelperArgs),

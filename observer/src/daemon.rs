@@ -18,7 +18,8 @@ use crate::{
     btf_offsets,
     cli::RunArgs,
     clock::Clock,
-    events::{Bind, Lost, SCHEMA_VERSION, SockCall, Start, Stop, TcpState, Totals, tuple},
+    events::{Bind, Lost, SCHEMA_VERSION, SockCall, Start, Stop, TcpState, Totals, reuse, tuple},
+    explain::Explainer,
     loader, mounts,
     output::{JsonLines, is_closed_pipe, stdout_closed, stdout_closed_watch},
     repro::{self, ctx::Sink},
@@ -75,6 +76,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         lost,
         time_wait: time_wait::spawn(clock, tw_tx),
         kept: None,
+        explainer: Explainer::new(),
     };
     s.out.emit(&Start {
         v: SCHEMA_VERSION,
@@ -151,6 +153,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         reason,
         totals: s.totals,
         lost: s.totals.lost,
+        explain_coalesced: s.explainer.coalescer.coalesced,
     })?;
     s.out.flush()?;
     drop(ring);
@@ -187,6 +190,7 @@ struct Stream {
     time_wait: time_wait::Handle,
     /// bind/listen/connect records as written, while a `--repro` run needs them.
     kept: Option<Vec<serde_json::Value>>,
+    explainer: Explainer,
 }
 
 impl Stream {
@@ -200,7 +204,16 @@ impl Stream {
             match decode(&item) {
                 Ok(Record::Bind(r)) => {
                     self.totals.bind += 1;
-                    let event = Bind::from_record(&r, &self.clock);
+                    let mut event = Bind::from_record(&r, &self.clock);
+                    if event.ret == -i64::from(libc::EADDRINUSE) {
+                        event.explain = self.explainer.bind_failure(&event);
+                    } else if let (Some(c), Some(ra), Some(rp)) = (
+                        event.sock_cookie,
+                        event.options.reuseaddr,
+                        event.options.reuseport,
+                    ) {
+                        self.explainer.book.note(c, ra, rp);
+                    }
                     self.out.emit(&event)?;
                     self.keep(&event);
                 }
@@ -217,6 +230,7 @@ impl Stream {
                         new: r.newstate,
                         src,
                         dst,
+                        reuse: reuse(&r),
                         process: event.pid.map(|pid| Closer {
                             pid,
                             tid: event.tid.unwrap_or_default(),
@@ -226,7 +240,10 @@ impl Stream {
                     });
                 }
                 Ok(Record::SockCall(r)) => {
-                    let event = SockCall::from_record(&r, &self.clock);
+                    let mut event = SockCall::from_record(&r, &self.clock);
+                    if event.event == "listen" && event.ret == -i64::from(libc::EADDRINUSE) {
+                        event.explain = self.explainer.listen_failure(&event);
+                    }
                     match event.event {
                         "listen" => self.totals.listen += 1,
                         _ => self.totals.connect += 1,
@@ -250,6 +267,9 @@ impl Stream {
         match o {
             time_wait::Out::Enter(e) => {
                 self.totals.time_wait_enter += 1;
+                if let (Some(ra), Some(rp)) = (e.reuseaddr, e.reuseport) {
+                    self.explainer.book.note(e.sock_cookie, ra, rp);
+                }
                 self.out.emit(&e)
             }
             time_wait::Out::Exit(e) => {

@@ -5,6 +5,7 @@ mod cli;
 mod clock;
 mod daemon;
 mod events;
+mod explain;
 mod loader;
 mod mounts;
 mod names;
@@ -43,6 +44,16 @@ fn main() -> ExitCode {
             },
         },
         cli::Command::Repro(args) => repro::cli(args),
+        cli::Command::Explain(args) => report(explain::cli::explain(args)),
+        cli::Command::Who(args) => report(explain::cli::who(args)),
         cli::Command::ReproHelper(args) => repro::helper::run(args),
     }
+}
+
+/// A command's result as an exit code: its own, or 1 with one line on stderr.
+fn report(r: anyhow::Result<ExitCode>) -> ExitCode {
+    r.unwrap_or_else(|e| {
+        eprintln!("observer: {e:#}");
+        ExitCode::FAILURE
+    })
 }

@@ -64,6 +64,17 @@ pub fn tcp_state_name(state: u8) -> &'static str {
     }
 }
 
+/// A socket's state as `who` and `explain` show it: TCP states, `BOUND` for
+/// inet_diag's bound-only pseudo-state, `UDP` (`UDP_CONNECTED`) for UDP sockets.
+pub fn socket_state_name(proto: u8, state: u8) -> &'static str {
+    match (proto, state) {
+        (17, 1) => "UDP_CONNECTED",
+        (17, _) => "UDP",
+        (_, 13) => "BOUND",
+        (_, s) => tcp_state_name(s),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,16 +13,13 @@ use netlink_packet_core::{
     NetlinkPayload, Parseable,
 };
 use netlink_packet_sock_diag::SockDiagMessage;
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
+pub use netlink_packet_sock_diag::constants::{IPPROTO_TCP, IPPROTO_UDP};
 use netlink_packet_sock_diag::inet::{
-    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags,
+    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags, nlas::Nla,
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 use nix::sched::{CloneFlags, setns};
-
-// For callers' state masks (nothing uses them yet).
-#[allow(unused_imports)]
-pub use netlink_packet_sock_diag::constants::{TCP_ESTABLISHED, TCP_LISTEN, TCP_TIME_WAIT};
 
 /// User buffer for one `recv`. The kernel sizes each dump datagram to the reader's
 /// buffer but caps it near 32 KiB, so this always holds one; a dump of any length
@@ -34,9 +31,11 @@ const SO_RCVBUF: i32 = 4 * 1024 * 1024;
 /// retrans bytes, then the 48-byte `inet_diag_sockid`.
 const EXPIRES_OFFSET: usize = 4 + 48;
 
-/// One TCP socket from NETLINK_SOCK_DIAG (inet_diag).
+/// One TCP or UDP socket from NETLINK_SOCK_DIAG (inet_diag).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpSock {
+pub struct InetSock {
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
     /// Kernel TCP state number (`TCP_TIME_WAIT` = 6, `TCP_LISTEN` = 10, ...).
     pub state: u8,
     /// Local address and port. The AF_INET dump gives `V4`; the AF_INET6 dump gives
@@ -50,6 +49,8 @@ pub struct TcpSock {
     pub inode: u32,
     /// The socket cookie (as `SO_COOKIE`, `bpf_get_socket_cookie`).
     pub cookie: u64,
+    /// IPV6_V6ONLY of an AF_INET6 full socket (`None` for AF_INET and timewait sockets).
+    pub v6only: Option<bool>,
 }
 
 /// The mask of `states` for [`Diag::tcp_sockets`]: `1 << state` each (states of 32
@@ -106,10 +107,15 @@ impl Diag {
     ///
     /// The port filter runs here, after the dump: `netlink-packet-sock-diag` 0.5 has
     /// no way to attach an `INET_DIAG_REQ_BYTECODE` filter to its request.
-    pub fn tcp_sockets(&mut self, states: u32, port: Option<u16>) -> io::Result<Vec<TcpSock>> {
+    pub fn sockets(
+        &mut self,
+        proto: u8,
+        states: u32,
+        local_port: Option<u16>,
+    ) -> io::Result<Vec<InetSock>> {
         let mut out = Vec::new();
         for family in [AF_INET, AF_INET6] {
-            self.dump(family, states, port, &mut out)?;
+            self.dump(family, proto, states, local_port, &mut out)?;
         }
         Ok(out)
     }
@@ -117,22 +123,26 @@ impl Diag {
     fn dump(
         &mut self,
         family: u8,
+        proto: u8,
         states: u32,
         port: Option<u16>,
-        out: &mut Vec<TcpSock>,
+        out: &mut Vec<InetSock>,
     ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         header.sequence_number = self.seq;
-        let socket_id = if family == AF_INET {
+        let mut socket_id = if family == AF_INET {
             SocketId::new_v4()
         } else {
             SocketId::new_v6()
         };
+        // A dump skips sockets whose local port differs from a non-zero
+        // idiag_sport (inet_diag_dump_icsk, udp_dump): the kernel filters.
+        socket_id.source_port = port.unwrap_or(0);
         let request = SockDiagMessage::InetRequest(InetRequest {
             family,
-            protocol: IPPROTO_TCP,
+            protocol: proto,
             extensions: ExtensionFlags::empty(),
             // Retain bits the crate has no name for (e.g. TCP_NEW_SYN_RECV).
             states: StateFlags::from_bits_retain(states),
@@ -158,7 +168,7 @@ impl Diag {
                 let e = io::Error::other(format!("datagram of {n} bytes truncated"));
                 return Err(context("sock_diag dump", e));
             }
-            if parse_datagram(&buf[..n], self.seq, port, out)? {
+            if parse_datagram(&buf[..n], self.seq, proto, port, out)? {
                 return Ok(());
             }
         }
@@ -166,12 +176,13 @@ impl Diag {
 }
 
 /// Parses the netlink messages of one datagram, appending to `out` the sockets of
-/// request `seq` that pass the port filter. Returns true at NLMSG_DONE.
+/// request `seq` on local port `port` (when given). Returns true at NLMSG_DONE.
 fn parse_datagram(
     mut data: &[u8],
     seq: u32,
+    proto: u8,
     port: Option<u16>,
-    out: &mut Vec<TcpSock>,
+    out: &mut Vec<InetSock>,
 ) -> io::Result<bool> {
     while !data.is_empty() {
         // new_checked ensures 16 <= length <= data.len(), so the loop moves on.
@@ -188,8 +199,12 @@ fn parse_datagram(
                     return Err(context("sock_diag dump: kernel", e.to_io()));
                 }
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    let sock = tcp_sock(&r.header, buffer.payload())?;
-                    if port.is_none_or(|p| sock.src.port() == p || sock.dst.port() == p) {
+                    let mut sock = inet_sock(proto, &r.header, buffer.payload())?;
+                    sock.v6only = r.nlas.iter().find_map(|n| match n {
+                        Nla::SkV6Only(v) => Some(*v),
+                        _ => None,
+                    });
+                    if port.is_none_or(|p| sock.src.port() == p) {
                         out.push(sock);
                     }
                 }
@@ -203,8 +218,8 @@ fn parse_datagram(
     Ok(false)
 }
 
-/// Builds a [`TcpSock`] from a parsed reply header and the raw `inet_diag_msg`.
-fn tcp_sock(h: &InetResponseHeader, raw: &[u8]) -> io::Result<TcpSock> {
+/// Builds an [`InetSock`] from a parsed reply header and the raw `inet_diag_msg`.
+fn inet_sock(proto: u8, h: &InetResponseHeader, raw: &[u8]) -> io::Result<InetSock> {
     // The crate drops idiag_expires of TIME_WAIT timers (Timer::TimeWait has no
     // duration): read it from the reply itself.
     let expires_ms = raw
@@ -213,7 +228,8 @@ fn tcp_sock(h: &InetResponseHeader, raw: &[u8]) -> io::Result<TcpSock> {
         .map(u32::from_ne_bytes)
         .ok_or_else(|| decode_error("inet_diag_msg too short".into()))?;
     let id = &h.socket_id;
-    Ok(TcpSock {
+    Ok(InetSock {
+        proto,
         state: h.state,
         // The crate reads AF_INET addresses (first 4 bytes) as IpAddr::V4.
         src: SocketAddr::new(id.source_address, id.source_port),
@@ -222,6 +238,7 @@ fn tcp_sock(h: &InetResponseHeader, raw: &[u8]) -> io::Result<TcpSock> {
         uid: h.uid,
         inode: h.inode,
         cookie: cookie(id.cookie),
+        v6only: None,
     })
 }
 
@@ -250,6 +267,7 @@ mod tests {
     use netlink_packet_sock_diag::inet::{InetResponse, Timer};
 
     use super::*;
+    use netlink_packet_sock_diag::constants::{TCP_ESTABLISHED, TCP_LISTEN, TCP_TIME_WAIT};
 
     const COOKIE: u64 = 0x1122_3344_5566_7788;
 
@@ -305,9 +323,9 @@ mod tests {
         .concat()
     }
 
-    fn parse(data: &[u8], port: Option<u16>) -> io::Result<(bool, Vec<TcpSock>)> {
+    fn parse(data: &[u8], port: Option<u16>) -> io::Result<(bool, Vec<InetSock>)> {
         let mut out = Vec::new();
-        parse_datagram(data, 7, port, &mut out).map(|done| (done, out))
+        parse_datagram(data, 7, IPPROTO_TCP, port, &mut out).map(|done| (done, out))
     }
 
     #[test]
@@ -318,7 +336,9 @@ mod tests {
 
     #[test]
     fn parses_a_dump_and_filters_by_port() {
-        let expected = TcpSock {
+        let expected = InetSock {
+            proto: IPPROTO_TCP,
+            v6only: None,
             state: TCP_TIME_WAIT,
             src: "127.0.0.1:8080".parse().unwrap(),
             dst: "127.0.0.2:5555".parse().unwrap(),
@@ -333,8 +353,8 @@ mod tests {
         );
         assert_eq!(
             parse(&datagram(), Some(5555)).unwrap().1.len(),
-            2,
-            "remote port"
+            0,
+            "the filter is on the local port"
         );
         assert_eq!(
             parse(&datagram(), None).unwrap().1.len(),
@@ -381,10 +401,10 @@ mod tests {
 
         let mut diag = Diag::open().unwrap();
         let socks = diag
-            .tcp_sockets(1 << 10 | 1 << 1, Some(server.port()))
+            .sockets(IPPROTO_TCP, 1 << 10 | 1 << 1, Some(server.port()))
             .unwrap();
         let find = |state, src: SocketAddr, dst: SocketAddr| {
-            let hit = |s: &&TcpSock| s.state == state && s.src == src && s.dst == dst;
+            let hit = |s: &&InetSock| s.state == state && s.src == src && s.dst == dst;
             let found: Vec<_> = socks.iter().filter(hit).collect();
             assert_eq!(found.len(), 1, "{state} {src} {dst} in {socks:#?}");
             found[0].clone()
@@ -393,8 +413,8 @@ mod tests {
         let cookie = socket2::SockRef::from(&listener).cookie().unwrap();
         assert_eq!(listening.cookie, cookie);
         find(TCP_ESTABLISHED, server, peer);
-        find(TCP_ESTABLISHED, peer, server);
-        assert_eq!(socks.len(), 3, "{socks:#?}");
+        // The kernel filters on the local port: the client's end is not there.
+        assert_eq!(socks.len(), 2, "{socks:#?}");
 
         // open_in: a fresh, empty namespace (made on a thread of its own) has none of
         // them, and the calling thread comes back to its own.
@@ -408,8 +428,8 @@ mod tests {
         let mut there = Diag::open_in(&fresh).unwrap();
         assert_eq!(ns_id(), before);
         let port = Some(server.port());
-        assert_eq!(there.tcp_sockets(u32::MAX, port).unwrap(), []);
+        assert_eq!(there.sockets(IPPROTO_TCP, u32::MAX, port).unwrap(), []);
         let mut here = Diag::open_in(&File::open("/proc/thread-self/ns/net").unwrap()).unwrap();
-        assert_eq!(here.tcp_sockets(u32::MAX, port).unwrap().len(), 3);
+        assert_eq!(here.sockets(IPPROTO_TCP, u32::MAX, port).unwrap().len(), 2);
     }
 }

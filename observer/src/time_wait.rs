@@ -28,7 +28,7 @@ use crate::{
     events::SCHEMA_VERSION,
     names::family_name,
     netns,
-    sock_diag::{Diag, TcpSock, state_mask},
+    sock_diag::{Diag, IPPROTO_TCP, InetSock, state_mask},
 };
 
 /// How often the open set and pending candidates are checked against the kernel.
@@ -63,6 +63,8 @@ pub struct Transition {
     pub dst: SocketAddr,
     /// Set when the change ran in process context.
     pub process: Option<Closer>,
+    /// SO_REUSEADDR, SO_REUSEPORT of the socket, when read (TIME_WAIT sockets inherit them).
+    pub reuse: Option<(bool, bool)>,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
@@ -75,6 +77,7 @@ struct Key {
 struct Candidate {
     ktime_ns: u64,
     closer: Option<Closer>,
+    reuse: Option<(bool, bool)>,
 }
 
 struct Open {
@@ -102,6 +105,10 @@ pub struct TimeWaitEnter {
     /// It was there before the observer started (no close was seen).
     pub preexisting: bool,
     pub sock_cookie: u64,
+    /// Inherited from the socket it replaces (`null` when unknown): a restarted
+    /// server can bind next to it only if both have SO_REUSEADDR.
+    pub reuseaddr: Option<bool>,
+    pub reuseport: Option<bool>,
     /// The process that closed the connection, when known.
     pub pid: Option<u32>,
     pub tid: Option<u32>,
@@ -200,6 +207,7 @@ impl Tracker {
                             Candidate {
                                 ktime_ns: t.ktime_ns,
                                 closer,
+                                reuse: t.reuse,
                             },
                         );
                     }
@@ -232,8 +240,8 @@ impl Tracker {
     }
 
     /// Compares what is tracked in `netns` with its TIME_WAIT sockets right now.
-    pub fn reconcile(&mut self, netns: u32, time_wait: &[TcpSock], now_ns: u64) -> Vec<Out> {
-        let present: HashMap<(SocketAddr, SocketAddr), &TcpSock> = time_wait
+    pub fn reconcile(&mut self, netns: u32, time_wait: &[InetSock], now_ns: u64) -> Vec<Out> {
+        let present: HashMap<(SocketAddr, SocketAddr), &InetSock> = time_wait
             .iter()
             .filter(|s| s.state == state::TIME_WAIT)
             .map(|s| ((s.src, s.dst), s))
@@ -299,13 +307,13 @@ impl Tracker {
             if self.open.get(&key).is_some_and(|o| o.cookie == s.cookie) {
                 continue; // already reported
             }
-            out.push(self.enter(key, s, c.ktime_ns, c.closer, false));
+            out.push(self.enter(key, s, c.ktime_ns, c.closer, c.reuse, false));
         }
         out
     }
 
     /// TIME_WAIT sockets that exist when the observer starts: reported once.
-    pub fn preexisting(&mut self, netns: u32, time_wait: &[TcpSock], now_ns: u64) -> Vec<Out> {
+    pub fn preexisting(&mut self, netns: u32, time_wait: &[InetSock], now_ns: u64) -> Vec<Out> {
         time_wait
             .iter()
             .filter(|s| s.state == state::TIME_WAIT)
@@ -316,7 +324,7 @@ impl Tracker {
                     dst: s.dst,
                 };
                 (!self.open.contains_key(&key) && !self.full())
-                    .then(|| self.enter(key, s, now_ns, None, true))
+                    .then(|| self.enter(key, s, now_ns, None, None, true))
             })
             .collect()
     }
@@ -324,9 +332,10 @@ impl Tracker {
     fn enter(
         &mut self,
         key: Key,
-        s: &TcpSock,
+        s: &InetSock,
         ktime_ns: u64,
         closer: Option<Closer>,
+        reuse: Option<(bool, bool)>,
         preexisting: bool,
     ) -> Out {
         self.open.insert(
@@ -353,6 +362,8 @@ impl Tracker {
             confirmed: true,
             preexisting,
             sock_cookie: s.cookie,
+            reuseaddr: reuse.map(|r| r.0),
+            reuseport: reuse.map(|r| r.1),
             pid: closer.as_ref().map(|c| c.pid),
             tid: closer.as_ref().map(|c| c.tid),
             comm: closer.as_ref().map(|c| c.comm.clone()),
@@ -382,7 +393,8 @@ impl Handle {
 pub fn spawn(clock: Clock, out: tokio::sync::mpsc::UnboundedSender<Out>) -> Handle {
     let mut tracker = Tracker::new(clock);
     for (ino, file) in netns::all() {
-        match open_diag(ino, &file).and_then(|mut d| d.tcp_sockets(time_wait_mask(), None)) {
+        match open_diag(ino, &file).and_then(|mut d| d.sockets(IPPROTO_TCP, time_wait_mask(), None))
+        {
             Ok(socks) => {
                 for o in tracker.preexisting(ino, &socks, clock.now_ktime()) {
                     let _ = out.send(o);
@@ -426,12 +438,12 @@ fn run(
         diags.retain(|ino, _| namespaces.contains(ino));
         for ino in namespaces {
             let socks = match diags.entry(ino) {
-                Entry::Occupied(mut d) => d.get_mut().tcp_sockets(time_wait_mask(), None),
+                Entry::Occupied(mut d) => d.get_mut().sockets(IPPROTO_TCP, time_wait_mask(), None),
                 Entry::Vacant(v) => match netns::open(ino, tracker.hint(ino)) {
                     // The namespace is gone, and its sockets with it.
                     None => Ok(Vec::new()),
                     Some(f) => open_diag(ino, &f)
-                        .and_then(|d| v.insert(d).tcp_sockets(time_wait_mask(), None)),
+                        .and_then(|d| v.insert(d).sockets(IPPROTO_TCP, time_wait_mask(), None)),
                 },
             };
             match socks {
@@ -485,11 +497,14 @@ mod tests {
                 comm: "server".into(),
                 uid: 0,
             }),
+            reuse: Some((true, false)),
         }
     }
 
-    fn tw(cookie: u64, expires_ms: u32) -> TcpSock {
-        TcpSock {
+    fn tw(cookie: u64, expires_ms: u32) -> InetSock {
+        InetSock {
+            proto: IPPROTO_TCP,
+            v6only: None,
             state: state::TIME_WAIT,
             src: addr("127.0.0.1:5700"),
             dst: addr("127.0.0.1:41000"),

@@ -33,6 +33,9 @@ pub struct Bind {
     pub errno: Option<String>,
     pub latency_ns: u64,
     pub sock_cookie: Option<u64>,
+    /// On EADDRINUSE: who holds the port, which rule fired, what would fix it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explain: Option<crate::explain::rules::Explain>,
 }
 
 /// `null` where the kernel did not let the hook read the option, never a guessed `false`.
@@ -88,6 +91,7 @@ impl Bind {
             errno: errno_name(-r.ret as i32),
             latency_ns: r.header.ktime_ns.saturating_sub(r.enter_ns),
             sock_cookie: hooked.then_some(r.sock_cookie),
+            explain: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 pub use bind::Bind;
 pub use sockcall::SockCall;
-pub use tcp::{TcpState, tuple};
+pub use tcp::{TcpState, reuse, tuple};
 
 pub const SCHEMA_VERSION: u8 = 1;
 
@@ -119,6 +119,9 @@ pub struct Stop {
     pub reason: &'static str,
     pub totals: Totals,
     pub lost: u64,
+    /// EADDRINUSE failures explained from a lookup made for an earlier failure on
+    /// the same port less than 100 ms before (a storm costs one lookup per port).
+    pub explain_coalesced: u64,
 }
 
 #[cfg(test)]

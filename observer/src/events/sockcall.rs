@@ -35,6 +35,9 @@ pub struct SockCall {
     pub ret: i64,
     pub errno: Option<String>,
     pub latency_ns: u64,
+    /// On a listen() EADDRINUSE: who holds the port, which rule fired, what would fix it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explain: Option<crate::explain::rules::Explain>,
 }
 
 impl SockCall {
@@ -69,6 +72,7 @@ impl SockCall {
             ret: r.ret,
             errno: errno_name(-r.ret as i32),
             latency_ns: r.header.ktime_ns.saturating_sub(r.enter_ns),
+            explain: None,
         }
     }
 }

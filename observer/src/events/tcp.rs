@@ -34,6 +34,9 @@ pub struct TcpState {
     pub new: &'static str,
     /// Time spent in `old`; `null` when the socket's previous change was not seen.
     pub prev_state_ms: Option<f64>,
+    /// The socket's SO_REUSEADDR / SO_REUSEPORT (`null` when unreadable).
+    pub reuseaddr: Option<bool>,
+    pub reuseport: Option<bool>,
 }
 
 impl TcpState {
@@ -59,8 +62,18 @@ impl TcpState {
             new: tcp_state_name(r.newstate),
             prev_state_ms: (r.flags & flags::PREV_KNOWN != 0)
                 .then(|| (r.prev_state_ns / 1000) as f64 / 1000.0),
+            reuseaddr: reuse(r).map(|(a, _)| a),
+            reuseport: reuse(r).map(|(_, p)| p),
         }
     }
+}
+
+/// The socket's SO_REUSEADDR and SO_REUSEPORT, when the kernel side read them.
+pub fn reuse(r: &TcpStateRecord) -> Option<(bool, bool)> {
+    (r.flags & flags::REUSE_KNOWN != 0).then_some((
+        r.flags & flags::REUSEADDR != 0,
+        r.flags & flags::REUSEPORT != 0,
+    ))
 }
 
 /// The socket's (local, remote) ends.

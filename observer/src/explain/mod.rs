@@ -1,0 +1,325 @@
+//! Who holds a port, which rule made a bind fail, and what would fix it:
+//! sock_diag (one dump filtered by port in the kernel), owners from /proc, the
+//! options the observer saw, and the rules in `rules`.
+
+pub mod cli;
+pub mod rules;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use rules::{Holder, Request};
+
+use crate::{
+    names::socket_state_name,
+    sock_diag::{Diag, IPPROTO_TCP, IPPROTO_UDP, InetSock},
+};
+
+/// Socket options by socket cookie, as the observer saw them set (bind events,
+/// TIME_WAIT sockets); oldest forgotten first beyond `CAP`.
+#[derive(Default)]
+pub struct OptionsBook {
+    map: HashMap<u64, (bool, bool)>,
+    order: VecDeque<u64>,
+}
+
+impl OptionsBook {
+    const CAP: usize = 1 << 16;
+
+    pub fn note(&mut self, cookie: u64, reuseaddr: bool, reuseport: bool) {
+        if cookie == 0 {
+            return;
+        }
+        if self.map.insert(cookie, (reuseaddr, reuseport)).is_none() {
+            self.order.push_back(cookie);
+            if self.order.len() > Self::CAP
+                && let Some(old) = self.order.pop_front()
+            {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, cookie: u64) -> Option<(bool, bool)> {
+        self.map.get(&cookie).copied()
+    }
+}
+
+/// Socket inode → owning process, from /proc/*/fd; rebuilt on a miss, at most once a second.
+#[derive(Default)]
+pub struct Owners {
+    map: HashMap<u32, (u32, String)>,
+    scanned: Option<Instant>,
+}
+
+impl Owners {
+    pub fn get(&mut self, inode: u32) -> Option<(u32, String)> {
+        if inode == 0 {
+            return None; // TIME_WAIT and orphaned sockets have no owner
+        }
+        if !self.map.contains_key(&inode)
+            && self
+                .scanned
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            self.rescan();
+        }
+        self.map.get(&inode).cloned()
+    }
+
+    fn rescan(&mut self) {
+        self.scanned = Some(Instant::now());
+        self.map.clear();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(p.path().join("comm"))
+                .map(|c| c.trim_end().to_owned())
+                .unwrap_or_default();
+            for fd in fds.flatten() {
+                let Ok(link) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                let link = link.to_string_lossy();
+                if let Some(ino) = link
+                    .strip_prefix("socket:[")
+                    .and_then(|s| s.strip_suffix(']'))
+                    .and_then(|s| s.parse().ok())
+                {
+                    self.map.entry(ino).or_insert_with(|| (pid, comm.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Every socket on `port` (TCP in any state, bound-only included, and UDP) in
+/// the namespace `diag` was opened in, with owners and known options.
+pub fn holders(
+    diag: &mut Diag,
+    port: u16,
+    book: &OptionsBook,
+    owners: &mut Owners,
+) -> io::Result<Vec<Holder>> {
+    let mut socks = diag.sockets(IPPROTO_TCP, u32::MAX, Some(port))?;
+    socks.extend(diag.sockets(IPPROTO_UDP, u32::MAX, Some(port))?);
+    Ok(socks.iter().map(|s| holder(s, book, owners)).collect())
+}
+
+fn holder(s: &InetSock, book: &OptionsBook, owners: &mut Owners) -> Holder {
+    let known = book.get(s.cookie);
+    let owner = owners.get(s.inode);
+    let local = SocketAddr::new(s.src.ip().to_canonical(), s.src.port());
+    Holder {
+        proto: if s.proto == IPPROTO_UDP { "udp" } else { "tcp" },
+        state: socket_state_name(s.proto, s.state),
+        addr: local.ip().to_string(),
+        port: local.port(),
+        raddr: s.dst.ip().to_canonical().to_string(),
+        rport: s.dst.port(),
+        uid: s.uid,
+        reuseaddr: known.map(|k| k.0),
+        reuseport: known.map(|k| k.1),
+        v6only: s.v6only,
+        expires_ms: (s.state == observer_common::tcp::state::TIME_WAIT).then_some(s.expires_ms),
+        pid: owner.as_ref().map(|o| o.0),
+        comm: owner.map(|o| o.1),
+        sock_cookie: s.cookie,
+        inode: s.inode,
+        local,
+        state_num: s.state,
+        proto_num: s.proto,
+    }
+}
+
+/// The explanation of a bind that failed with EADDRINUSE: the blockers now, or
+/// that there are none any more.
+pub fn failure(r: &Request, holders: &[Holder]) -> rules::Explain {
+    rules::explain(r, holders).unwrap_or_else(|| rules::no_blocker(r.port))
+}
+
+/// Explanations of a storm of failures: one lookup per (netns, proto, port) per
+/// window; later failures in the window reuse it, and are counted.
+pub struct Coalescer {
+    recent: HashMap<(u32, u8, u16), (Instant, Vec<Holder>)>,
+    pub coalesced: u64,
+}
+
+pub const COALESCE: Duration = Duration::from_millis(100);
+
+impl Coalescer {
+    pub fn new() -> Self {
+        Coalescer {
+            recent: HashMap::new(),
+            coalesced: 0,
+        }
+    }
+
+    /// The holders on the port, from a lookup made less than 100 ms ago or from `lookup`.
+    pub fn holders(
+        &mut self,
+        key: (u32, u8, u16),
+        lookup: impl FnOnce() -> io::Result<Vec<Holder>>,
+    ) -> io::Result<Vec<Holder>> {
+        let now = Instant::now();
+        self.recent
+            .retain(|_, (t, _)| now.duration_since(*t) < COALESCE);
+        if let Some((_, h)) = self.recent.get(&key) {
+            self.coalesced += 1;
+            return Ok(h.clone());
+        }
+        let h = lookup()?;
+        self.recent.insert(key, (now, h.clone()));
+        Ok(h)
+    }
+}
+
+/// The stream's explainer: options seen so far, owners, one sock_diag socket
+/// for the daemon's own namespace, and the storm limiter.
+pub struct Explainer {
+    pub book: OptionsBook,
+    owners: Owners,
+    pub coalescer: Coalescer,
+    own_netns: Option<u32>,
+    own: Option<Diag>,
+}
+
+impl Explainer {
+    pub fn new() -> Self {
+        Explainer {
+            book: OptionsBook::default(),
+            owners: Owners::default(),
+            coalescer: Coalescer::new(),
+            own_netns: crate::netns::own(),
+            own: None,
+        }
+    }
+
+    /// The sockets on `port` in namespace `netns` (found through `tid`), coalesced.
+    fn holders(&mut self, netns: u32, tid: u32, proto: u8, port: u16) -> io::Result<Vec<Holder>> {
+        let Explainer {
+            book,
+            owners,
+            coalescer,
+            own_netns,
+            own,
+        } = self;
+        coalescer.holders((netns, proto, port), || {
+            if Some(netns) == *own_netns || netns == 0 {
+                if own.is_none() {
+                    *own = Some(Diag::open()?);
+                }
+                holders(own.as_mut().expect("opened"), port, book, owners)
+            } else {
+                let file = crate::netns::open(netns, Some(tid)).ok_or_else(|| {
+                    io::Error::other(format!("network namespace {netns} is gone"))
+                })?;
+                holders(&mut Diag::open_in(&file)?, port, book, owners)
+            }
+        })
+    }
+
+    /// `explain` for a bind that failed with EADDRINUSE; `None` when it cannot be
+    /// looked up (not TCP/UDP, or the namespace is gone).
+    pub fn bind_failure(&mut self, b: &crate::events::Bind) -> Option<rules::Explain> {
+        let proto = match b.proto.as_deref()? {
+            "tcp" => rules::TCP,
+            "udp" => rules::UDP,
+            _ => return None,
+        };
+        let r = Request {
+            proto,
+            addr: b.addr.as_deref()?.parse().ok()?,
+            port: b.port?,
+            reuseaddr: b.options.reuseaddr.unwrap_or(false),
+            reuseport: b.options.reuseport.unwrap_or(false),
+            v6only: false, // not readable from the bind hook: the system default
+            uid: b.uid,
+        };
+        let on_port = self
+            .holders(b.netns.unwrap_or(0), b.tid, proto, r.port)
+            .inspect_err(|e| log::debug!("explain: {e}"))
+            .ok()?;
+        Some(failure(&r, &on_port))
+    }
+
+    /// `explain` for a listen() that failed with EADDRINUSE. The failing socket
+    /// is itself bound on the port: it is recognised by its inode and left out.
+    pub fn listen_failure(&mut self, c: &crate::events::SockCall) -> Option<rules::Explain> {
+        let port = c.lport?;
+        let own_inode: Option<u32> = std::fs::read_link(format!("/proc/{}/fd/{}", c.pid, c.fd))
+            .ok()
+            .and_then(|l| {
+                let l = l.to_string_lossy().into_owned();
+                l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            });
+        let on_port = self
+            .holders(c.netns.unwrap_or(0), c.tid, rules::TCP, port)
+            .inspect_err(|e| log::debug!("explain: {e}"))
+            .ok()?;
+        let (mine, others): (Vec<Holder>, Vec<Holder>) = on_port
+            .into_iter()
+            .partition(|h| Some(h.inode) == own_inode);
+        let (reuseaddr, reuseport) = mine
+            .first()
+            .and_then(|h| self.book.get(h.sock_cookie))
+            .unwrap_or((false, false));
+        let r = Request {
+            proto: rules::TCP,
+            addr: c.laddr.as_deref()?.parse().ok()?,
+            port,
+            reuseaddr,
+            reuseport,
+            v6only: false,
+            uid: c.uid,
+        };
+        Some(failure(&r, &others))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn book_forgets_the_oldest_beyond_its_cap() {
+        let mut b = OptionsBook::default();
+        for c in 1..=(OptionsBook::CAP as u64 + 1) {
+            b.note(c, true, false);
+        }
+        assert_eq!(b.get(1), None);
+        assert_eq!(b.get(2), Some((true, false)));
+        b.note(0, true, true);
+        assert_eq!(b.get(0), None);
+    }
+
+    #[test]
+    fn a_storm_on_one_port_is_one_lookup() {
+        let mut c = Coalescer::new();
+        let mut lookups = 0;
+        for _ in 0..5 {
+            c.holders((1, 6, 5700), || {
+                lookups += 1;
+                Ok(Vec::new())
+            })
+            .unwrap();
+        }
+        c.holders((1, 6, 5701), || {
+            lookups += 1;
+            Ok(Vec::new())
+        })
+        .unwrap();
+        assert_eq!((lookups, c.coalesced), (2, 4));
+    }
+}

@@ -1,0 +1,414 @@
+//! Linux's bind conflict rules, as measured on this project's kernel (DESIGN.md):
+//! given a bind request and the sockets already on its port, which of them
+//! block it, by which rule, and what would fix it. Pure logic; the kernel tests
+//! check its verdicts against the kernel's answers on every repro step.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+const LISTEN: u8 = 10;
+const TIME_WAIT: u8 = 6;
+
+/// A bind about to be made (or that just failed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub proto: u8,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    /// IPV6_V6ONLY of an IPv6 socket.
+    pub v6only: bool,
+    pub uid: u32,
+}
+
+/// A socket already on the port, as sock_diag shows it, with its options where known.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Holder {
+    pub proto: &'static str,
+    /// `LISTEN`, `TIME_WAIT`, `ESTABLISHED`, `BOUND` (bound, neither listening
+    /// nor connected), `UDP`, …
+    pub state: &'static str,
+    pub addr: String,
+    pub port: u16,
+    pub raddr: String,
+    pub rport: u16,
+    pub uid: u32,
+    /// `None`: the kernel did not tell, and the observer did not see it set.
+    pub reuseaddr: Option<bool>,
+    pub reuseport: Option<bool>,
+    pub v6only: Option<bool>,
+    pub expires_ms: Option<u32>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub sock_cookie: u64,
+    #[serde(skip)]
+    pub inode: u32,
+    #[serde(skip)]
+    pub local: SocketAddr,
+    #[serde(skip)]
+    pub state_num: u8,
+    #[serde(skip)]
+    pub proto_num: u8,
+}
+
+/// Why a bind cannot succeed: a stable id for tools that aggregate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// Only TIME_WAIT sockets hold the port, and SO_REUSEADDR is not on both sides.
+    TimeWaitWithoutReuseaddr,
+    /// A wildcard address (0.0.0.0, ::) and a specific one on the same port.
+    WildcardOverlap,
+    /// An IPv6 `::` socket without IPV6_V6ONLY covers every IPv4 address too.
+    DualStackOverlap,
+    /// The same address, held by a listener.
+    ListenerConflict,
+    /// The same address, held by a socket that does not listen; SO_REUSEADDR is missing.
+    ReuseaddrMissing,
+    /// Sharing through SO_REUSEPORT, but not every socket sets it.
+    ReuseportMissing,
+    /// SO_REUSEPORT on both, but the sockets belong to different uids.
+    ReuseportUidMismatch,
+    /// UDP: the same address without SO_REUSEADDR/SO_REUSEPORT on both.
+    UdpConflict,
+    /// Nothing holds the port now (it was released between the failure and the lookup).
+    NoBlocker,
+}
+
+/// Does a socket bound to (`a`, `a_v6only`) overlap one bound to (`b`, `b_v6only`)?
+pub fn overlaps(a: IpAddr, a_v6only: bool, b: IpAddr, b_v6only: bool) -> bool {
+    let (a, b) = (a.to_canonical(), b.to_canonical());
+    match (a, b) {
+        (IpAddr::V4(x), IpAddr::V4(y)) => x == y || x.is_unspecified() || y.is_unspecified(),
+        (IpAddr::V6(x), IpAddr::V6(y)) => x == y || x.is_unspecified() || y.is_unspecified(),
+        // IPv4 against IPv6: only a dual-stack `::` covers IPv4 addresses.
+        (IpAddr::V6(x), IpAddr::V4(_)) => x.is_unspecified() && !a_v6only,
+        (IpAddr::V4(_), IpAddr::V6(y)) => y.is_unspecified() && !b_v6only,
+    }
+}
+
+/// Whether `h` blocks `r` (the kernel's inet_bind_conflict / udp_lib_lport_inuse,
+/// simplified to what DESIGN.md's table and the repro scenarios cover).
+/// Unknown options count as unset: the verdict is then "probably".
+pub fn blocks(r: &Request, h: &Holder) -> bool {
+    if h.proto_num != r.proto
+        || h.local.port() != r.port
+        || !overlaps(r.addr, r.v6only, h.local.ip(), h.v6only.unwrap_or(false))
+    {
+        return false;
+    }
+    let ra = r.reuseaddr && h.reuseaddr.unwrap_or(false);
+    let rp = r.reuseport && h.reuseport.unwrap_or(false);
+    if r.proto == UDP {
+        return !(ra || rp && h.uid == r.uid);
+    }
+    let relaxed = ra && h.state_num != LISTEN;
+    let shared = rp && (h.state_num == TIME_WAIT || h.uid == r.uid);
+    !(relaxed || shared)
+}
+
+/// The verdict on a request: the blockers, the rule that fired, one sentence of advice.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Explain {
+    pub rule: Rule,
+    pub hint: String,
+    pub blockers: Vec<Holder>,
+}
+
+fn owner(h: &Holder) -> String {
+    match (&h.comm, h.pid) {
+        (Some(c), Some(p)) => format!("{c} (pid {p})"),
+        _ if h.state_num == TIME_WAIT => "the kernel (no owner)".into(),
+        _ => "a process the observer could not find".into(),
+    }
+}
+
+fn endpoint(ip: IpAddr, port: u16) -> String {
+    SocketAddr::new(ip.to_canonical(), port).to_string()
+}
+
+/// `None` when nothing in `holders` blocks the request: the bind would succeed.
+pub fn explain(r: &Request, holders: &[Holder]) -> Option<Explain> {
+    let blockers: Vec<Holder> = holders.iter().filter(|h| blocks(r, h)).cloned().collect();
+    let first = blockers.first()?;
+    let port = r.port;
+    let n = blockers.len();
+    let (rule, hint) = if blockers.iter().all(|h| h.state_num == TIME_WAIT) {
+        let wait_s = blockers
+            .iter()
+            .filter_map(|h| h.expires_ms)
+            .max()
+            .unwrap_or(60_000)
+            .div_ceil(1000);
+        let left_by = match (r.reuseaddr, first.reuseaddr) {
+            (false, _) => "; the new socket does not set SO_REUSEADDR".to_owned(),
+            (true, Some(false)) => {
+                " left by a socket without SO_REUSEADDR (they inherit it from the listener that accepted them)".to_owned()
+            }
+            (true, None) => {
+                " (they inherit SO_REUSEADDR from the listener that accepted them, which the observer did not see)".to_owned()
+            }
+            (true, Some(true)) => String::new(),
+        };
+        (
+            Rule::TimeWaitWithoutReuseaddr,
+            format!(
+                "port {port} is held by {n} TIME_WAIT socket{}{left_by}; on Linux both the old and the new socket need SO_REUSEADDR, or wait {wait_s} s",
+                if n == 1 { "" } else { "s" }
+            ),
+        )
+    } else {
+        let h = blockers
+            .iter()
+            .find(|h| h.state_num != TIME_WAIT)
+            .unwrap_or(first);
+        let held = format!(
+            "{} is held by {} socket of {}",
+            endpoint(h.local.ip(), port),
+            h.state,
+            owner(h)
+        );
+        let mine_v4 = r.addr.to_canonical().is_ipv4();
+        let theirs_v4 = h.local.ip().to_canonical().is_ipv4();
+        if r.proto == UDP {
+            (
+                Rule::UdpConflict,
+                format!(
+                    "{held}; two UDP sockets share a port only if both set SO_REUSEADDR, or both SO_REUSEPORT with the same uid"
+                ),
+            )
+        } else if r.reuseport && h.reuseport == Some(true) && h.uid != r.uid {
+            (
+                Rule::ReuseportUidMismatch,
+                format!(
+                    "{held}; SO_REUSEPORT needs the same uid: the listener belongs to uid {}",
+                    h.uid
+                ),
+            )
+        } else if r.reuseport != h.reuseport.unwrap_or(false)
+            && (r.reuseport || h.state_num == LISTEN)
+        {
+            let missing = if r.reuseport {
+                "the existing socket"
+            } else {
+                "the new socket"
+            };
+            (
+                Rule::ReuseportMissing,
+                format!(
+                    "{held}; every socket sharing a port through SO_REUSEPORT must set it, and {missing} does not"
+                ),
+            )
+        } else if mine_v4 != theirs_v4 {
+            (
+                Rule::DualStackOverlap,
+                format!(
+                    "{held}; an IPv6 :: socket without IPV6_V6ONLY also covers every IPv4 address: set IPV6_V6ONLY on it, or bind only one of them"
+                ),
+            )
+        } else if r.addr.to_canonical() != h.local.ip().to_canonical() {
+            (
+                Rule::WildcardOverlap,
+                format!(
+                    "{held}; a specific address cannot share a port with a wildcard unless both set SO_REUSEADDR and neither listens"
+                ),
+            )
+        } else if h.state_num == LISTEN {
+            (
+                Rule::ListenerConflict,
+                format!(
+                    "{held}; only SO_REUSEPORT on both (same uid) lets another socket bind a listening address"
+                ),
+            )
+        } else {
+            (
+                Rule::ReuseaddrMissing,
+                format!(
+                    "{held}; two sockets share an address and port only if both set SO_REUSEADDR and neither listens"
+                ),
+            )
+        }
+    };
+    Some(Explain {
+        rule,
+        hint,
+        blockers,
+    })
+}
+
+/// The explanation when the kernel said EADDRINUSE but nothing blocks now.
+pub fn no_blocker(port: u16) -> Explain {
+    Explain {
+        rule: Rule::NoBlocker,
+        hint: format!(
+            "no socket holds port {port} now: whatever did was released between the failure and the lookup"
+        ),
+        blockers: Vec::new(),
+    }
+}
+
+/// Convenience for tests and tables.
+#[cfg(test)]
+pub fn holder(
+    proto: u8,
+    state: u8,
+    local: &str,
+    reuseaddr: bool,
+    reuseport: bool,
+    uid: u32,
+) -> Holder {
+    let local: SocketAddr = local.parse().expect("a literal address");
+    Holder {
+        proto: if proto == UDP { "udp" } else { "tcp" },
+        state: crate::names::socket_state_name(proto, state),
+        addr: local.ip().to_string(),
+        port: local.port(),
+        raddr: "0.0.0.0".into(),
+        rport: 0,
+        uid,
+        reuseaddr: Some(reuseaddr),
+        reuseport: Some(reuseport),
+        v6only: local.is_ipv6().then_some(false),
+        expires_ms: (state == TIME_WAIT).then_some(43_000),
+        pid: None,
+        comm: None,
+        sock_cookie: 0,
+        inode: 0,
+        local,
+        state_num: state,
+        proto_num: proto,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOUND: u8 = 13;
+    const EST: u8 = 1;
+
+    fn req(proto: u8, addr: &str, reuseaddr: bool, reuseport: bool) -> Request {
+        Request {
+            proto,
+            addr: addr.parse().unwrap(),
+            port: 5700,
+            reuseaddr,
+            reuseport,
+            v6only: false,
+            uid: 0,
+        }
+    }
+
+    fn v6only(mut h: Holder) -> Holder {
+        h.v6only = Some(true);
+        h
+    }
+
+    /// (what, holder, request, rule — None when the bind succeeds)
+    #[rustfmt::skip]
+    fn table() -> Vec<(&'static str, Holder, Request, Option<Rule>)> {
+        use Rule::*;
+        vec![
+            // DESIGN.md's table, TCP.
+            ("0.0.0.0 then 127.0.0.1", holder(TCP, BOUND, "0.0.0.0:5700", false, false, 0), req(TCP, "127.0.0.1", false, false), Some(WildcardOverlap)),
+            ("127.0.0.1 then 0.0.0.0", holder(TCP, BOUND, "127.0.0.1:5700", false, false, 0), req(TCP, "0.0.0.0", false, false), Some(WildcardOverlap)),
+            ("127.0.0.1 then 127.0.0.2", holder(TCP, LISTEN, "127.0.0.1:5700", false, false, 0), req(TCP, "127.0.0.2", false, false), None),
+            ("wildcard +RA not listening, specific +RA", holder(TCP, BOUND, "0.0.0.0:5700", true, false, 0), req(TCP, "127.0.0.1", true, false), None),
+            ("wildcard +RA listening, specific +RA", holder(TCP, LISTEN, "0.0.0.0:5700", true, false, 0), req(TCP, "127.0.0.1", true, false), Some(WildcardOverlap)),
+            ("TIME_WAIT without RA, new without", holder(TCP, TIME_WAIT, "127.0.0.1:5700", false, false, 0), req(TCP, "127.0.0.1", false, false), Some(TimeWaitWithoutReuseaddr)),
+            ("TIME_WAIT without RA, new with", holder(TCP, TIME_WAIT, "127.0.0.1:5700", false, false, 0), req(TCP, "127.0.0.1", true, false), Some(TimeWaitWithoutReuseaddr)),
+            ("TIME_WAIT with RA, new without", holder(TCP, TIME_WAIT, "127.0.0.1:5700", true, false, 0), req(TCP, "127.0.0.1", false, false), Some(TimeWaitWithoutReuseaddr)),
+            ("TIME_WAIT with RA, new with", holder(TCP, TIME_WAIT, "127.0.0.1:5700", true, false, 0), req(TCP, "127.0.0.1", true, false), None),
+            // Same address.
+            ("listener, then the same address", holder(TCP, LISTEN, "127.0.0.1:5700", false, false, 0), req(TCP, "127.0.0.1", false, false), Some(ListenerConflict)),
+            ("listener +RA, then +RA", holder(TCP, LISTEN, "127.0.0.1:5700", true, false, 0), req(TCP, "127.0.0.1", true, false), Some(ListenerConflict)),
+            ("bound +RA, then without", holder(TCP, BOUND, "127.0.0.1:5700", true, false, 0), req(TCP, "127.0.0.1", false, false), Some(ReuseaddrMissing)),
+            ("established child +RA, new +RA", holder(TCP, EST, "127.0.0.1:5700", true, false, 0), req(TCP, "127.0.0.1", true, false), None),
+            // IPv6 and dual stack.
+            (":: then ::1", holder(TCP, LISTEN, "[::]:5700", false, false, 0), req(TCP, "::1", false, false), Some(WildcardOverlap)),
+            ("::1 then 127.0.0.1", holder(TCP, LISTEN, "[::1]:5700", false, false, 0), req(TCP, "127.0.0.1", false, false), None),
+            (":: dual-stack then 0.0.0.0", holder(TCP, LISTEN, "[::]:5700", false, false, 0), req(TCP, "0.0.0.0", false, false), Some(DualStackOverlap)),
+            (":: V6ONLY then 0.0.0.0", v6only(holder(TCP, LISTEN, "[::]:5700", false, false, 0)), req(TCP, "0.0.0.0", false, false), None),
+            ("0.0.0.0 then :: dual-stack", holder(TCP, LISTEN, "0.0.0.0:5700", false, false, 0), req(TCP, "::", false, false), Some(DualStackOverlap)),
+            ("0.0.0.0 then :: V6ONLY", holder(TCP, LISTEN, "0.0.0.0:5700", false, false, 0), Request { v6only: true, ..req(TCP, "::", false, false) }, None),
+            // SO_REUSEPORT.
+            ("RP listener, RP same uid", holder(TCP, LISTEN, "127.0.0.1:5700", false, true, 0), req(TCP, "127.0.0.1", false, true), None),
+            ("RP listener, RP other uid", holder(TCP, LISTEN, "127.0.0.1:5700", false, true, 1000), req(TCP, "127.0.0.1", false, true), Some(ReuseportUidMismatch)),
+            ("RP listener, then without", holder(TCP, LISTEN, "127.0.0.1:5700", false, true, 0), req(TCP, "127.0.0.1", false, false), Some(ReuseportMissing)),
+            ("listener without, then RP", holder(TCP, LISTEN, "127.0.0.1:5700", false, false, 0), req(TCP, "127.0.0.1", false, true), Some(ReuseportMissing)),
+            ("RP TIME_WAIT of another uid, RP", holder(TCP, TIME_WAIT, "127.0.0.1:5700", false, true, 1000), req(TCP, "127.0.0.1", false, true), None),
+            // UDP.
+            ("UDP twice", holder(UDP, 7, "127.0.0.1:5700", false, false, 0), req(UDP, "127.0.0.1", false, false), Some(UdpConflict)),
+            ("UDP 0.0.0.0 then 127.0.0.1", holder(UDP, 7, "0.0.0.0:5700", false, false, 0), req(UDP, "127.0.0.1", false, false), Some(UdpConflict)),
+            ("UDP both RA", holder(UDP, 7, "127.0.0.1:5700", true, false, 0), req(UDP, "127.0.0.1", true, false), None),
+            ("UDP both RP", holder(UDP, 7, "127.0.0.1:5700", false, true, 0), req(UDP, "127.0.0.1", false, true), None),
+            ("UDP RP other uid", holder(UDP, 7, "127.0.0.1:5700", false, true, 1000), req(UDP, "127.0.0.1", false, true), Some(UdpConflict)),
+            ("UDP RP only first", holder(UDP, 7, "127.0.0.1:5700", false, true, 0), req(UDP, "127.0.0.1", false, false), Some(UdpConflict)),
+            // Other protocol or port: never a conflict.
+            ("TCP listener, UDP bind", holder(TCP, LISTEN, "127.0.0.1:5700", false, false, 0), req(UDP, "127.0.0.1", false, false), None),
+            ("other port", holder(TCP, LISTEN, "127.0.0.1:5701", false, false, 0), req(TCP, "127.0.0.1", false, false), None),
+        ]
+    }
+
+    #[test]
+    fn the_rules_table() {
+        for (what, h, r, rule) in table() {
+            let got = explain(&r, std::slice::from_ref(&h));
+            assert_eq!(got.as_ref().map(|e| e.rule), rule, "{what}: {got:?}");
+            if let Some(e) = got {
+                assert_eq!(e.blockers, [h], "{what}");
+                assert!(!e.hint.is_empty() && !e.hint.contains('\n'), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn hints_say_what_would_fix_it() {
+        let mut tw = holder(TCP, TIME_WAIT, "127.0.0.1:5700", false, false, 0);
+        tw.expires_ms = Some(42_100);
+        let e = explain(
+            &req(TCP, "127.0.0.1", true, false),
+            &[tw.clone(), tw.clone(), tw],
+        )
+        .unwrap();
+        assert_eq!(
+            e.hint,
+            "port 5700 is held by 3 TIME_WAIT sockets left by a socket without SO_REUSEADDR (they inherit it from the listener that accepted them); on Linux both the old and the new socket need SO_REUSEADDR, or wait 43 s"
+        );
+        let mut nginx = holder(TCP, LISTEN, "0.0.0.0:8080", false, false, 0);
+        nginx.port = 8080;
+        (nginx.pid, nginx.comm) = (Some(812), Some("nginx".into()));
+        let r = Request {
+            port: 8080,
+            ..req(TCP, "127.0.0.1", false, false)
+        };
+        let e = explain(&r, &[nginx]).unwrap();
+        assert_eq!(
+            e.hint,
+            "0.0.0.0:8080 is held by LISTEN socket of nginx (pid 812); a specific address cannot share a port with a wildcard unless both set SO_REUSEADDR and neither listens"
+        );
+        let e = explain(
+            &req(TCP, "127.0.0.1", false, true),
+            &[holder(TCP, LISTEN, "127.0.0.1:5700", false, true, 1000)],
+        )
+        .unwrap();
+        assert!(
+            e.hint
+                .ends_with("SO_REUSEPORT needs the same uid: the listener belongs to uid 1000"),
+            "{}",
+            e.hint
+        );
+        assert_eq!(no_blocker(5700).blockers, []);
+    }
+
+    #[test]
+    fn unknown_options_count_as_unset() {
+        let mut h = holder(TCP, BOUND, "127.0.0.1:5700", true, false, 0);
+        h.reuseaddr = None;
+        assert!(blocks(&req(TCP, "127.0.0.1", true, false), &h));
+    }
+}
