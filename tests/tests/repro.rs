@@ -70,6 +70,40 @@ fn every_scenario_step_is_in_the_stream_exactly_once() {
         let n = events.iter().filter(|e| same(s, e)).count();
         assert_eq!(n, 1, "{n} events for step {s}");
     }
+    // Explain predicts, the kernel decides: they agree on every bind to a fixed port.
+    let predicted: Vec<&Value> = steps
+        .iter()
+        .filter(|s| !s["explain_verdict"].is_null())
+        .collect();
+    assert!(predicted.len() > 50, "{} predicted steps", predicted.len());
+    for s in &predicted {
+        let answer = s["errno"].as_str().unwrap_or("ok");
+        assert_eq!(
+            s["explain_verdict"], answer,
+            "explain disagrees with the kernel: {s}"
+        );
+        assert_eq!(s["explain_rule"].is_null(), answer == "ok", "{s}");
+    }
+    assert!(
+        steps
+            .iter()
+            .filter(|s| s["call"] == "bind" && s["port"] != 0)
+            .all(|s| !s["explain_verdict"].is_null()),
+        "every bind to a fixed port was predicted"
+    );
+    // In the stream, every EADDRINUSE bind carries an explanation with a rule.
+    let in_use: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "bind" && e["errno"] == "EADDRINUSE")
+        .collect();
+    assert!(!in_use.is_empty());
+    for e in &in_use {
+        assert!(
+            e["explain"]["rule"].is_string() && e["explain"]["hint"].is_string(),
+            "{e}"
+        );
+    }
+
     // Failures of each kind made it: EADDRINUSE binds, EADDRNOTAVAIL connects.
     for (event, errno) in [("bind", "EADDRINUSE"), ("connect", "EADDRNOTAVAIL")] {
         assert!(

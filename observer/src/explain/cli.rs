@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use super::{OptionsBook, Owners, holders, rules};
+use super::{Ask, OptionsBook, Owners, holders, rules};
 use crate::sock_diag::Diag;
 
 #[derive(Args, Debug)]
@@ -90,6 +90,7 @@ pub fn explain(args: ExplainArgs) -> Result<ExitCode> {
         args.addr.port(),
         &OptionsBook::default(),
         &mut Owners::default(),
+        Ask::Owner,
     )
     .context("reading the sockets on the port")?;
     let r = rules::Request {
@@ -139,6 +140,7 @@ pub fn who(args: WhoArgs) -> Result<ExitCode> {
         args.port,
         &OptionsBook::default(),
         &mut Owners::default(),
+        Ask::Owner,
     )
     .context("reading the sockets on the port")?;
     if args.json {

@@ -47,18 +47,53 @@ impl OptionsBook {
     pub fn get(&self, cookie: u64) -> Option<(bool, bool)> {
         self.map.get(&cookie).copied()
     }
+
+    /// As a command-line argument: `COOKIE:RA:RP,…` (0/1), for a helper process.
+    pub fn to_arg(&self) -> String {
+        let entries: Vec<String> = self
+            .order
+            .iter()
+            .filter_map(|c| {
+                self.map
+                    .get(c)
+                    .map(|(a, p)| format!("{c}:{}:{}", *a as u8, *p as u8))
+            })
+            .collect();
+        entries.join(",")
+    }
+
+    pub fn from_arg(arg: &str) -> OptionsBook {
+        let mut b = OptionsBook::default();
+        for e in arg.split(',') {
+            let mut it = e.split(':').map(str::parse::<u64>);
+            if let (Some(Ok(c)), Some(Ok(a)), Some(Ok(p))) = (it.next(), it.next(), it.next()) {
+                b.note(c, a == 1, p == 1);
+            }
+        }
+        b
+    }
 }
 
 /// Socket inode → owning process, from /proc/*/fd; rebuilt on a miss, at most once a second.
 #[derive(Default)]
 pub struct Owners {
-    map: HashMap<u32, (u32, String)>,
+    /// inode → (pid, comm, one fd of that process on it)
+    map: HashMap<u32, (u32, String, i32)>,
     scanned: Option<Instant>,
+    /// Never scan (a caller that only needs the verdict).
+    off: bool,
 }
 
 impl Owners {
-    pub fn get(&mut self, inode: u32) -> Option<(u32, String)> {
-        if inode == 0 {
+    pub fn none() -> Owners {
+        Owners {
+            off: true,
+            ..Owners::default()
+        }
+    }
+
+    pub fn get(&mut self, inode: u32) -> Option<(u32, String, i32)> {
+        if inode == 0 || self.off {
             return None; // TIME_WAIT and orphaned sockets have no owner
         }
         if !self.map.contains_key(&inode)
@@ -88,6 +123,10 @@ impl Owners {
                 .map(|c| c.trim_end().to_owned())
                 .unwrap_or_default();
             for fd in fds.flatten() {
+                let Some(fdnum) = fd.file_name().to_str().and_then(|s| s.parse::<i32>().ok())
+                else {
+                    continue;
+                };
                 let Ok(link) = std::fs::read_link(fd.path()) else {
                     continue;
                 };
@@ -97,11 +136,23 @@ impl Owners {
                     .and_then(|s| s.strip_suffix(']'))
                     .and_then(|s| s.parse().ok())
                 {
-                    self.map.entry(ino).or_insert_with(|| (pid, comm.clone()));
+                    self.map
+                        .entry(ino)
+                        .or_insert_with(|| (pid, comm.clone(), fdnum));
                 }
             }
         }
     }
+}
+
+/// How to learn the options of sockets the observer did not see being bound.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// Only what the book says (the daemon: it never touches other processes' sockets).
+    BookOnly,
+    /// Also ask the socket itself: borrow its owner's descriptor (pidfd_getfd),
+    /// getsockopt, close. For the one-shot commands an operator runs.
+    Owner,
 }
 
 /// Every socket on `port` (TCP in any state, bound-only included, and UDP) in
@@ -111,15 +162,38 @@ pub fn holders(
     port: u16,
     book: &OptionsBook,
     owners: &mut Owners,
+    ask: Ask,
 ) -> io::Result<Vec<Holder>> {
     let mut socks = diag.sockets(IPPROTO_TCP, u32::MAX, Some(port))?;
     socks.extend(diag.sockets(IPPROTO_UDP, u32::MAX, Some(port))?);
-    Ok(socks.iter().map(|s| holder(s, book, owners)).collect())
+    Ok(socks.iter().map(|s| holder(s, book, owners, ask)).collect())
 }
 
-fn holder(s: &InetSock, book: &OptionsBook, owners: &mut Owners) -> Holder {
-    let known = book.get(s.cookie);
+/// SO_REUSEADDR and SO_REUSEPORT of another process's socket, through a
+/// duplicate of its descriptor that is closed at once.
+fn options_of(pid: u32, fd: i32) -> Option<(bool, bool)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain syscalls; each returned descriptor is owned exactly once.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return None;
+    }
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    use std::os::fd::AsRawFd;
+    let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if dup < 0 {
+        return None;
+    }
+    let sock = unsafe { socket2::Socket::from_raw_fd(dup as i32) };
+    Some((sock.reuse_address().ok()?, sock.reuse_port().ok()?))
+}
+
+fn holder(s: &InetSock, book: &OptionsBook, owners: &mut Owners, ask: Ask) -> Holder {
     let owner = owners.get(s.inode);
+    let known = book.get(s.cookie).or_else(|| match (&owner, ask) {
+        (Some((pid, _, fd)), Ask::Owner) => options_of(*pid, *fd),
+        _ => None,
+    });
     let local = SocketAddr::new(s.src.ip().to_canonical(), s.src.port());
     Holder {
         proto: if s.proto == IPPROTO_UDP { "udp" } else { "tcp" },
@@ -220,12 +294,24 @@ impl Explainer {
                 if own.is_none() {
                     *own = Some(Diag::open()?);
                 }
-                holders(own.as_mut().expect("opened"), port, book, owners)
+                holders(
+                    own.as_mut().expect("opened"),
+                    port,
+                    book,
+                    owners,
+                    Ask::BookOnly,
+                )
             } else {
                 let file = crate::netns::open(netns, Some(tid)).ok_or_else(|| {
                     io::Error::other(format!("network namespace {netns} is gone"))
                 })?;
-                holders(&mut Diag::open_in(&file)?, port, book, owners)
+                holders(
+                    &mut Diag::open_in(&file)?,
+                    port,
+                    book,
+                    owners,
+                    Ask::BookOnly,
+                )
             }
         })
     }
@@ -247,11 +333,12 @@ impl Explainer {
             v6only: false, // not readable from the bind hook: the system default
             uid: b.uid,
         };
-        let on_port = self
-            .holders(b.netns.unwrap_or(0), b.tid, proto, r.port)
-            .inspect_err(|e| log::debug!("explain: {e}"))
-            .ok()?;
-        Some(failure(&r, &on_port))
+        Some(
+            match self.holders(b.netns.unwrap_or(0), b.tid, proto, r.port) {
+                Ok(on_port) => failure(&r, &on_port),
+                Err(e) => rules::lookup_failed(r.port, &e),
+            },
+        )
     }
 
     /// `explain` for a listen() that failed with EADDRINUSE. The failing socket
@@ -264,10 +351,10 @@ impl Explainer {
                 let l = l.to_string_lossy().into_owned();
                 l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
             });
-        let on_port = self
-            .holders(c.netns.unwrap_or(0), c.tid, rules::TCP, port)
-            .inspect_err(|e| log::debug!("explain: {e}"))
-            .ok()?;
+        let on_port = match self.holders(c.netns.unwrap_or(0), c.tid, rules::TCP, port) {
+            Ok(on_port) => on_port,
+            Err(e) => return Some(rules::lookup_failed(port, &e)),
+        };
         let (mine, others): (Vec<Holder>, Vec<Holder>) = on_port
             .into_iter()
             .partition(|h| Some(h.inode) == own_inode);
@@ -302,6 +389,14 @@ mod tests {
         assert_eq!(b.get(2), Some((true, false)));
         b.note(0, true, true);
         assert_eq!(b.get(0), None);
+        let mut small = OptionsBook::default();
+        small.note(7, true, false);
+        small.note(9, false, true);
+        let again = OptionsBook::from_arg(&small.to_arg());
+        assert_eq!(
+            (again.get(7), again.get(9)),
+            (Some((true, false)), Some((false, true)))
+        );
     }
 
     #[test]

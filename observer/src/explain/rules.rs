@@ -56,7 +56,7 @@ pub struct Holder {
 }
 
 /// Why a bind cannot succeed: a stable id for tools that aggregate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     /// Only TIME_WAIT sockets hold the port, and SO_REUSEADDR is not on both sides.
@@ -192,15 +192,17 @@ pub fn explain(r: &Request, holders: &[Holder]) -> Option<Explain> {
         } else if r.reuseport != h.reuseport.unwrap_or(false)
             && (r.reuseport || h.state_num == LISTEN)
         {
-            let missing = if r.reuseport {
-                "the existing socket"
-            } else {
-                "the new socket"
+            let missing = match (r.reuseport, h.reuseport) {
+                (true, None) => {
+                    "the existing socket's setting is unknown (it was bound before the observer ran)"
+                }
+                (true, _) => "the existing socket does not set it",
+                (false, _) => "the new socket does not set it",
             };
             (
                 Rule::ReuseportMissing,
                 format!(
-                    "{held}; every socket sharing a port through SO_REUSEPORT must set it, and {missing} does not"
+                    "{held}; every socket sharing a port through SO_REUSEPORT must set it, and {missing}"
                 ),
             )
         } else if mine_v4 != theirs_v4 {
@@ -247,6 +249,15 @@ pub fn no_blocker(port: u16) -> Explain {
         hint: format!(
             "no socket holds port {port} now: whatever did was released between the failure and the lookup"
         ),
+        blockers: Vec::new(),
+    }
+}
+
+/// The explanation when the port could not be looked at (its namespace is gone).
+pub fn lookup_failed(port: u16, e: &std::io::Error) -> Explain {
+    Explain {
+        rule: Rule::NoBlocker,
+        hint: format!("the sockets on port {port} could not be read before they went away: {e}"),
         blockers: Vec::new(),
     }
 }

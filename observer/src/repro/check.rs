@@ -85,6 +85,8 @@ mod tests {
             expected: errno.map(str::to_owned),
             errno: errno.map(str::to_owned),
             ok: true,
+            explain_verdict: None,
+            explain_rule: None,
         }
     }
 

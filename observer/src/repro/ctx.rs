@@ -12,7 +12,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::names::errno_name;
+use crate::{
+    explain::{self, rules, rules::Rule},
+    names::errno_name,
+};
 
 /// One call a scenario made, what it expected and what the kernel answered.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -41,6 +44,10 @@ pub struct Step {
     /// The errno it answered.
     pub errno: Option<String>,
     pub ok: bool,
+    /// For binds to a fixed port: what the explain engine predicted from the
+    /// sockets on the port just before (`ok` or `EADDRINUSE`), and its rule.
+    pub explain_verdict: Option<String>,
+    pub explain_rule: Option<Rule>,
 }
 
 /// How to make a socket.
@@ -100,6 +107,11 @@ pub struct Ctx {
     sockets: HashMap<String, Socket>,
     children: Vec<Child>,
     sink: Sink,
+    /// Options of the sockets this scenario made, by cookie (helpers' included),
+    /// for the explain engine's predictions.
+    pub book: crate::explain::OptionsBook,
+    /// What TIME_WAIT sockets inherited (the scenario knows its old server's options).
+    pub time_wait_reuse: Option<(bool, bool)>,
 }
 
 /// Where steps go as they are made.
@@ -127,6 +139,8 @@ impl Ctx {
             sockets: HashMap::new(),
             children: Vec::new(),
             sink,
+            book: crate::explain::OptionsBook::default(),
+            time_wait_reuse: None,
         }
     }
 
@@ -170,6 +184,7 @@ impl Ctx {
         &self.sockets[name]
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
         name: &str,
@@ -178,6 +193,7 @@ impl Ctx {
         addr: SocketAddr,
         expected: Option<&str>,
         errno: Option<String>,
+        prediction: Option<(String, Option<Rule>)>,
     ) -> bool {
         let s = self.sock(name);
         let udp = s.r#type().ok() == Some(Type::DGRAM);
@@ -186,7 +202,10 @@ impl Ctx {
             _ if errno.is_some() => Some(call),
             _ => None,
         };
+        let (explain_verdict, explain_rule) = prediction.unzip();
         let step = Step {
+            explain_verdict,
+            explain_rule: explain_rule.flatten(),
             scenario: self.scenario.clone(),
             step: what.to_owned(),
             call: call.to_owned(),
@@ -209,6 +228,8 @@ impl Ctx {
     }
 
     pub fn push(&mut self, step: Step) -> bool {
+        self.book
+            .note(step.sock_cookie, step.reuseaddr, step.reuseport);
         match self.sink {
             Sink::Stderr => eprintln!("{}", describe(&step)),
             Sink::Stdout => println!("{}", serde_json::to_string(&step).expect("a step is JSON")),
@@ -226,8 +247,56 @@ impl Ctx {
         addr: SocketAddr,
         expected: Option<&str>,
     ) -> bool {
+        let prediction = (addr.port() != 0)
+            .then(|| self.predict(name, addr))
+            .flatten();
         let errno = errno_of(self.sock(name).bind(&addr.into()));
-        self.record(name, what, "bind", addr, expected, errno)
+        self.record(name, what, "bind", addr, expected, errno, prediction)
+    }
+
+    /// What the explain engine says a bind of `name` to `addr` will answer, from
+    /// the sockets on the port right now and the options this scenario knows.
+    fn predict(&self, name: &str, addr: SocketAddr) -> Option<(String, Option<Rule>)> {
+        let s = self.sock(name);
+        let mut diag = crate::sock_diag::Diag::open().ok()?;
+        let mut holders = explain::holders(
+            &mut diag,
+            addr.port(),
+            &self.book,
+            &mut explain::Owners::none(),
+            explain::Ask::BookOnly,
+        )
+        .ok()?;
+        for h in holders
+            .iter_mut()
+            .filter(|h| h.state == "TIME_WAIT" && h.reuseaddr.is_none())
+        {
+            (h.reuseaddr, h.reuseport) = self.time_wait_reuse.unzip();
+        }
+        let r = rules::Request {
+            proto: if s.r#type().ok()? == Type::DGRAM {
+                rules::UDP
+            } else {
+                rules::TCP
+            },
+            addr: addr.ip(),
+            port: addr.port(),
+            reuseaddr: s.reuse_address().ok()?,
+            reuseport: s.reuse_port().ok()?,
+            v6only: addr.is_ipv6() && s.only_v6().ok()?,
+            uid: nix::unistd::geteuid().as_raw(),
+        };
+        Some(match rules::explain(&r, &holders) {
+            Some(e) => ("EADDRINUSE".to_owned(), Some(e.rule)),
+            None => ("ok".to_owned(), None),
+        })
+    }
+
+    /// The step agrees with the explain engine's prediction (or there was none).
+    pub fn agrees(s: &Step) -> bool {
+        s.explain_verdict
+            .as_deref()
+            .is_none_or(|v| v == s.errno.as_deref().unwrap_or("ok"))
     }
 
     pub fn listen(&mut self, name: &str, what: &str, expected: Option<&str>) -> bool {
@@ -238,7 +307,7 @@ impl Ctx {
             .and_then(|a| a.as_socket())
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let errno = errno_of(s.listen(128));
-        self.record(name, what, "listen", local, expected, errno)
+        self.record(name, what, "listen", local, expected, errno, None)
     }
 
     pub fn connect(
@@ -249,7 +318,7 @@ impl Ctx {
         expected: Option<&str>,
     ) -> bool {
         let errno = errno_of(self.sock(name).connect(&to.into()));
-        self.record(name, what, "connect", to, expected, errno)
+        self.record(name, what, "connect", to, expected, errno, None)
     }
 
     /// Accepts one connection on the listener `name`, kept open as `as_name`.
@@ -279,6 +348,8 @@ impl Ctx {
         cmd.arg("repro-helper")
             .arg("--scenario")
             .arg(&self.scenario)
+            .arg("--known")
+            .arg(self.book.to_arg())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -339,8 +410,16 @@ pub fn describe(s: &Step) -> String {
     } else {
         format!("{}:{}", s.addr, s.port)
     };
+    let disagree = if Ctx::agrees(s) {
+        String::new()
+    } else {
+        format!(
+            " (explain predicted {})",
+            s.explain_verdict.as_deref().unwrap_or("")
+        )
+    };
     format!(
-        "{:<22} {:<4} {} {}{} {:<46} -> {:<13} expected {:<13} {}",
+        "{:<22} {:<4} {} {}{} {:<46} -> {:<13} expected {:<13} {}{disagree}",
         s.scenario,
         s.proto,
         s.call,

@@ -13,6 +13,9 @@ use super::ctx::{Ctx, Opts, Sink};
 pub struct HelperArgs {
     #[arg(long)]
     scenario: String,
+    /// Options of the scenario's sockets, by cookie (for the explain engine).
+    #[arg(long, default_value = "")]
+    known: String,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -59,6 +62,7 @@ fn helper(args: HelperArgs) -> io::Result<()> {
     // Exec'd as /proc/self/exe, its comm would be "exe".
     let _ = nix::sys::prctl::set_name(c"repro-helper");
     let mut ctx = Ctx::here(&args.scenario, Sink::Stdout);
+    ctx.book = crate::explain::OptionsBook::from_arg(&args.known);
     match args.mode {
         Mode::Server {
             addr,

@@ -54,13 +54,17 @@ pub struct Report {
 }
 
 impl Report {
+    /// Every kernel answer as expected, and as the explain engine predicted.
     pub fn passed(&self) -> bool {
-        self.errors.is_empty() && self.steps.iter().all(|s| s.ok)
+        self.errors.is_empty() && self.steps.iter().all(|s| s.ok && Ctx::agrees(s))
     }
 
     /// Per scenario: steps, unexpected answers; then each unexpected step and error.
     pub fn summary(&self, scenarios: &[&Scenario]) -> String {
-        let mut out = format!("\n{:<22} {:>5} {:>10}\n", "SCENARIO", "STEPS", "UNEXPECTED");
+        let mut out = format!(
+            "\n{:<22} {:>5} {:>10} {:>9}\n",
+            "SCENARIO", "STEPS", "UNEXPECTED", "PREDICTED"
+        );
         for sc in scenarios {
             let steps: Vec<&Step> = self
                 .steps
@@ -68,16 +72,22 @@ impl Report {
                 .filter(|s| s.scenario == sc.name)
                 .collect();
             let bad = steps.iter().filter(|s| !s.ok).count();
+            let predicted = steps.iter().filter(|s| s.explain_verdict.is_some()).count();
+            let agreed = steps
+                .iter()
+                .filter(|s| s.explain_verdict.is_some() && Ctx::agrees(s))
+                .count();
             let failed = self.errors.iter().any(|e| e.starts_with(sc.name));
             out += &format!(
-                "{:<22} {:>5} {:>10}{}\n",
+                "{:<22} {:>5} {:>10} {:>9}{}\n",
                 sc.name,
                 steps.len(),
                 bad,
+                format!("{agreed}/{predicted}"),
                 if failed { "  (did not finish)" } else { "" }
             );
         }
-        for s in self.steps.iter().filter(|s| !s.ok) {
+        for s in self.steps.iter().filter(|s| !s.ok || !Ctx::agrees(s)) {
             out += &format!("unexpected: {}\n", ctx::describe(s));
         }
         for e in &self.errors {

@@ -233,6 +233,8 @@ fn restart_time_wait(ctx: &mut Ctx) -> io::Result<()> {
             ctx.close(&name); // the server's sockets enter TIME_WAIT
         }
         ctx.kill_helpers();
+        // The TIME_WAIT sockets inherited the old listener's options.
+        ctx.time_wait_reuse = Some((old_ra, false));
         ctx.socket("restarted", &server, tcp(new_ra, false))?;
         if ctx.bind("restarted", &format!("{what}: restart"), server, expect) && expect.is_none() {
             ctx.listen("restarted", &format!("{what}: restart"), OK);

@@ -1,0 +1,123 @@
+//! `observer explain` and `observer who` against sockets in a private namespace.
+
+use std::{net::TcpListener, process::Command, sync::mpsc, time::Duration};
+
+use observer_tests::{observer::observer_bin, require_root, workload::enter_private_netns};
+use serde_json::Value;
+
+/// A thread in a new namespace holding a wildcard listener on 8080 and a
+/// SO_REUSEPORT listener of uid 0 on 8081; returns the namespace's path.
+fn namespace_with_listeners() -> (String, mpsc::Sender<()>) {
+    let (path_tx, path_rx) = mpsc::channel();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        enter_private_netns();
+        let _wild = TcpListener::bind("0.0.0.0:8080").unwrap();
+        let rp = observer_tests::workload::Workload::socket(
+            &"127.0.0.1:8081".parse().unwrap(),
+            true,
+            false,
+            true,
+        )
+        .unwrap();
+        rp.bind(
+            &"127.0.0.1:8081"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        rp.listen(8).unwrap();
+        let tid = unsafe { libc::gettid() };
+        path_tx
+            .send(format!("/proc/{}/task/{tid}/ns/net", std::process::id()))
+            .unwrap();
+        let _ = stop_rx.recv_timeout(Duration::from_secs(60));
+    });
+    (path_rx.recv().unwrap(), stop_tx)
+}
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(observer_bin()).args(args).output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    (out.status.code(), String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn explain_names_the_holder_and_the_rule() {
+    require_root!();
+    let (ns, _stop) = namespace_with_listeners();
+    let (code, out) = run(&["explain", "127.0.0.1:8080", "--netns", &ns, "--json"]);
+    assert_eq!(code, Some(1), "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["would_succeed"], false);
+    assert_eq!(v["rule"], "wildcard_overlap");
+    let b = &v["blockers"][0];
+    assert_eq!(
+        (b["state"].as_str(), b["addr"].as_str(), b["port"].as_u64()),
+        (Some("LISTEN"), Some("0.0.0.0"), Some(8080))
+    );
+    assert_eq!(b["pid"], std::process::id(), "the owner, from /proc: {b}");
+    assert!(
+        v["hint"]
+            .as_str()
+            .unwrap()
+            .contains("0.0.0.0:8080 is held by LISTEN socket of"),
+        "{v}"
+    );
+
+    // Another uid with SO_REUSEPORT: the uid rule.
+    let (code, out) = run(&[
+        "explain",
+        "127.0.0.1:8081",
+        "--reuseport",
+        "--uid",
+        "1000",
+        "--netns",
+        &ns,
+        "--json",
+    ]);
+    assert_eq!(code, Some(1));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rule"], "reuseport_uid_mismatch", "{v}");
+
+    // A free address: exit 0.
+    let (code, out) = run(&["explain", "127.0.0.2:8082", "--netns", &ns, "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["would_succeed"],
+        true
+    );
+    // UDP does not collide with the TCP listener.
+    assert_eq!(
+        run(&["explain", "127.0.0.1:8080", "--udp", "--netns", &ns]).0,
+        Some(0)
+    );
+}
+
+#[test]
+fn who_lists_every_socket_on_the_port() {
+    require_root!();
+    let (ns, _stop) = namespace_with_listeners();
+    let (code, out) = run(&["who", "8080", "--netns", &ns, "--json"]);
+    assert_eq!(code, Some(0));
+    let socks: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(socks.len(), 1, "{out}");
+    assert_eq!(
+        (socks[0]["proto"].as_str(), socks[0]["state"].as_str()),
+        (Some("tcp"), Some("LISTEN"))
+    );
+    // Text by default, and a bad namespace is one line on stderr.
+    let (code, out) = run(&["who", "8081", "--netns", &ns]);
+    assert_eq!(code, Some(0));
+    assert!(out.lines().count() == 2 && out.contains("LISTEN"), "{out}");
+    let bad = Command::new(observer_bin())
+        .args(["who", "1", "--netns", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+}
