@@ -212,7 +212,9 @@ impl Stream {
                         event.options.reuseaddr,
                         event.options.reuseport,
                     ) {
-                        self.explainer.book.note(c, ra, rp);
+                        self.explainer
+                            .book
+                            .note_bind(c, ra, rp, event.pid, &event.comm);
                     }
                     self.out.emit(&event)?;
                     self.keep(&event);

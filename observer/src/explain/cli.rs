@@ -1,7 +1,7 @@
 //! `observer explain ADDR:PORT` and `observer who PORT`: the same engine as the
 //! stream's `explain`, asked directly, without tracing.
 
-use std::{fs::File, net::SocketAddr, process::ExitCode};
+use std::{fs::File, net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -89,7 +89,7 @@ pub fn explain(args: ExplainArgs) -> Result<ExitCode> {
         &mut diag,
         args.addr.port(),
         &OptionsBook::default(),
-        &mut Owners::default(),
+        &mut Owners::every(Duration::ZERO),
         Ask::Owner,
     )
     .context("reading the sockets on the port")?;
@@ -139,7 +139,7 @@ pub fn who(args: WhoArgs) -> Result<ExitCode> {
         &mut diag,
         args.port,
         &OptionsBook::default(),
-        &mut Owners::default(),
+        &mut Owners::every(Duration::ZERO),
         Ask::Owner,
     )
     .context("reading the sockets on the port")?;

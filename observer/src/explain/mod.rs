@@ -19,11 +19,12 @@ use crate::{
     sock_diag::{Diag, IPPROTO_TCP, IPPROTO_UDP, InetSock},
 };
 
-/// Socket options by socket cookie, as the observer saw them set (bind events,
-/// TIME_WAIT sockets); oldest forgotten first beyond `CAP`.
+/// Socket options (and the binding process) by socket cookie, as the observer
+/// saw them (bind events, TIME_WAIT sockets); oldest forgotten first beyond `CAP`.
 #[derive(Default)]
 pub struct OptionsBook {
     map: HashMap<u64, (bool, bool)>,
+    owners: HashMap<u64, (u32, String)>,
     order: VecDeque<u64>,
 }
 
@@ -40,8 +41,28 @@ impl OptionsBook {
                 && let Some(old) = self.order.pop_front()
             {
                 self.map.remove(&old);
+                self.owners.remove(&old);
             }
         }
+    }
+
+    /// Options and the process that bound the socket (its likely owner).
+    pub fn note_bind(
+        &mut self,
+        cookie: u64,
+        reuseaddr: bool,
+        reuseport: bool,
+        pid: u32,
+        comm: &str,
+    ) {
+        self.note(cookie, reuseaddr, reuseport);
+        if self.map.contains_key(&cookie) {
+            self.owners.insert(cookie, (pid, comm.to_owned()));
+        }
+    }
+
+    fn owner(&self, cookie: u64) -> Option<(u32, String)> {
+        self.owners.get(&cookie).cloned()
     }
 
     pub fn get(&self, cookie: u64) -> Option<(bool, bool)> {
@@ -82,6 +103,9 @@ pub struct Owners {
     scanned: Option<Instant>,
     /// Never scan (a caller that only needs the verdict).
     off: bool,
+    /// At most one /proc walk per this long (a walk reads every descriptor of
+    /// every process: about 0.45 s at 100,000 sockets).
+    every: Duration,
 }
 
 impl Owners {
@@ -92,15 +116,18 @@ impl Owners {
         }
     }
 
+    pub fn every(every: Duration) -> Owners {
+        Owners {
+            every,
+            ..Owners::default()
+        }
+    }
+
     pub fn get(&mut self, inode: u32) -> Option<(u32, String, i32)> {
         if inode == 0 || self.off {
             return None; // TIME_WAIT and orphaned sockets have no owner
         }
-        if !self.map.contains_key(&inode)
-            && self
-                .scanned
-                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-        {
+        if !self.map.contains_key(&inode) && self.scanned.is_none_or(|t| t.elapsed() > self.every) {
             self.rescan();
         }
         self.map.get(&inode).cloned()
@@ -164,9 +191,18 @@ pub fn holders(
     owners: &mut Owners,
     ask: Ask,
 ) -> io::Result<Vec<Holder>> {
+    let started = Instant::now();
     let mut socks = diag.sockets(IPPROTO_TCP, u32::MAX, Some(port))?;
     socks.extend(diag.sockets(IPPROTO_UDP, u32::MAX, Some(port))?);
-    Ok(socks.iter().map(|s| holder(s, book, owners, ask)).collect())
+    let dumped = started.elapsed();
+    let holders = socks.iter().map(|s| holder(s, book, owners, ask)).collect();
+    log::debug!(
+        "port {port}: {} sockets; sock_diag {:?}, owners and options {:?}",
+        socks.len(),
+        dumped,
+        started.elapsed() - dumped
+    );
+    Ok(holders)
 }
 
 /// SO_REUSEADDR and SO_REUSEPORT of another process's socket, through a
@@ -189,9 +225,12 @@ fn options_of(pid: u32, fd: i32) -> Option<(bool, bool)> {
 }
 
 fn holder(s: &InetSock, book: &OptionsBook, owners: &mut Owners, ask: Ask) -> Holder {
-    let owner = owners.get(s.inode);
+    let owner = match book.owner(s.cookie) {
+        Some((pid, comm)) => Some((pid, comm, -1)),
+        None => owners.get(s.inode),
+    };
     let known = book.get(s.cookie).or_else(|| match (&owner, ask) {
-        (Some((pid, _, fd)), Ask::Owner) => options_of(*pid, *fd),
+        (Some((pid, _, fd)), Ask::Owner) if *fd >= 0 => options_of(*pid, *fd),
         _ => None,
     });
     let local = SocketAddr::new(s.src.ip().to_canonical(), s.src.port());
@@ -273,7 +312,8 @@ impl Explainer {
     pub fn new() -> Self {
         Explainer {
             book: OptionsBook::default(),
-            owners: Owners::default(),
+            // A stream must not stall on /proc walks: at most one per 10 s.
+            owners: Owners::every(Duration::from_secs(10)),
             coalescer: Coalescer::new(),
             own_netns: crate::netns::own(),
             own: None,
