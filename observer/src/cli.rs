@@ -55,6 +55,73 @@ pub struct RunArgs {
     /// With --repro: also write the workload's own log of steps, as JSON Lines, to FILE.
     #[arg(long, value_name = "FILE", requires = "repro")]
     pub repro_log: Option<std::path::PathBuf>,
+
+    /// Only these processes (tgid); repeat the flag or separate with commas.
+    #[arg(short = 'p', long = "pid", value_name = "PID", value_delimiter = ',',
+          allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+
+    /// Only these ports (requested, bound, or either end of a connection).
+    #[arg(short = 'P', long = "port", value_name = "PORT", value_delimiter = ',',
+          allow_hyphen_values = true, value_parser = clap::value_parser!(u16))]
+    pub ports: Vec<u16>,
+
+    /// Only processes with this command name (as `comm`, up to 15 characters).
+    #[arg(long, value_name = "NAME")]
+    pub comm: Option<String>,
+
+    /// Only processes of this uid.
+    #[arg(long, value_name = "UID", allow_hyphen_values = true)]
+    pub uid: Option<u32>,
+
+    /// Only events from inside this cgroup2 directory (and its descendants).
+    #[arg(long, value_name = "PATH", value_parser = parse_cgroup_dir)]
+    pub cgroup: Option<std::path::PathBuf>,
+
+    /// Only events in this network namespace: a path (/run/netns/NAME) or a PID.
+    #[arg(long, value_name = "PATH|PID", value_parser = parse_netns)]
+    pub netns: Option<u32>,
+
+    /// Failed calls only (binds, listens, connects that returned an error).
+    #[arg(short = 'x', long)]
+    pub errors_only: bool,
+
+    /// Only these event kinds, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',',
+          value_parser = clap::builder::PossibleValuesParser::new(crate::filter::EVENT_KINDS))]
+    pub events: Vec<String>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: crate::output::Format,
+
+    /// Append to FILE (created 0640) instead of stdout; SIGHUP reopens it.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
+
+    /// Write a `stats` record every SECS seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub stats: Option<std::time::Duration>,
+}
+
+fn parse_cgroup_dir(s: &str) -> Result<std::path::PathBuf, String> {
+    let p = std::path::PathBuf::from(s);
+    if !p.join("cgroup.procs").is_file() {
+        return Err(format!("'{s}' is not a cgroup directory"));
+    }
+    p.canonicalize().map_err(|e| format!("'{s}': {e}"))
+}
+
+fn parse_netns(s: &str) -> Result<u32, String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        format!("/proc/{s}/ns/net")
+    } else {
+        s.to_owned()
+    };
+    let m = std::fs::metadata(&path)
+        .map_err(|e| format!("'{s}' is not a network namespace ({path}: {e})"))?;
+    Ok(m.ino() as u32)
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -136,6 +203,48 @@ mod tests {
         };
         assert_eq!(run.duration, Some(std::time::Duration::from_millis(2500)));
         assert_eq!(run.ring_buffer, 8 << 20);
+        assert_eq!(run.format, crate::output::Format::Json);
+    }
+
+    #[test]
+    fn filters_parse_and_bad_values_name_their_flag() {
+        let Command::Run(run) = parse(&[
+            "run",
+            "-p",
+            "1,2",
+            "-P",
+            "80",
+            "-P",
+            "443",
+            "-x",
+            "--events",
+            "bind,time_wait",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (run.pids, run.ports, run.errors_only),
+            (vec![1, 2], vec![80, 443], true)
+        );
+        assert_eq!(run.events, ["bind", "time_wait"]);
+        for (args, flag) in [
+            (&["run", "-P", "notaport"][..], "--port"),
+            (&["run", "-p", "-3"], "--pid"),
+            (&["run", "-p", "0"], "--pid"),
+            (&["run", "--events", "bind,nope"], "--events"),
+            (&["run", "--cgroup", "/nonexistent"], "--cgroup"),
+            (&["run", "--netns", "/nonexistent"], "--netns"),
+            (&["run", "--format", "xml"], "--format"),
+            (&["run", "--stats", "0"], "--stats"),
+        ] {
+            let e = parse(args).unwrap_err();
+            let line = one_line(&e.render().to_string());
+            assert!(line.contains(flag), "{args:?}: {line}");
+            assert_eq!(e.exit_code(), 2);
+        }
     }
 
     #[test]

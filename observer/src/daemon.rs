@@ -3,11 +3,7 @@
 use std::{io, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
-use observer_common::{
-    LOST_INFLIGHT, LOST_RINGBUF, LOST_SLOTS,
-    decode::{Record, decode},
-};
+use aya::maps::{PerCpuArray, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -16,14 +12,16 @@ use tokio::{
 
 use crate::{
     btf_offsets,
+    cgroups::{self, Cgroups},
     cli::RunArgs,
     clock::Clock,
-    events::{Bind, Lost, SCHEMA_VERSION, SockCall, Start, Stop, TcpState, Totals, reuse, tuple},
-    explain::Explainer,
+    events::{SCHEMA_VERSION, Start, Stop},
+    filter::Filter,
     loader, mounts,
-    output::{JsonLines, is_closed_pipe, stdout_closed, stdout_closed_watch},
+    output::{Output, is_closed_pipe, stdout_closed, stdout_closed_watch},
     repro::{self, ctx::Sink},
-    time_wait::{self, Closer, Transition},
+    stream::Stream,
+    time_wait,
 };
 
 /// How often the per-CPU loss counters are read.
@@ -68,16 +66,24 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         .context("polling the ring buffer")?;
 
     let (tw_tx, mut tw_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut s = Stream {
-        out: JsonLines::stdout(),
+    let out = Output::new(args.output.clone(), args.format).with_context(|| {
+        format!(
+            "opening {}",
+            args.output
+                .as_deref()
+                .unwrap_or("stdout".as_ref())
+                .display()
+        )
+    })?;
+    let filter = filter_of(&args, &cgroup)?;
+    let mut s = Stream::new(
+        out,
         clock,
-        totals: Totals::default(),
-        lost_seen: [0; LOST_SLOTS as usize + 1],
+        filter,
+        Cgroups::new(cgroup.clone()),
         lost,
-        time_wait: time_wait::spawn(clock, tw_tx),
-        kept: None,
-        explainer: Explainer::new(),
-    };
+        time_wait::spawn(clock, tw_tx),
+    );
     s.out.emit(&Start {
         v: SCHEMA_VERSION,
         ts: s.now(),
@@ -112,7 +118,15 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = sleep(args.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
-    let stdout_watch = stdout_closed_watch();
+    let mut sighup = signal(SignalKind::hangup())?;
+    let stdout_watch = if s.out.is_stdout() {
+        stdout_closed_watch()
+    } else {
+        None
+    };
+    let mut stats = interval(args.stats.unwrap_or(Duration::from_secs(3600)));
+    stats.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    stats.tick().await; // the first tick is immediate
     let mut tick = interval(LOST_POLL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
@@ -135,6 +149,11 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             _ = tick.tick() => { s.poll_lost()?; s.out.flush()?; }
+            _ = stats.tick(), if args.stats.is_some() => s.stats()?,
+            _ = sighup.recv() => {
+                s.out.reopen().context("reopening the output file on SIGHUP")?;
+                log::info!("SIGHUP: output reopened");
+            }
             Some(o) = tw_rx.recv() => {
                 s.time_wait_record(o)?;
                 while let Ok(o) = tw_rx.try_recv() {
@@ -153,6 +172,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         reason,
         totals: s.totals,
         lost: s.totals.lost,
+        filtered: s.filtered,
         explain_coalesced: s.explainer.coalescer.coalesced,
     })?;
     s.out.flush()?;
@@ -181,142 +201,34 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     })
 }
 
-struct Stream {
-    out: JsonLines,
-    clock: Clock,
-    totals: Totals,
-    lost_seen: [u64; LOST_SLOTS as usize + 1],
-    lost: PerCpuArray<MapData, u64>,
-    time_wait: time_wait::Handle,
-    /// bind/listen/connect records as written, while a `--repro` run needs them.
-    kept: Option<Vec<serde_json::Value>>,
-    explainer: Explainer,
-}
-
-impl Stream {
-    fn now(&self) -> String {
-        self.clock.rfc3339(self.clock.now_ktime()).to_string()
-    }
-
-    /// Writes every record waiting in the ring buffer, then flushes once.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<()> {
-        while let Some(item) = ring.next() {
-            match decode(&item) {
-                Ok(Record::Bind(r)) => {
-                    self.totals.bind += 1;
-                    let mut event = Bind::from_record(&r, &self.clock);
-                    if event.ret == -i64::from(libc::EADDRINUSE) {
-                        event.explain = self.explainer.bind_failure(&event);
-                    } else if let (Some(c), Some(ra), Some(rp)) = (
-                        event.sock_cookie,
-                        event.options.reuseaddr,
-                        event.options.reuseport,
-                    ) {
-                        self.explainer
-                            .book
-                            .note_bind(c, ra, rp, event.pid, &event.comm);
-                    }
-                    self.out.emit(&event)?;
-                    self.keep(&event);
-                }
-                Ok(Record::TcpState(r)) => {
-                    self.totals.tcp_state += 1;
-                    let event = TcpState::from_record(&r, &self.clock);
-                    self.out.emit(&event)?;
-                    let (src, dst) = tuple(&r);
-                    self.time_wait.send(Transition {
-                        ktime_ns: r.header.ktime_ns,
-                        netns: r.netns,
-                        skaddr: r.skaddr,
-                        old: r.oldstate,
-                        new: r.newstate,
-                        src,
-                        dst,
-                        reuse: reuse(&r),
-                        process: event.pid.map(|pid| Closer {
-                            pid,
-                            tid: event.tid.unwrap_or_default(),
-                            comm: event.comm.clone().unwrap_or_default(),
-                            uid: event.uid.unwrap_or_default(),
-                        }),
-                    });
-                }
-                Ok(Record::SockCall(r)) => {
-                    let mut event = SockCall::from_record(&r, &self.clock);
-                    if event.event == "listen" && event.ret == -i64::from(libc::EADDRINUSE) {
-                        event.explain = self.explainer.listen_failure(&event);
-                    }
-                    match event.event {
-                        "listen" => self.totals.listen += 1,
-                        _ => self.totals.connect += 1,
-                    }
-                    self.out.emit(&event)?;
-                    self.keep(&event);
-                }
-                Err(e) => log::warn!("skipping a record: {e}"),
+/// The filters from the command line; a cgroup is named by its path under the cgroup2 mount.
+fn filter_of(args: &RunArgs, cgroup2: &std::path::Path) -> Result<Filter> {
+    let cgroup = match &args.cgroup {
+        None => None,
+        Some(dir) => {
+            let root = cgroup2
+                .canonicalize()
+                .context("resolving the cgroup2 mount")?;
+            if !dir.starts_with(&root) {
+                bail!(
+                    "--cgroup: {} is not under the cgroup2 mount {}",
+                    dir.display(),
+                    root.display()
+                );
             }
+            Some(cgroups::relative(&root, dir))
         }
-        self.out.flush()
-    }
-
-    fn keep<T: serde::Serialize>(&mut self, event: &T) {
-        if let Some(kept) = &mut self.kept {
-            kept.push(serde_json::to_value(event).expect("records serialize"));
-        }
-    }
-
-    fn time_wait_record(&mut self, o: time_wait::Out) -> io::Result<()> {
-        match o {
-            time_wait::Out::Enter(e) => {
-                self.totals.time_wait_enter += 1;
-                if let (Some(ra), Some(rp)) = (e.reuseaddr, e.reuseport) {
-                    self.explainer.book.note(e.sock_cookie, ra, rp);
-                }
-                self.out.emit(&e)
-            }
-            time_wait::Out::Exit(e) => {
-                self.totals.time_wait_exit += 1;
-                self.out.emit(&e)
-            }
-        }
-    }
-
-    /// Emits a `lost` record per cause whose counter moved: the kernel's per-CPU
-    /// counters, and the TIME_WAIT tracker's full queue.
-    fn poll_lost(&mut self) -> Result<()> {
-        const QUEUE_SLOT: u32 = LOST_SLOTS;
-        for (slot, cause) in [
-            (LOST_RINGBUF, "ring_buffer"),
-            (LOST_INFLIGHT, "inflight_map"),
-            (QUEUE_SLOT, "time_wait_queue"),
-        ] {
-            let total: u64 = if slot == QUEUE_SLOT {
-                self.time_wait
-                    .dropped
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            } else {
-                self.lost
-                    .get(&slot, 0)
-                    .context("reading the LOST counters")?
-                    .iter()
-                    .sum()
-            };
-            let seen = &mut self.lost_seen[slot as usize];
-            if total > *seen {
-                let count = total - *seen;
-                *seen = total;
-                self.totals.lost += count;
-                self.out.emit(&Lost {
-                    v: SCHEMA_VERSION,
-                    ts: self.now(),
-                    event: "lost",
-                    count,
-                    cause,
-                })?;
-            }
-        }
-        Ok(())
-    }
+    };
+    Ok(Filter {
+        pids: args.pids.iter().copied().collect(),
+        ports: args.ports.iter().copied().collect(),
+        comm: args.comm.clone(),
+        uid: args.uid,
+        cgroup,
+        netns: args.netns,
+        errors_only: args.errors_only,
+        events: args.events.iter().cloned().collect(),
+    })
 }
 
 fn kernel_release() -> String {

@@ -1,11 +1,13 @@
 //! `observer`: watches every socket bind() on the host and streams JSON Lines.
 
 mod btf_offsets;
+mod cgroups;
 mod cli;
 mod clock;
 mod daemon;
 mod events;
 mod explain;
+mod filter;
 mod loader;
 mod mounts;
 mod names;
@@ -13,6 +15,8 @@ mod netns;
 mod output;
 mod repro;
 mod sock_diag;
+mod stream;
+mod text;
 mod time_wait;
 
 use std::process::ExitCode;

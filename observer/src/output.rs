@@ -1,31 +1,90 @@
-//! The JSON Lines sink: one buffered writer, flushed once per batch.
+//! The output: JSON Lines (schema v1) or aligned text, to stdout or to a file
+//! that SIGHUP reopens (logrotate); one buffered writer, flushed once per batch.
 
 use std::{
-    io::{self, BufWriter, Stdout, Write},
-    os::fd::{AsFd, OwnedFd},
+    fs::{File, OpenOptions},
+    io::{self, BufWriter, Write},
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::fs::OpenOptionsExt,
+    },
+    path::PathBuf,
 };
 
 use serde::Serialize;
 use tokio::io::{Interest, unix::AsyncFd};
 
-pub struct JsonLines {
-    out: BufWriter<Stdout>,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One JSON object per line (schema v1).
+    Json,
+    /// One aligned line per event, for people.
+    Text,
 }
 
-impl JsonLines {
-    pub fn stdout() -> Self {
-        JsonLines {
-            out: BufWriter::with_capacity(256 * 1024, io::stdout()),
+pub struct Output {
+    w: BufWriter<Box<dyn Write + Send>>,
+    path: Option<PathBuf>,
+    format: Format,
+    header_done: bool,
+}
+
+const BUF: usize = 256 * 1024;
+
+fn open_append(path: &PathBuf) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
+impl Output {
+    pub fn new(path: Option<PathBuf>, format: Format) -> io::Result<Output> {
+        let w: Box<dyn Write + Send> = match &path {
+            Some(p) => Box::new(open_append(p)?),
+            None => Box::new(io::stdout()),
+        };
+        Ok(Output {
+            w: BufWriter::with_capacity(BUF, w),
+            path,
+            format,
+            header_done: false,
+        })
+    }
+
+    pub fn is_stdout(&self) -> bool {
+        self.path.is_none()
+    }
+
+    /// After logrotate moved the file away: write to a new one at the same path.
+    pub fn reopen(&mut self) -> io::Result<()> {
+        if let Some(p) = &self.path {
+            self.w.flush()?;
+            self.w = BufWriter::with_capacity(BUF, Box::new(open_append(p)?));
         }
+        Ok(())
     }
 
     pub fn emit<T: Serialize>(&mut self, record: &T) -> io::Result<()> {
-        serde_json::to_writer(&mut self.out, record)?;
-        self.out.write_all(b"\n")
+        match self.format {
+            Format::Json => {
+                serde_json::to_writer(&mut self.w, record)?;
+                self.w.write_all(b"\n")
+            }
+            Format::Text => {
+                if !self.header_done {
+                    self.header_done = true;
+                    writeln!(self.w, "{}", crate::text::HEADER)?;
+                }
+                let v = serde_json::to_value(record)?;
+                self.w.write_all(crate::text::line(&v).as_bytes())
+            }
+        }
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        self.w.flush()
     }
 }
 

@@ -21,6 +21,9 @@ pub struct Bind {
     pub comm: String,
     pub uid: u32,
     pub cgroup_id: u64,
+    /// The cgroup2 path of `cgroup_id`, and the container id it names, if any.
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
     pub netns: Option<u32>,
     pub fd: i32,
     pub family: Option<String>,
@@ -72,6 +75,8 @@ impl Bind {
             comm: c_str(&r.comm),
             uid: r.uid_gid as u32,
             cgroup_id: r.cgroup_id,
+            cgroup: None,
+            container_id: None,
             netns: (r.netns != 0).then_some(r.netns),
             fd: r.fd,
             family: target.family.map(family_name),
@@ -157,7 +162,7 @@ mod tests {
             json,
             serde_json::json!({
                 "v": 1, "ts": "2023-11-14T22:13:20.000002000Z", "event": "bind",
-                "pid": 1234, "tid": 1240, "comm": "server", "uid": 1000, "cgroup_id": 77,
+                "pid": 1234, "tid": 1240, "comm": "server", "uid": 1000, "cgroup_id": 77, "cgroup": null, "container_id": null,
                 "netns": 4026531840u32, "fd": 3, "family": "inet", "proto": "tcp",
                 "addr": "127.0.0.1", "port": 5700, "bound_port": null,
                 "options": {"reuseaddr": false, "reuseport": true, "freebind": null,

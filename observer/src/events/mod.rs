@@ -111,6 +111,22 @@ pub struct Totals {
 }
 
 #[derive(Serialize, Debug)]
+pub struct Stats {
+    pub v: u8,
+    pub ts: String,
+    pub event: &'static str,
+    /// Records written so far, per type.
+    pub totals: Totals,
+    pub lost: u64,
+    /// Records the filters kept out of the output.
+    pub filtered: u64,
+    pub explain_coalesced: u64,
+    /// The daemon's own CPU time (user + system) and resident memory.
+    pub cpu_ms: u64,
+    pub rss_kb: u64,
+}
+
+#[derive(Serialize, Debug)]
 pub struct Stop {
     pub v: u8,
     pub ts: String,
@@ -119,6 +135,8 @@ pub struct Stop {
     pub reason: &'static str,
     pub totals: Totals,
     pub lost: u64,
+    /// Records the filters kept out of the output.
+    pub filtered: u64,
     /// EADDRINUSE failures explained from a lookup made for an earlier failure on
     /// the same port less than 100 ms before (a storm costs one lookup per port).
     pub explain_coalesced: u64,

@@ -23,6 +23,9 @@ pub struct SockCall {
     pub comm: String,
     pub uid: u32,
     pub cgroup_id: u64,
+    /// The cgroup2 path of `cgroup_id`, and the container id it names, if any.
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
     pub netns: Option<u32>,
     pub fd: i32,
     pub family: Option<String>,
@@ -62,6 +65,8 @@ impl SockCall {
             comm: c_str(&r.comm),
             uid: r.uid_gid as u32,
             cgroup_id: r.cgroup_id,
+            cgroup: None,
+            container_id: None,
             netns: (r.netns != 0).then_some(r.netns),
             fd: r.fd,
             family: family.map(family_name),

@@ -1,0 +1,296 @@
+//! Kernel records → filtered, enriched, explained records in the output.
+
+use std::io;
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use observer_common::{
+    LOST_INFLIGHT, LOST_RINGBUF, LOST_SLOTS,
+    decode::{Record, decode},
+};
+use serde::Serialize;
+
+use crate::{
+    cgroups::{Cgroups, container_id},
+    clock::Clock,
+    events::{Bind, Lost, SCHEMA_VERSION, SockCall, Stats, TcpState, Totals, reuse, tuple},
+    explain::Explainer,
+    filter::{Facts, Filter},
+    output::Output,
+    time_wait::{self, Closer, Transition},
+};
+
+pub struct Stream {
+    pub out: Output,
+    pub clock: Clock,
+    pub totals: Totals,
+    /// Records kept out of the output by the filters.
+    pub filtered: u64,
+    pub filter: Filter,
+    pub cgroups: Cgroups,
+    lost_seen: [u64; LOST_SLOTS as usize + 1],
+    lost: PerCpuArray<MapData, u64>,
+    time_wait: time_wait::Handle,
+    /// bind/listen/connect records as written, while a `--repro` run needs them.
+    pub kept: Option<Vec<serde_json::Value>>,
+    pub explainer: Explainer,
+}
+
+impl Stream {
+    pub fn new(
+        out: Output,
+        clock: Clock,
+        filter: Filter,
+        cgroups: Cgroups,
+        lost: PerCpuArray<MapData, u64>,
+        time_wait: time_wait::Handle,
+    ) -> Stream {
+        Stream {
+            out,
+            clock,
+            totals: Totals::default(),
+            filtered: 0,
+            filter,
+            cgroups,
+            lost_seen: [0; LOST_SLOTS as usize + 1],
+            lost,
+            time_wait,
+            kept: None,
+            explainer: Explainer::new(),
+        }
+    }
+
+    pub fn now(&self) -> String {
+        self.clock.rfc3339(self.clock.now_ktime()).to_string()
+    }
+
+    /// Writes `record` if the filters let it through; says whether they did.
+    fn emit<T: Serialize>(&mut self, facts: &Facts, record: &T) -> io::Result<bool> {
+        if !self.filter.pass(facts) {
+            self.filtered += 1;
+            return Ok(false);
+        }
+        self.out.emit(record)?;
+        Ok(true)
+    }
+
+    /// Writes every record waiting in the ring buffer, then flushes once.
+    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<()> {
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Ok(Record::Bind(r)) => {
+                    let mut event = Bind::from_record(&r, &self.clock);
+                    if let (Some(c), Some(ra), Some(rp)) = (
+                        event.sock_cookie,
+                        event.options.reuseaddr,
+                        event.options.reuseport,
+                    ) {
+                        self.explainer
+                            .book
+                            .note_bind(c, ra, rp, event.pid, &event.comm);
+                    }
+                    event.cgroup = self.cgroups.path(event.cgroup_id).map(str::to_owned);
+                    event.container_id = event
+                        .cgroup
+                        .as_deref()
+                        .and_then(container_id)
+                        .map(str::to_owned);
+                    let facts = Facts {
+                        event: "bind",
+                        pid: Some(event.pid),
+                        ports: [event.port, event.bound_port],
+                        comm: Some(&event.comm),
+                        uid: Some(event.uid),
+                        cgroup: event.cgroup.as_deref(),
+                        netns: event.netns,
+                        failed: event.errno.is_some(),
+                    };
+                    if !self.filter.pass(&facts) {
+                        self.filtered += 1;
+                        continue;
+                    }
+                    if event.ret == -i64::from(libc::EADDRINUSE) {
+                        event.explain = self.explainer.bind_failure(&event);
+                    }
+                    self.totals.bind += 1;
+                    self.out.emit(&event)?;
+                    self.keep(&event);
+                }
+                Ok(Record::TcpState(r)) => {
+                    let event = TcpState::from_record(&r, &self.clock);
+                    let (src, dst) = tuple(&r);
+                    // The tracker sees every change, whatever the filters say.
+                    self.time_wait.send(Transition {
+                        ktime_ns: r.header.ktime_ns,
+                        netns: r.netns,
+                        skaddr: r.skaddr,
+                        old: r.oldstate,
+                        new: r.newstate,
+                        src,
+                        dst,
+                        reuse: reuse(&r),
+                        process: event.pid.map(|pid| Closer {
+                            pid,
+                            tid: event.tid.unwrap_or_default(),
+                            comm: event.comm.clone().unwrap_or_default(),
+                            uid: event.uid.unwrap_or_default(),
+                        }),
+                    });
+                    let facts = Facts {
+                        event: "tcp_state",
+                        pid: event.pid,
+                        ports: [Some(event.sport), Some(event.dport)],
+                        comm: event.comm.as_deref(),
+                        uid: event.uid,
+                        cgroup: None,
+                        netns: event.netns,
+                        failed: false,
+                    };
+                    if self.emit(&facts, &event)? {
+                        self.totals.tcp_state += 1;
+                    }
+                }
+                Ok(Record::SockCall(r)) => {
+                    let mut event = SockCall::from_record(&r, &self.clock);
+                    event.cgroup = self.cgroups.path(event.cgroup_id).map(str::to_owned);
+                    event.container_id = event
+                        .cgroup
+                        .as_deref()
+                        .and_then(container_id)
+                        .map(str::to_owned);
+                    let facts = Facts {
+                        event: event.event,
+                        pid: Some(event.pid),
+                        ports: [event.lport, event.dport],
+                        comm: Some(&event.comm),
+                        uid: Some(event.uid),
+                        cgroup: event.cgroup.as_deref(),
+                        netns: event.netns,
+                        failed: true,
+                    };
+                    if !self.filter.pass(&facts) {
+                        self.filtered += 1;
+                        continue;
+                    }
+                    if event.event == "listen" && event.ret == -i64::from(libc::EADDRINUSE) {
+                        event.explain = self.explainer.listen_failure(&event);
+                    }
+                    match event.event {
+                        "listen" => self.totals.listen += 1,
+                        _ => self.totals.connect += 1,
+                    }
+                    self.out.emit(&event)?;
+                    self.keep(&event);
+                }
+                Err(e) => log::warn!("skipping a record: {e}"),
+            }
+        }
+        self.out.flush()
+    }
+
+    fn keep<T: Serialize>(&mut self, event: &T) {
+        if let Some(kept) = &mut self.kept {
+            kept.push(serde_json::to_value(event).expect("records serialize"));
+        }
+    }
+
+    pub fn time_wait_record(&mut self, o: time_wait::Out) -> io::Result<()> {
+        match o {
+            time_wait::Out::Enter(e) => {
+                if let (Some(ra), Some(rp)) = (e.reuseaddr, e.reuseport) {
+                    self.explainer.book.note(e.sock_cookie, ra, rp);
+                }
+                let facts = Facts {
+                    event: "time_wait_enter",
+                    pid: e.pid,
+                    ports: [Some(e.sport), Some(e.dport)],
+                    comm: e.comm.as_deref(),
+                    uid: e.uid,
+                    cgroup: None,
+                    netns: Some(e.netns),
+                    failed: false,
+                };
+                if self.emit(&facts, &e)? {
+                    self.totals.time_wait_enter += 1;
+                }
+            }
+            time_wait::Out::Exit(e) => {
+                let facts = Facts {
+                    event: "time_wait_exit",
+                    pid: None,
+                    ports: [Some(e.sport), Some(e.dport)],
+                    netns: Some(e.netns),
+                    ..Facts::default()
+                };
+                if self.emit(&facts, &e)? {
+                    self.totals.time_wait_exit += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Emits a `lost` record per cause whose counter moved: the kernel's per-CPU
+    /// counters, and the TIME_WAIT tracker's full queue. Never filtered.
+    pub fn poll_lost(&mut self) -> Result<()> {
+        const QUEUE_SLOT: u32 = LOST_SLOTS;
+        for (slot, cause) in [
+            (LOST_RINGBUF, "ring_buffer"),
+            (LOST_INFLIGHT, "inflight_map"),
+            (QUEUE_SLOT, "time_wait_queue"),
+        ] {
+            let total: u64 = if slot == QUEUE_SLOT {
+                self.time_wait
+                    .dropped
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            } else {
+                self.lost
+                    .get(&slot, 0)
+                    .context("reading the LOST counters")?
+                    .iter()
+                    .sum()
+            };
+            let seen = &mut self.lost_seen[slot as usize];
+            if total > *seen {
+                let count = total - *seen;
+                *seen = total;
+                self.totals.lost += count;
+                self.out.emit(&Lost {
+                    v: SCHEMA_VERSION,
+                    ts: self.now(),
+                    event: "lost",
+                    count,
+                    cause,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A `stats` record: what was written, lost and filtered, and what the daemon costs.
+    pub fn stats(&mut self) -> io::Result<()> {
+        let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).ok();
+        let cpu_ms = usage.map_or(0, |u| {
+            let ms =
+                |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1000 + t.tv_usec() as u64 / 1000;
+            ms(u.user_time()) + ms(u.system_time())
+        });
+        let rss_kb = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| pages * 4);
+        let record = Stats {
+            v: SCHEMA_VERSION,
+            ts: self.now(),
+            event: "stats",
+            totals: self.totals,
+            lost: self.totals.lost,
+            filtered: self.filtered,
+            explain_coalesced: self.explainer.coalescer.coalesced,
+            cpu_ms,
+            rss_kb,
+        };
+        self.out.emit(&record)?;
+        self.out.flush()
+    }
+}
