@@ -31,6 +31,8 @@ pub enum Command {
     Explain(crate::explain::cli::ExplainArgs),
     /// Every socket on a port: state, ends, owner (the `ss` answer).
     Who(crate::explain::cli::WhoArgs),
+    /// Which hooks load and attach on this kernel, and what is missing; exit 0 when the daemon can run.
+    Check,
     /// Internal: a scenario's child process.
     #[command(hide = true)]
     ReproHelper(crate::repro::helper::HelperArgs),

@@ -46,59 +46,103 @@ pub struct Attached {
     pub prog_ids: Vec<u32>,
 }
 
+impl Hook {
+    /// `section/name`, as observer_start and observer check name it.
+    fn label(&self) -> String {
+        match self {
+            Hook::Tracepoint(category, event) => format!("tracepoint/{category}/{event}"),
+            Hook::CgroupSockAddr(kind) | Hook::CgroupSock(kind) => format!("cgroup/{kind}"),
+        }
+    }
+}
+
+/// Loads the object (maps and globals); programs are loaded by `attach`.
+fn load(offsets: &KernelOffsets, ring_bytes: u32) -> Result<Ebpf> {
+    if OBJECT.is_empty() {
+        bail!("this binary was built without its eBPF programs: build it with `cargo xtask build`");
+    }
+    EbpfLoader::new()
+        .override_global(KERNEL_OFFSETS_SYMBOL, offsets, true)
+        .map_max_entries("EVENTS", ring_bytes)
+        .load(OBJECT)
+        .context("loading the eBPF object into the kernel")
+}
+
+/// Loads and attaches one program; returns its kernel id.
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &str,
+    hook: &Hook,
+    cgroup: &Path,
+    cgroup_fd: &File,
+) -> Result<u32> {
+    let prog = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} is missing from the eBPF object"))?;
+    let info = match *hook {
+        Hook::Tracepoint(category, event) => {
+            let p: &mut TracePoint = prog.try_into()?;
+            p.load().with_context(|| format!("loading {name}"))?;
+            p.attach(category, event)
+                .with_context(|| format!("attaching {name} to tracepoint {category}:{event}"))?;
+            p.info()?
+        }
+        Hook::CgroupSockAddr(_) => {
+            let p: &mut CgroupSockAddr = prog.try_into()?;
+            p.load().with_context(|| format!("loading {name}"))?;
+            p.attach(cgroup_fd, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            p.info()?
+        }
+        Hook::CgroupSock(_) => {
+            let p: &mut CgroupSock = prog.try_into()?;
+            p.load().with_context(|| format!("loading {name}"))?;
+            p.attach(cgroup_fd, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            p.info()?
+        }
+    };
+    Ok(info.id())
+}
+
+fn open_cgroup(cgroup: &Path) -> Result<File> {
+    File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))
+}
+
 pub fn load_and_attach(
     cgroup: &Path,
     offsets: &KernelOffsets,
     ring_bytes: u32,
 ) -> Result<Attached> {
-    if OBJECT.is_empty() {
-        bail!("this binary was built without its eBPF programs: build it with `cargo xtask build`");
-    }
-    let mut ebpf = EbpfLoader::new()
-        .override_global(KERNEL_OFFSETS_SYMBOL, offsets, true)
-        .map_max_entries("EVENTS", ring_bytes)
-        .load(OBJECT)
-        .context("loading the eBPF object into the kernel")?;
-    let cgroup_fd =
-        File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-
+    let mut ebpf = load(offsets, ring_bytes)?;
+    let cgroup_fd = open_cgroup(cgroup)?;
     let mut hooks = Vec::new();
     let mut prog_ids = Vec::new();
-    for (name, hook) in PROGRAMS {
-        let prog = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} is missing from the eBPF object"))?;
-        let (label, info) = match hook {
-            Hook::Tracepoint(category, event) => {
-                let p: &mut TracePoint = prog.try_into()?;
-                p.load().with_context(|| format!("loading {name}"))?;
-                p.attach(category, event).with_context(|| {
-                    format!("attaching {name} to tracepoint {category}:{event}")
-                })?;
-                (format!("tracepoint/{category}/{event}"), p.info()?)
-            }
-            Hook::CgroupSockAddr(kind) => {
-                let p: &mut CgroupSockAddr = prog.try_into()?;
-                p.load().with_context(|| format!("loading {name}"))?;
-                p.attach(&cgroup_fd, CgroupAttachMode::Single)
-                    .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-                (format!("cgroup/{kind}"), p.info()?)
-            }
-            Hook::CgroupSock(kind) => {
-                let p: &mut CgroupSock = prog.try_into()?;
-                p.load().with_context(|| format!("loading {name}"))?;
-                p.attach(&cgroup_fd, CgroupAttachMode::Single)
-                    .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-                (format!("cgroup/{kind}"), p.info()?)
-            }
-        };
-        log::info!("attached {label} (prog id {})", info.id());
-        hooks.push(label);
-        prog_ids.push(info.id());
+    for (name, hook) in &PROGRAMS {
+        let id = attach(&mut ebpf, name, hook, cgroup, &cgroup_fd)?;
+        log::info!("attached {} (prog id {id})", hook.label());
+        hooks.push(hook.label());
+        prog_ids.push(id);
     }
     Ok(Attached {
         ebpf,
         hooks,
         prog_ids,
     })
+}
+
+/// Tries every hook on its own and reports each (for `observer check`); all
+/// are detached again when this returns.
+pub fn probe(cgroup: &Path, offsets: &KernelOffsets) -> Result<Vec<(String, Result<u32>)>> {
+    let mut ebpf = load(offsets, 4096)?;
+    let cgroup_fd = open_cgroup(cgroup)?;
+    Ok(PROGRAMS
+        .iter()
+        .map(|(name, hook)| {
+            (
+                hook.label(),
+                attach(&mut ebpf, name, hook, cgroup, &cgroup_fd),
+            )
+        })
+        .collect())
 }

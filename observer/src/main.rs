@@ -2,6 +2,7 @@
 
 mod btf_offsets;
 mod cgroups;
+mod check;
 mod cli;
 mod clock;
 mod daemon;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         cli::Command::Repro(args) => repro::cli(args),
         cli::Command::Explain(args) => report(explain::cli::explain(args)),
         cli::Command::Who(args) => report(explain::cli::who(args)),
+        cli::Command::Check => check::run(),
         cli::Command::ReproHelper(args) => repro::helper::run(args),
     }
 }
