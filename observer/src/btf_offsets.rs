@@ -79,6 +79,10 @@ pub fn kernel_offsets() -> KernelOffsets {
         k.skc_reuse_bits = (reuse / 8) << 16 | (reuse % 8) << 8 | (reuseport % 8);
     }
     log::debug!("kernel offsets from BTF: {k:?}");
+    drop(btf);
+    // Parsing the kernel's BTF takes tens of MB of small allocations: give
+    // them back to the system rather than keep them as the daemon's RSS.
+    unsafe { libc::malloc_trim(0) };
     k
 }
 

@@ -275,10 +275,7 @@ impl Stream {
                 |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1000 + t.tv_usec() as u64 / 1000;
             ms(u.user_time()) + ms(u.system_time())
         });
-        let rss_kb = std::fs::read_to_string("/proc/self/statm")
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .map_or(0, |pages| pages * 4);
+        let rss_kb = rss_kb();
         let record = Stats {
             v: SCHEMA_VERSION,
             ts: self.now(),
@@ -293,4 +290,16 @@ impl Stream {
         self.out.emit(&record)?;
         self.out.flush()
     }
+}
+
+/// The daemon's resident memory, from /proc/self/statm.
+pub fn rss_kb() -> u64 {
+    let page_kb = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4, |p| p as u64 / 1024);
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page_kb)
 }

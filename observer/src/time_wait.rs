@@ -14,8 +14,8 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, Sender, channel},
     },
     time::{Duration, Instant},
 };
@@ -40,6 +40,7 @@ const CANDIDATE_TTL_NS: u64 = 65_000_000_000;
 /// 200 bytes each, so about 200 MB at the bound).
 pub const MAX_TRACKED: usize = 1_000_000;
 /// Transitions queued to the tracker thread; beyond it they are counted as lost.
+/// (A counted unbounded channel: a bounded std channel allocates all its slots up front.)
 const QUEUE: usize = 1 << 18;
 
 /// The process that closed a socket (moved it to FIN_WAIT1 in process context).
@@ -374,15 +375,18 @@ impl Tracker {
 
 /// The tracker on a thread of its own (sock_diag is blocking netlink I/O).
 pub struct Handle {
-    tx: SyncSender<Transition>,
+    tx: Sender<Transition>,
+    queued: Arc<AtomicUsize>,
     /// Transitions that did not fit the queue.
     pub dropped: Arc<AtomicU64>,
 }
 
 impl Handle {
     pub fn send(&self, t: Transition) {
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(t) {
+        if self.queued.load(Ordering::Relaxed) >= QUEUE {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        } else if self.tx.send(t).is_ok() {
+            self.queued.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -403,13 +407,16 @@ pub fn spawn(clock: Clock, out: tokio::sync::mpsc::UnboundedSender<Out>) -> Hand
             Err(e) => log::warn!("sock_diag in netns {ino}: {e}"),
         }
     }
-    let (tx, rx) = sync_channel(QUEUE);
+    let (tx, rx) = channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let in_thread = queued.clone();
     std::thread::Builder::new()
         .name("time-wait".into())
-        .spawn(move || run(tracker, clock, rx, out))
+        .spawn(move || run(tracker, clock, rx, &in_thread, out))
         .expect("spawning the time-wait thread");
     Handle {
         tx,
+        queued,
         dropped: Arc::new(AtomicU64::new(0)),
     }
 }
@@ -418,6 +425,7 @@ fn run(
     mut tracker: Tracker,
     clock: Clock,
     rx: Receiver<Transition>,
+    queued: &AtomicUsize,
     out: tokio::sync::mpsc::UnboundedSender<Out>,
 ) {
     // One netlink socket per namespace with something tracked in it; dropped
@@ -427,6 +435,7 @@ fn run(
     loop {
         match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
             Ok(t) => {
+                queued.fetch_sub(1, Ordering::Relaxed);
                 tracker.on_transition(t);
                 continue;
             }
