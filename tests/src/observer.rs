@@ -18,7 +18,7 @@ pub fn observer_bin() -> String {
 pub struct Observer {
     child: Child,
     lines: mpsc::Receiver<String>,
-    stderr: thread::JoinHandle<String>,
+    stderr: Option<thread::JoinHandle<String>>,
     /// Every stdout line read so far, in order.
     pub seen: Vec<String>,
 }
@@ -82,7 +82,7 @@ impl Observer {
         let mut obs = Observer {
             child,
             lines: rx,
-            stderr,
+            stderr: Some(stderr),
             seen: Vec::new(),
         };
         let Some(first) = obs.next_line(Duration::from_secs(60)) else {
@@ -148,9 +148,21 @@ impl Observer {
         let status = self.child.wait().expect("waiting for the observer");
         Finished {
             status,
-            lines: self.seen,
-            stderr: self.stderr.join().unwrap_or_default(),
+            lines: std::mem::take(&mut self.seen),
+            stderr: self
+                .stderr
+                .take()
+                .and_then(|h| h.join().ok())
+                .unwrap_or_default(),
         }
+    }
+}
+
+impl Drop for Observer {
+    /// A failed test must not leave a daemon running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

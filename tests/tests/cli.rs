@@ -18,15 +18,24 @@ fn one_line_error(out: &std::process::Output, code: i32) -> String {
 
 #[test]
 fn usage_errors_exit_2_with_one_line() {
-    for args in [
-        &["run", "--bogus"][..],
-        &["run", "--duration", "soon"],
-        &["run", "--ring-buffer", "1000"],
-        &["launch"],
+    for (args, names) in [
+        (&["run", "--bogus"][..], "--bogus"),
+        (&["run", "--duration", "soon"], "--duration"),
+        (&["run", "--ring-buffer", "1000"], "--ring-buffer"),
+        (&["run", "-P", "notaport"], "--port"),
+        (&["run", "-p", "-3"], "--pid"),
+        (&["run", "--events", "bind,nope"], "--events"),
+        (&["run", "--cgroup", "/nonexistent"], "--cgroup"),
+        (&["run", "--netns", "/nonexistent"], "--netns"),
+        (&["run", "--format", "xml"], "--format"),
+        (&["launch"], "launch"),
     ] {
         let out = Command::new(observer_bin()).args(args).output().unwrap();
         let line = one_line_error(&out, 2);
-        assert!(line.starts_with("observer: "), "{args:?}: {line}");
+        assert!(
+            line.starts_with("observer: ") && line.contains(names),
+            "{args:?}: {line}"
+        );
     }
 }
 
@@ -40,13 +49,36 @@ fn not_root_is_a_clear_error() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.join("observer");
     std::fs::copy(observer_bin(), &bin).unwrap();
-    let out = Command::new(&bin)
-        .args(["run", "--duration", "1"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    for args in [&["run", "--duration", "1"][..], &["check"]] {
+        let out = Command::new(&bin)
+            .args(args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let line = one_line_error(&out, 1);
+        assert!(
+            line.contains("root") && line.contains("CAP_BPF"),
+            "{args:?}: {line}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
-    let line = one_line_error(&out, 1);
-    assert!(line.contains("root") && line.contains("CAP_BPF"), "{line}");
+}
+
+#[test]
+fn check_says_this_kernel_can_run_it() {
+    observer_tests::require_root!();
+    let out = Command::new(observer_bin()).arg("check").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("ok   cgroup/bind4")),
+        "{stdout}"
+    );
+    assert!(stdout.lines().all(|l| !l.starts_with("FAIL")), "{stdout}");
+    assert!(stdout.ends_with("observer can run here\n"), "{stdout}");
 }
