@@ -179,6 +179,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         lost: s.totals.lost,
         filtered: s.filtered,
         explain_coalesced: s.explainer.coalescer.coalesced,
+        programs: attached.program_stats(),
     })?;
     s.out.flush()?;
     drop(ring);

@@ -44,6 +44,35 @@ pub struct Attached {
     /// `section/name` of each attached hook.
     pub hooks: Vec<String>,
     pub prog_ids: Vec<u32>,
+    names: Vec<&'static str>,
+}
+
+/// What one program cost in the kernel (counted while `kernel.bpf_stats_enabled=1`).
+#[derive(serde::Serialize, Debug)]
+pub struct ProgramStats {
+    pub hook: String,
+    pub id: u32,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+impl Attached {
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.names
+            .iter()
+            .zip(&self.hooks)
+            .zip(&self.prog_ids)
+            .filter_map(|((name, hook), id)| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some(ProgramStats {
+                    hook: hook.clone(),
+                    id: *id,
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .collect()
+    }
 }
 
 impl Hook {
@@ -118,16 +147,19 @@ pub fn load_and_attach(
     let cgroup_fd = open_cgroup(cgroup)?;
     let mut hooks = Vec::new();
     let mut prog_ids = Vec::new();
+    let mut names = Vec::new();
     for (name, hook) in &PROGRAMS {
         let id = attach(&mut ebpf, name, hook, cgroup, &cgroup_fd)?;
         log::info!("attached {} (prog id {id})", hook.label());
         hooks.push(hook.label());
         prog_ids.push(id);
+        names.push(*name);
     }
     Ok(Attached {
         ebpf,
         hooks,
         prog_ids,
+        names,
     })
 }
 

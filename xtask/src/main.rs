@@ -5,6 +5,7 @@
 //! LLVM major; the user-space crates build with the rustup toolchain. See
 //! DESIGN.md, "Toolchain".
 
+mod bench;
 mod setup;
 
 use std::{
@@ -35,6 +36,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// What the observer costs the host, against bpftrace and strace (root).
+    Bench,
     /// Unit tests, then the kernel tests (root, real kernel).
     Test {
         /// Passed to the test harness of both runs (a test name filter, `--nocapture`, …).
@@ -61,6 +64,23 @@ fn run(cli: Cli) -> Result<()> {
             Err(cmd.exec()).with_context(|| format!("exec {}", bin.display()))
         }
         Cmd::Test { args } => test(&args),
+        Cmd::Bench => {
+            let bin = build()?;
+            status(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "observer-tests",
+                "--bin",
+                "bindloop",
+            ]))
+            .context("building the load generator")?;
+            if !is_root() {
+                bail!("the benchmark loads BPF programs: run it as root");
+            }
+            let root = workspace_root();
+            bench::run(&bin, &root.join("target/release/bindloop"), &root)
+        }
     }
 }
 

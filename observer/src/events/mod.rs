@@ -140,6 +140,8 @@ pub struct Stop {
     /// EADDRINUSE failures explained from a lookup made for an earlier failure on
     /// the same port less than 100 ms before (a storm costs one lookup per port).
     pub explain_coalesced: u64,
+    /// Per program: runs and time in the kernel (zero unless kernel.bpf_stats_enabled=1).
+    pub programs: Vec<crate::loader::ProgramStats>,
 }
 
 #[cfg(test)]
