@@ -25,15 +25,28 @@ use observer_common::{
 
 use crate::{
     kernel::current_netns,
-    maps::{EVENTS, count_lost},
+    maps::{EVENTS, count_lost, wake_flags},
 };
 
-/// A bind in progress: the record plus what only the kernel side needs.
+/// A bind in progress: what the hooks learn, kept small (every bind copies it
+/// in and out of the map); the full record is built in the ring buffer at exit.
 #[repr(C)]
 struct Inflight {
     /// The caller's `struct sockaddr *`, read at exit only when no cgroup hook ran.
     uaddr: u64,
-    record: BindRecord,
+    enter_ns: u64,
+    sock_cookie: u64,
+    fd: i32,
+    addrlen: u32,
+    bound_dev_if: u32,
+    flags: u32,
+    family: u16,
+    sock_type: u16,
+    protocol: u16,
+    port: u16,
+    bound_port: u16,
+    _pad: [u16; 3],
+    addr: [u8; 16],
 }
 
 /// Binds in flight, one per thread; 16 Ki threads inside bind() at once.
@@ -61,15 +74,22 @@ fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
     let fd: u64 = unsafe { ctx.read_at(ENTER_FD)? };
     let uaddr: u64 = unsafe { ctx.read_at(ENTER_UMYADDR)? };
     let addrlen: u64 = unsafe { ctx.read_at(ENTER_ADDRLEN)? };
-    let mut entry = Inflight {
+    let entry = Inflight {
         uaddr,
-        record: BindRecord::zeroed(),
+        enter_ns: unsafe { generated::bpf_ktime_get_ns() },
+        sock_cookie: 0,
+        fd: fd as i32,
+        addrlen: addrlen as u32,
+        bound_dev_if: 0,
+        flags: flags::ENTER,
+        family: 0,
+        sock_type: 0,
+        protocol: 0,
+        port: 0,
+        bound_port: 0,
+        _pad: [0; 3],
+        addr: [0; 16],
     };
-    let r = &mut entry.record;
-    r.fd = fd as i32;
-    r.addrlen = addrlen as u32;
-    r.flags = flags::ENTER;
-    r.enter_ns = unsafe { generated::bpf_ktime_get_ns() };
     if INFLIGHT
         .insert(bpf_get_current_pid_tgid(), &entry, BPF_ANY as u64)
         .is_err()
@@ -97,7 +117,7 @@ fn on_bind<const V6: bool>(ctx: &SockAddrContext) {
     let Some(entry) = INFLIGHT.get_ptr_mut(bpf_get_current_pid_tgid()) else {
         return; // the bind started before we attached
     };
-    let r = unsafe { &mut (*entry).record };
+    let r = unsafe { &mut *entry };
     let sa = unsafe { &*ctx.sock_addr };
     r.family = sa.user_family as u16;
     r.sock_type = sa.type_ as u16;
@@ -156,7 +176,7 @@ pub fn obs_post_bind6(ctx: SockContext) -> i32 {
 
 fn on_post_bind(ctx: &SockContext) {
     if let Some(entry) = INFLIGHT.get_ptr_mut(bpf_get_current_pid_tgid()) {
-        let r = unsafe { &mut (*entry).record };
+        let r = unsafe { &mut *entry };
         // src_port is in host order in struct bpf_sock.
         r.bound_port = unsafe { (*ctx.sock).src_port } as u16;
         r.flags |= flags::POST_BIND;
@@ -174,33 +194,49 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let Some(entry) = INFLIGHT.get_ptr_mut(id) else {
         return Ok(()); // entered before we attached, or the map was full (counted)
     };
-    let entry = unsafe { &mut *entry };
-    let r = &mut entry.record;
-    r.ret = unsafe { ctx.read_at::<i64>(EXIT_RET)? };
+    let e = unsafe { &*entry };
+    let ret = unsafe { ctx.read_at::<i64>(EXIT_RET)? };
+    let Some(mut slot) = EVENTS.reserve::<BindRecord>(0) else {
+        count_lost(LOST_RINGBUF);
+        let _ = INFLIGHT.remove(id);
+        return Ok(());
+    };
+    let r = slot.write(BindRecord::zeroed());
+    r.ret = ret;
     r.header.ktime_ns = unsafe { generated::bpf_ktime_get_ns() };
     r.pid_tgid = id;
     r.uid_gid = bpf_get_current_uid_gid();
     r.cgroup_id = unsafe { generated::bpf_get_current_cgroup_id() };
     r.comm = bpf_get_current_comm().unwrap_or_default();
     r.netns = current_netns();
-    if r.flags & flags::CGROUP_HOOK == 0 && entry.uaddr != 0 {
-        let len = core::cmp::min(r.addrlen as usize, SOCKADDR_MAX);
+    r.enter_ns = e.enter_ns;
+    r.sock_cookie = e.sock_cookie;
+    r.fd = e.fd;
+    r.addrlen = e.addrlen;
+    r.bound_dev_if = e.bound_dev_if;
+    r.flags = e.flags;
+    r.family = e.family;
+    r.sock_type = e.sock_type;
+    r.protocol = e.protocol;
+    r.port = e.port;
+    r.bound_port = e.bound_port;
+    r.addr = e.addr;
+    if e.flags & flags::CGROUP_HOOK == 0 && e.uaddr != 0 {
+        let len = core::cmp::min(e.addrlen as usize, SOCKADDR_MAX);
         if len > 0 {
-            let ret = unsafe {
+            let copied = unsafe {
                 generated::bpf_probe_read_user(
                     r.sockaddr.as_mut_ptr().cast(),
                     len as u32,
-                    entry.uaddr as *const core::ffi::c_void,
+                    e.uaddr as *const core::ffi::c_void,
                 )
             };
-            if ret == 0 {
+            if copied == 0 {
                 r.flags |= flags::SOCKADDR;
             }
         }
     }
-    if EVENTS.output::<BindRecord>(&*r, 0).is_err() {
-        count_lost(LOST_RINGBUF);
-    }
+    slot.submit(wake_flags(size_of::<BindRecord>()));
     let _ = INFLIGHT.remove(id);
     Ok(())
 }

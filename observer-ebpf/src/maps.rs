@@ -1,6 +1,7 @@
 //! Maps and globals shared by all programs.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -21,6 +22,20 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::ZERO;
 pub fn kernel_offsets() -> KernelOffsets {
     // Volatile: the loader rewrites the value; the compiler must not fold the zeros.
     unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+/// Wake the daemon only once this much is waiting: a wakeup per record (the
+/// ring buffer's default while the reader keeps up) costs microseconds per
+/// bind. The daemon also drains on a short timer, so nothing waits long.
+const WAKE_BYTES: u64 = 256 * 1024;
+
+/// `flags` for submitting a record of `size` bytes.
+pub fn wake_flags(size: usize) -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) + size as u64 >= WAKE_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
 }
 
 pub fn count_lost(slot: u32) {

@@ -16,7 +16,7 @@ use observer_common::{
 
 use crate::{
     kernel::{current_netns, fd_local},
-    maps::{EVENTS, count_lost},
+    maps::{EVENTS, count_lost, wake_flags},
 };
 
 /// A listen() or connect() in progress.
@@ -128,6 +128,6 @@ fn exit(ctx: &TracePointContext, call: Call) -> Result<(), i64> {
             r.flags |= flags::SOCKADDR;
         }
     }
-    entry.submit(0);
+    entry.submit(wake_flags(size_of::<SockCallRecord>()));
     Ok(())
 }

@@ -13,7 +13,7 @@ use observer_common::{
 
 use crate::{
     kernel::{sock_netns, sock_reuse},
-    maps::{EVENTS, count_lost},
+    maps::{EVENTS, count_lost, wake_flags},
 };
 
 /// When each socket entered its current state, for `prev_state_ms`. LRU: a
@@ -114,7 +114,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             | if reuseaddr { flags::REUSEADDR } else { 0 }
             | if reuseport { flags::REUSEPORT } else { 0 };
     }
-    if EVENTS.output::<TcpStateRecord>(&r, 0).is_err() {
+    if EVENTS
+        .output::<TcpStateRecord>(&r, wake_flags(size_of::<TcpStateRecord>()))
+        .is_err()
+    {
         count_lost(LOST_RINGBUF);
     }
     Ok(())

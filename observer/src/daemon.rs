@@ -24,6 +24,8 @@ use crate::{
     time_wait,
 };
 
+/// How often the ring buffer is drained without a wakeup from the kernel.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// How often the per-CPU loss counters are read.
 const LOST_POLL: Duration = Duration::from_secs(1);
 
@@ -132,6 +134,10 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     let mut stats = interval(args.stats.unwrap_or(Duration::from_secs(3600)));
     stats.set_missed_tick_behavior(MissedTickBehavior::Delay);
     stats.tick().await; // the first tick is immediate
+    // The kernel side wakes us only when records pile up (see wake_flags):
+    // drain on a short timer too.
+    let mut drain_tick = interval(DRAIN_EVERY);
+    drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut tick = interval(LOST_POLL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
@@ -153,6 +159,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
                 log::debug!("stdout closed: stopping");
                 return Ok(ExitCode::SUCCESS);
             }
+            _ = drain_tick.tick() => s.drain(ring.get_mut())?,
             _ = tick.tick() => { s.poll_lost()?; s.out.flush()?; }
             _ = stats.tick(), if args.stats.is_some() => s.stats()?,
             _ = sighup.recv() => {
