@@ -91,6 +91,8 @@ fn load(offsets: &KernelOffsets, ring_bytes: u32) -> Result<Ebpf> {
         bail!("this binary was built without its eBPF programs: build it with `cargo xtask build`");
     }
     EbpfLoader::new()
+        // No CO-RE relocations in our programs: skip parsing the kernel's BTF again.
+        .btf(None)
         .override_global(KERNEL_OFFSETS_SYMBOL, offsets, true)
         .map_max_entries("EVENTS", ring_bytes)
         .load(OBJECT)
