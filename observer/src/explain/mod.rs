@@ -29,7 +29,7 @@ pub struct OptionsBook {
 }
 
 impl OptionsBook {
-    const CAP: usize = 1 << 16;
+    const CAP: usize = 1 << 14;
 
     pub fn note(&mut self, cookie: u64, reuseaddr: bool, reuseport: bool) {
         if cookie == 0 {

@@ -33,7 +33,7 @@ fn main() {
             } else {
                 Type::STREAM
             };
-            while ops < count && (ops % 256 != 0 || start.elapsed() < deadline) {
+            while ops < count && (!ops.is_multiple_of(256) || start.elapsed() < deadline) {
                 let s = Socket::new(Domain::IPV4, ty, None).expect("socket");
                 s.bind(&any.into()).expect("bind");
                 drop(s);
@@ -43,7 +43,7 @@ fn main() {
         "churn" => {
             let listener = TcpListener::bind(any).expect("listen");
             let to = listener.local_addr().unwrap();
-            while ops < count && (ops % 16 != 0 || start.elapsed() < deadline) {
+            while ops < count && (!ops.is_multiple_of(16) || start.elapsed() < deadline) {
                 let c = TcpStream::connect(to).expect("connect");
                 let (a, _) = listener.accept().expect("accept");
                 drop(c); // the client closes first: its socket goes to TIME_WAIT
