@@ -236,7 +236,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
             }
         }
     }
-    slot.submit(wake_flags(size_of::<BindRecord>()));
+    slot.submit(wake_flags(size_of::<BindRecord>(), ret < 0));
     let _ = INFLIGHT.remove(id);
     Ok(())
 }

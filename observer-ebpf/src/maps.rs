@@ -29,9 +29,11 @@ pub fn kernel_offsets() -> KernelOffsets {
 /// bind. The daemon also drains on a short timer, so nothing waits long.
 const WAKE_BYTES: u64 = 256 * 1024;
 
-/// `flags` for submitting a record of `size` bytes.
-pub fn wake_flags(size: usize) -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) + size as u64 >= WAKE_BYTES {
+/// `flags` for submitting a record of `size` bytes. An `urgent` record (a
+/// failure, which the daemon explains by looking at the sockets right away,
+/// before they go) wakes it at once.
+pub fn wake_flags(size: usize, urgent: bool) -> u64 {
+    if urgent || EVENTS.query(BPF_RB_AVAIL_DATA as u64) + size as u64 >= WAKE_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64

@@ -128,6 +128,6 @@ fn exit(ctx: &TracePointContext, call: Call) -> Result<(), i64> {
             r.flags |= flags::SOCKADDR;
         }
     }
-    entry.submit(wake_flags(size_of::<SockCallRecord>()));
+    entry.submit(wake_flags(size_of::<SockCallRecord>(), true));
     Ok(())
 }

@@ -115,7 +115,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             | if reuseport { flags::REUSEPORT } else { 0 };
     }
     if EVENTS
-        .output::<TcpStateRecord>(&r, wake_flags(size_of::<TcpStateRecord>()))
+        .output::<TcpStateRecord>(&r, wake_flags(size_of::<TcpStateRecord>(), false))
         .is_err()
     {
         count_lost(LOST_RINGBUF);
