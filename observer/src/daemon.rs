@@ -59,12 +59,9 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     let cgroup = mounts::cgroup2_mount()?;
     let offsets = btf_offsets::kernel_offsets();
     let clock = Clock::new();
-    log::debug!("RSS after BTF: {} kB", crate::stream::rss_kb());
     let mut attached = loader::load_and_attach(&cgroup, &offsets, args.ring_buffer)?;
-    log::debug!("RSS after load: {} kB", crate::stream::rss_kb());
-    // The loader parsed the kernel's BTF too: return what it freed.
+    // Parsing and loading the object allocates and frees megabytes: return them.
     unsafe { libc::malloc_trim(0) };
-    log::debug!("RSS after trim: {} kB", crate::stream::rss_kb());
     let ring = RingBuf::try_from(attached.ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
     let lost = PerCpuArray::try_from(attached.ebpf.take_map("LOST").context("no LOST map")?)?;
     // SAFETY: the RingBuf owns its map fd, which stays open until the AsyncFd drops it.

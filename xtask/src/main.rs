@@ -139,7 +139,7 @@ fn build() -> Result<PathBuf> {
             // aya-ebpf uses `#![feature(asm_experimental_arch)]`; Debian's rustc is stable.
             .env("RUSTC_BOOTSTRAP", "1")
             .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &tools.bpf_linker)
-            // BTF in the object: the verifier's messages name source lines, and aya-log needs it.
+            // BTF in the object: the verifier's messages then name source lines.
             .env(
                 "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
                 "-C debuginfo=2 -C link-arg=--btf",
