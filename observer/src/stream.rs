@@ -60,6 +60,13 @@ impl Stream {
         }
     }
 
+    /// The cgroup path of a cgroup id, and the container id it names.
+    fn cgroup_of(&mut self, cgroup_id: u64) -> (Option<String>, Option<String>) {
+        let path = self.cgroups.path(cgroup_id).map(str::to_owned);
+        let container = path.as_deref().and_then(container_id).map(str::to_owned);
+        (path, container)
+    }
+
     pub fn now(&self) -> String {
         self.clock.rfc3339(self.clock.now_ktime()).to_string()
     }
@@ -89,12 +96,7 @@ impl Stream {
                             .book
                             .note_bind(c, ra, rp, event.pid, &event.comm);
                     }
-                    event.cgroup = self.cgroups.path(event.cgroup_id).map(str::to_owned);
-                    event.container_id = event
-                        .cgroup
-                        .as_deref()
-                        .and_then(container_id)
-                        .map(str::to_owned);
+                    (event.cgroup, event.container_id) = self.cgroup_of(event.cgroup_id);
                     let facts = Facts {
                         event: "bind",
                         pid: Some(event.pid),
@@ -152,12 +154,7 @@ impl Stream {
                 }
                 Ok(Record::SockCall(r)) => {
                     let mut event = SockCall::from_record(&r, &self.clock);
-                    event.cgroup = self.cgroups.path(event.cgroup_id).map(str::to_owned);
-                    event.container_id = event
-                        .cgroup
-                        .as_deref()
-                        .and_then(container_id)
-                        .map(str::to_owned);
+                    (event.cgroup, event.container_id) = self.cgroup_of(event.cgroup_id);
                     let facts = Facts {
                         event: event.event,
                         pid: Some(event.pid),

@@ -38,6 +38,17 @@ fn time(v: &Value) -> String {
     ts.get(11..26).unwrap_or(ts).to_owned()
 }
 
+/// `saddr:sport > daddr:dport`
+fn connection(v: &Value) -> String {
+    format!(
+        "{}:{} > {}:{}",
+        s(&v["saddr"]),
+        s(&v["sport"]),
+        s(&v["daddr"]),
+        s(&v["dport"])
+    )
+}
+
 pub fn line(v: &Value) -> String {
     let event = v["event"].as_str().unwrap_or("?");
     let head = |proto: String, addr: String, port: String, opts: String, result: String| {
@@ -92,13 +103,7 @@ pub fn line(v: &Value) -> String {
         }
         "tcp_state" => head(
             "tcp".into(),
-            format!(
-                "{}:{} > {}:{}",
-                s(&v["saddr"]),
-                s(&v["sport"]),
-                s(&v["daddr"]),
-                s(&v["dport"])
-            ),
+            connection(v),
             String::new(),
             String::new(),
             format!(
@@ -110,13 +115,7 @@ pub fn line(v: &Value) -> String {
         ),
         "time_wait_enter" | "time_wait_exit" => head(
             "tcp".into(),
-            format!(
-                "{}:{} > {}:{}",
-                s(&v["saddr"]),
-                s(&v["sport"]),
-                s(&v["daddr"]),
-                s(&v["dport"])
-            ),
+            connection(v),
             String::new(),
             String::new(),
             if event == "time_wait_enter" {
