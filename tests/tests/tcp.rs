@@ -123,7 +123,7 @@ fn is(v: &Value, event: &str, netns: u64) -> bool {
 #[test]
 fn time_wait_lifecycle_and_a_burst_of_ten_thousand() {
     require_root!();
-    let (mut obs, _) = Observer::start(&[]);
+    let (mut obs, _) = Observer::start(&["--stats", "1"]);
     let done = workload();
     let ns = done.netns;
 
@@ -267,6 +267,77 @@ fn time_wait_lifecycle_and_a_burst_of_ten_thousand() {
         "every burst enter is confirmed, with the kernel's timer"
     );
     assert_eq!(records.last().unwrap()["lost"], 0);
+    let stats: Vec<&Value> = records.iter().filter(|r| r["event"] == "stats").collect();
+    let cpu = |r: &Value| r["cpu_ms"].as_u64().unwrap_or(0);
+    eprintln!(
+        "burst: {} confirmed time_wait_enter, {} time_wait_exit for {BURST} client sockets; daemon CPU {} ms over {} s, RSS up to {} kB",
+        burst_enters.len(),
+        burst_exits.len(),
+        cpu(stats.last().unwrap()) - cpu(stats[0]),
+        stats.len(),
+        stats
+            .iter()
+            .map(|r| r["rss_kb"].as_u64().unwrap_or(0))
+            .max()
+            .unwrap_or(0)
+    );
+}
+
+#[test]
+fn time_wait_sockets_before_the_start_are_reported_once() {
+    require_root!();
+    // A TIME_WAIT socket that exists before the observer starts, in a namespace
+    // a thread is still in (how the observer finds namespaces).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        enter_private_netns();
+        let listener = TcpListener::bind("127.0.0.1:5810").unwrap();
+        let mut c = TcpStream::connect("127.0.0.1:5810").unwrap();
+        let (a, _) = listener.accept().unwrap();
+        drop(a); // the server closes first: its socket goes to TIME_WAIT
+        let mut buf = [0u8; 1];
+        assert_eq!(c.read(&mut buf).unwrap(), 0);
+        let port = c.local_addr().unwrap().port();
+        drop(c);
+        tx.send((netns_of_thread(), port)).unwrap();
+        let _ = stop_rx.recv_timeout(Duration::from_secs(120));
+    });
+    let (netns, client_port) = rx.recv().unwrap();
+    let (mut obs, _) = Observer::start(&[]);
+    let n = obs.wait_for(1, Duration::from_secs(30), |v| {
+        is(v, "time_wait_enter", netns) && v["dport"] == client_port
+    });
+    let end = obs.stop();
+    stop_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert_eq!(n, 1);
+    let e: Vec<Value> = end
+        .records()
+        .into_iter()
+        .filter(|v| is(v, "time_wait_enter", netns))
+        .collect();
+    assert_eq!(e.len(), 1, "reported once: {e:?}");
+    let e = &e[0];
+    assert_eq!(
+        (&e["preexisting"], &e["confirmed"]),
+        (&Value::Bool(true), &Value::Bool(true)),
+        "{e}"
+    );
+    assert_eq!(
+        (e["sport"].as_u64(), e["saddr"].as_str()),
+        (Some(5810), Some("127.0.0.1"))
+    );
+    assert!(
+        e["expires_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 0 && ms <= 60_000),
+        "{e}"
+    );
+    assert!(
+        e["pid"].is_null(),
+        "no closer is known for a socket closed before the start: {e}"
+    );
 }
 
 #[test]
