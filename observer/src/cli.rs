@@ -116,11 +116,7 @@ fn parse_cgroup_dir(s: &str) -> Result<std::path::PathBuf, String> {
 
 fn parse_netns(s: &str) -> Result<u32, String> {
     use std::os::unix::fs::MetadataExt;
-    let path = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        format!("/proc/{s}/ns/net")
-    } else {
-        s.to_owned()
-    };
+    let path = crate::netns::path_of(s);
     let m = std::fs::metadata(&path)
         .map_err(|e| format!("'{s}' is not a network namespace ({path}: {e})"))?;
     Ok(m.ino() as u32)

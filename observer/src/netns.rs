@@ -18,22 +18,39 @@ pub fn own() -> Option<u32> {
     inode(Path::new("/proc/self/ns/net"))
 }
 
-/// Every `/proc/PID/task/TID/ns/net` (a thread may have left its process's namespace).
+/// Every `/proc/PID/task/TID/ns/net` (a thread may have left its process's
+/// namespace), and the named namespaces of `ip netns` (which may hold no process).
 fn ns_paths() -> impl Iterator<Item = PathBuf> {
     let pids = std::fs::read_dir("/proc").into_iter().flatten().flatten();
-    pids.filter(|e| {
-        e.file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-    })
-    .flat_map(|e| {
-        std::fs::read_dir(e.path().join("task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|t| t.path().join("ns/net"))
-    })
+    let tasks = pids
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .flat_map(|e| {
+            std::fs::read_dir(e.path().join("task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|t| t.path().join("ns/net"))
+        });
+    let named = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    tasks.chain(named)
+}
+
+/// A `--netns` argument as a path: a PID names `/proc/PID/ns/net`, anything else is a path.
+pub fn path_of(arg: &str) -> String {
+    if !arg.is_empty() && arg.bytes().all(|b| b.is_ascii_digit()) {
+        format!("/proc/{arg}/ns/net")
+    } else {
+        arg.to_owned()
+    }
 }
 
 /// Opens the namespace with this inode: first through `hint` (a tid likely inside it),

@@ -62,11 +62,7 @@ impl NetnsArg {
         let Some(ns) = &self.netns else {
             return Diag::open().context("opening NETLINK_SOCK_DIAG");
         };
-        let path = if ns.bytes().all(|b| b.is_ascii_digit()) {
-            format!("/proc/{ns}/ns/net")
-        } else {
-            ns.clone()
-        };
+        let path = crate::netns::path_of(ns);
         let file = File::open(&path).with_context(|| format!("--netns: opening {path}"))?;
         Diag::open_in(&file).with_context(|| format!("--netns: entering {path}"))
     }
