@@ -129,3 +129,33 @@ mod tests {
         assert_eq!(size_of::<BindRecord>() % 8, 0);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    extern crate std;
+    use std::{vec, vec::Vec};
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kind_sized(kind: Kind, fill: u8) -> Vec<u8> {
+        let mut bytes = vec![fill; kind.record_size()];
+        bytes[..4].copy_from_slice(&(kind as u32).to_ne_bytes());
+        bytes
+    }
+
+    proptest! {
+        /// Any bytes at all: a record or an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode(&bytes);
+        }
+
+        /// Every kind at its exact size decodes whatever the payload says.
+        #[test]
+        fn right_size_any_payload_decodes(fill in any::<u8>(), which in 0usize..3) {
+            let kind = [Kind::Bind, Kind::TcpState, Kind::SockCall][which];
+            prop_assert!(decode(&kind_sized(kind, fill)).is_ok());
+        }
+    }
+}

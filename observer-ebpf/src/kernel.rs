@@ -6,6 +6,7 @@ use aya_ebpf::helpers::{bpf_probe_read_kernel, generated};
 
 use crate::maps::kernel_offsets;
 
+const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
 unsafe fn read<T>(base: u64, off: u32) -> Option<T> {
@@ -67,14 +68,17 @@ pub fn fd_local(fd: i32) -> Option<Local> {
         let socket: u64 = read(file, off.file_private_data)?;
         let sk: u64 = read(socket, off.socket_sk)?;
         let family: u16 = read(sk, off.skc_family)?;
-        let port: u16 = read(sk, off.skc_num)?;
         let mut addr = [0u8; 16];
-        if family == AF_INET6 {
-            addr = read(sk, off.skc_v6_rcv_saddr)?;
-        } else {
-            let v4: [u8; 4] = read(sk, off.skc_rcv_saddr)?;
-            addr[..4].copy_from_slice(&v4);
+        match family {
+            AF_INET6 => addr = read(sk, off.skc_v6_rcv_saddr)?,
+            AF_INET => {
+                let v4: [u8; 4] = read(sk, off.skc_rcv_saddr)?;
+                addr[..4].copy_from_slice(&v4);
+            }
+            // A unix (or other) socket has no local address or port here.
+            _ => return None,
         }
+        let port: u16 = read(sk, off.skc_num)?;
         Some(Local { family, port, addr })
     }
 }

@@ -33,20 +33,18 @@ pub enum Command {
     Who(crate::explain::cli::WhoArgs),
     /// Which hooks load and attach on this kernel, and what is missing; exit 0 when the daemon can run.
     Check,
-    /// Internal: a scenario's child process.
-    #[command(hide = true)]
-    ReproHelper(crate::repro::helper::HelperArgs),
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Stop by itself after SECS seconds (default: run until SIGINT/SIGTERM).
-    #[arg(short, long, value_name = "SECS", value_parser = parse_duration)]
+    #[arg(short, long, value_name = "SECS", allow_hyphen_values = true, value_parser = parse_duration)]
     pub duration: Option<std::time::Duration>,
 
     /// Size of the kernel ring buffer in bytes: a power of two, at least one page.
     /// Events that do not fit are counted and reported in `lost` records.
-    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_size)]
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, allow_hyphen_values = true,
+          value_parser = parse_ring_size)]
     pub ring_buffer: u32,
 
     /// Run these reproduction scenarios (or `all`) while observing, then stop;
@@ -73,15 +71,15 @@ pub struct RunArgs {
     pub comm: Option<String>,
 
     /// Only processes of this uid.
-    #[arg(long, value_name = "UID", allow_hyphen_values = true)]
+    #[arg(long, value_name = "UID", allow_hyphen_values = true, value_parser = parse_uid)]
     pub uid: Option<u32>,
 
     /// Only events from inside this cgroup2 directory (and its descendants).
     #[arg(long, value_name = "PATH", value_parser = parse_cgroup_dir)]
-    pub cgroup: Option<std::path::PathBuf>,
+    pub cgroup: Option<String>,
 
     /// Only events in this network namespace: a path (/run/netns/NAME) or a PID.
-    #[arg(long, value_name = "PATH|PID", value_parser = parse_netns)]
+    #[arg(long, value_name = "PATH|PID", allow_hyphen_values = true, value_parser = parse_netns)]
     pub netns: Option<u32>,
 
     /// Failed calls only (binds, listens, connects that returned an error).
@@ -101,38 +99,98 @@ pub struct RunArgs {
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<std::path::PathBuf>,
 
-    /// Write a `stats` record every SECS seconds.
-    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    /// Write a `stats` record every SECS seconds (at least 0.1).
+    #[arg(long, value_name = "SECS", allow_hyphen_values = true, value_parser = parse_stats_period)]
     pub stats: Option<std::time::Duration>,
 }
 
-fn parse_cgroup_dir(s: &str) -> Result<std::path::PathBuf, String> {
-    let p = std::path::PathBuf::from(s);
-    if !p.join("cgroup.procs").is_file() {
-        return Err(format!("'{s}' is not a cgroup directory"));
+/// A cgroup2 directory, as its path under the cgroup2 mount (`/a/b`), which
+/// is how the stream names cgroups.
+fn parse_cgroup_dir(s: &str) -> Result<String, String> {
+    let dir = std::path::Path::new(s)
+        .canonicalize()
+        .map_err(|e| format!("'{s}': {e}"))?;
+    if !dir.is_dir() || fs_magic(&dir) != Some(CGROUP2_SUPER_MAGIC) {
+        return Err(format!(
+            "'{s}' is not a cgroup2 directory (a cgroup v1 hierarchy cannot be filtered on)"
+        ));
     }
-    p.canonicalize().map_err(|e| format!("'{s}': {e}"))
+    let root = crate::mounts::cgroup2_mount()
+        .and_then(|r| Ok(r.canonicalize()?))
+        .map_err(|e| format!("'{s}': {e:#}"))?;
+    if !dir.starts_with(&root) {
+        return Err(format!(
+            "'{s}' is not under the cgroup2 mount {}",
+            root.display()
+        ));
+    }
+    Ok(crate::cgroups::relative(&root, &dir))
 }
 
-fn parse_netns(s: &str) -> Result<u32, String> {
-    use std::os::unix::fs::MetadataExt;
-    let path = crate::netns::path_of(s);
-    let m = std::fs::metadata(&path)
-        .map_err(|e| format!("'{s}' is not a network namespace ({path}: {e})"))?;
-    Ok(m.ino() as u32)
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// The filesystem type of `path` (`statfs`'s `f_type`).
+fn fs_magic(path: &std::path::Path) -> Option<i64> {
+    nix::sys::statfs::statfs(path)
+        .ok()
+        .map(|s| s.filesystem_type().0)
 }
+
+/// A network namespace: a PID, or a path to an nsfs file (/run/netns/NAME,
+/// /proc/PID/ns/net) whose namespace type is NET; its inode.
+fn parse_netns(s: &str) -> Result<u32, String> {
+    netns_file(s).map(|(_, ino)| ino)
+}
+
+/// As `parse_netns`, keeping the path (for commands that enter the namespace).
+pub fn parse_netns_path(s: &str) -> Result<String, String> {
+    netns_file(s).map(|(path, _)| path)
+}
+
+fn netns_file(s: &str) -> Result<(String, u32), String> {
+    use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
+    let path = crate::netns::path_of(s);
+    let not = |why: String| format!("'{s}' is not a network namespace ({why})");
+    let file = std::fs::File::open(&path).map_err(|e| not(format!("{path}: {e}")))?;
+    if fs_magic(std::path::Path::new(&path)) != Some(NSFS_MAGIC) {
+        return Err(not(format!("{path} is not a namespace file")));
+    }
+    // NS_GET_NSTYPE = _IO(0xb7, 0x3): the CLONE_NEW* flag of the namespace.
+    // SAFETY: an ioctl without arguments on a descriptor we own.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), 0xb703 as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(not(format!("{path} is another kind of namespace")));
+    }
+    let m = file.metadata().map_err(|e| not(e.to_string()))?;
+    Ok((path, m.ino() as u32))
+}
+
+pub fn parse_uid(s: &str) -> Result<u32, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}' is not a uid (a number from 0 to 4294967295)"))
+}
+
+/// The largest ring buffer accepted: larger ones take seconds to set up and
+/// pin that much kernel memory.
+pub const RING_MAX: u64 = 1 << 30;
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
-    let n: u32 = s
+    let n: u64 = s
         .parse()
         .map_err(|_| format!("'{s}' is not a size in bytes"))?;
-    let page = page_size();
+    let page = u64::from(page_size());
+    if n > RING_MAX {
+        return Err(format!(
+            "{n} is too large: the maximum is {RING_MAX} (1 GiB)"
+        ));
+    }
     if !n.is_power_of_two() || n < page {
         return Err(format!(
             "{n} must be a power of two of at least {page} (the page size)"
         ));
     }
-    Ok(n)
+    Ok(n as u32)
 }
 
 fn page_size() -> u32 {
@@ -149,7 +207,20 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     if !(secs.is_finite() && secs > 0.0) {
         return Err(format!("'{s}' must be a positive number of seconds"));
     }
-    std::time::Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("'{s}': {e}"))
+}
+
+/// The shortest `--stats` period: shorter ones would fill the output with stats.
+const STATS_MIN_SECS: f64 = 0.1;
+
+fn parse_stats_period(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d.as_secs_f64() < STATS_MIN_SECS {
+        return Err(format!(
+            "'{s}' is too short: at least {STATS_MIN_SECS} seconds"
+        ));
+    }
+    Ok(d)
 }
 
 impl Cli {
@@ -179,9 +250,18 @@ pub fn report_parse_error(e: clap::Error) -> ExitCode {
     }
 }
 
+/// clap's message in one line: its first line, with what it lists on the
+/// next ones (the missing arguments, the possible values) folded in.
 fn one_line(rendered: &str) -> String {
-    let first = rendered.lines().next().unwrap_or("invalid arguments");
-    let msg = first.strip_prefix("error: ").unwrap_or(first);
+    let mut lines = rendered.lines().map(str::trim);
+    let first = lines.next().unwrap_or("invalid arguments");
+    let mut msg = first.strip_prefix("error: ").unwrap_or(first).to_owned();
+    for l in lines.take_while(|l| !l.is_empty() && !l.starts_with("Usage:")) {
+        if !l.starts_with("tip:") {
+            msg.push(' ');
+            msg += l;
+        }
+    }
     format!("{msg} (see --help)")
 }
 

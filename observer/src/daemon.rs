@@ -1,6 +1,10 @@
 //! `observer run`: attach, stream records until a signal or the duration, detach.
 
-use std::{io, process::ExitCode, time::Duration};
+use std::{
+    io,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{PerCpuArray, RingBuf};
@@ -12,13 +16,13 @@ use tokio::{
 
 use crate::{
     btf_offsets,
-    cgroups::{self, Cgroups},
+    cgroups::Cgroups,
     cli::RunArgs,
     clock::Clock,
     events::{SCHEMA_VERSION, Start, Stop},
     filter::Filter,
     loader, mounts,
-    output::{Output, is_closed_pipe, stdout_closed, stdout_closed_watch},
+    output::{Output, stdout_closed, stdout_closed_watch},
     repro::{self, ctx::Sink},
     stream::Stream,
     time_wait,
@@ -29,18 +33,22 @@ const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// How often the per-CPU loss counters are read.
 const LOST_POLL: Duration = Duration::from_secs(1);
 
+/// How long the daemon may take to end after SIGTERM/SIGINT, whatever the
+/// output is doing: what is not written by then is counted on stderr.
+const STOP_WITHIN: Duration = Duration::from_millis(700);
+
+/// A configuration the daemon cannot run with (a bad `--output`, say): exit
+/// status 2, which the service unit does not restart on (it would fail again).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    match rt.block_on(stream(args)) {
-        Err(e) if e.downcast_ref::<io::Error>().is_some_and(is_closed_pipe) => {
-            log::debug!("stdout closed: stopping");
-            Ok(ExitCode::SUCCESS)
-        }
-        other => other,
-    }
+    rt.block_on(stream(args))
 }
 
 async fn stream(args: RunArgs) -> Result<ExitCode> {
@@ -49,6 +57,17 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
             "must run as root: loading and attaching the eBPF programs needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN"
         );
     }
+    // Signals first: one that arrives while the programs load is served by
+    // the loop (a clean stop), not by the default action.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let clock = Clock::new();
+    // The output first: a path that cannot be used is a configuration error,
+    // said before anything is loaded.
+    let out = Output::open(args.output.as_deref(), args.format, clock)
+        .map_err(|e| ConfigError(e.to_string()))?;
+    let filter = filter_of(&args)?;
     raise_memlock();
     if mounts::ensure_tracefs()? {
         eprintln!(
@@ -58,9 +77,9 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     }
     let cgroup = mounts::cgroup2_mount()?;
     let offsets = btf_offsets::kernel_offsets();
-    let clock = Clock::new();
     let mut attached = loader::load_and_attach(&cgroup, &offsets, args.ring_buffer)?;
     // Parsing and loading the object allocates and frees megabytes: return them.
+    // SAFETY: malloc_trim only returns free memory to the system.
     unsafe { libc::malloc_trim(0) };
     let ring = RingBuf::try_from(attached.ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
     let lost = PerCpuArray::try_from(attached.ebpf.take_map("LOST").context("no LOST map")?)?;
@@ -70,16 +89,6 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         .context("polling the ring buffer")?;
 
     let (tw_tx, mut tw_rx) = tokio::sync::mpsc::unbounded_channel();
-    let out = Output::new(args.output.clone(), args.format).with_context(|| {
-        format!(
-            "opening {}",
-            args.output
-                .as_deref()
-                .unwrap_or("stdout".as_ref())
-                .display()
-        )
-    })?;
-    let filter = filter_of(&args, &cgroup)?;
     let mut s = Stream::new(
         out,
         clock,
@@ -99,8 +108,8 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         prog_ids: &attached.prog_ids,
         cgroup: cgroup.display().to_string(),
         ring_buffer_bytes: args.ring_buffer,
-    })?;
-    s.out.flush()?;
+    });
+    s.out.flush();
 
     // --repro: the scenarios run beside the stream; their events are kept to check.
     let (repro_tx, mut repro_rx) = tokio::sync::oneshot::channel();
@@ -118,11 +127,8 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     };
     let mut report = None;
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = sleep(args.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
-    let mut sighup = signal(SignalKind::hangup())?;
     let stdout_watch = if s.out.is_stdout() {
         stdout_closed_watch()
     } else {
@@ -139,55 +145,82 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     let reason = loop {
+        if s.out.closed() {
+            log::debug!("stdout closed: stopping");
+            return Ok(ExitCode::SUCCESS);
+        }
+        // Biased: the ending conditions first, so that no load on the ring
+        // buffer can keep a signal waiting (each drain is bounded too).
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                s.drain(guard.get_inner_mut())?;
-                guard.clear_ready();
-            }
+            biased;
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
             _ = &mut deadline, if args.duration.is_some() => break "duration",
-            r = &mut repro_rx, if repro => {
-                report = r.ok();
-                break "repro";
-            }
             _ = stdout_closed(&stdout_watch) => {
                 log::debug!("stdout closed: stopping");
                 return Ok(ExitCode::SUCCESS);
             }
-            _ = drain_tick.tick() => s.drain(ring.get_mut())?,
-            _ = tick.tick() => { s.poll_lost()?; s.out.flush()?; }
-            _ = stats.tick(), if args.stats.is_some() => s.stats()?,
-            _ = sighup.recv() => {
-                s.out.reopen().context("reopening the output file on SIGHUP")?;
-                log::info!("SIGHUP: output reopened");
+            r = &mut repro_rx, if repro => {
+                report = r.ok();
+                break "repro";
             }
-            Some(o) = tw_rx.recv() => {
-                s.time_wait_record(o)?;
-                while let Ok(o) = tw_rx.try_recv() {
-                    s.time_wait_record(o)?;
+            _ = sighup.recv() => s.out.reopen(),
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                if !s.drain(guard.get_inner_mut()) {
+                    guard.clear_ready();
                 }
-                s.out.flush()?;
+            }
+            _ = drain_tick.tick() => { s.drain(ring.get_mut()); }
+            _ = tick.tick() => { s.poll_lost()?; s.out.flush(); }
+            _ = stats.tick(), if args.stats.is_some() => s.stats(),
+            Some(o) = tw_rx.recv() => {
+                s.time_wait_record(o);
+                while let Ok(o) = tw_rx.try_recv() {
+                    s.time_wait_record(o);
+                }
+                s.out.flush();
             }
         }
     };
-    s.drain(ring.get_mut())?;
+    let stop_by = Instant::now() + STOP_WITHIN;
+    // What is already in the ring buffer, within the time we have.
+    while s.drain(ring.get_mut()) && Instant::now() + STOP_WITHIN / 3 < stop_by {}
     s.poll_lost()?;
+    let totals = s.totals();
     s.out.emit(&Stop {
         v: SCHEMA_VERSION,
         ts: s.now(),
         event: "observer_stop",
         reason,
-        totals: s.totals,
-        lost: s.totals.lost,
+        totals,
+        lost: totals.lost,
+        lost_by_cause: s.lost_by_cause(),
         filtered: s.filtered,
         explain_coalesced: s.explainer.coalescer.coalesced,
         programs: attached.program_stats(),
-    })?;
-    s.out.flush()?;
+    });
+    // To the writer now: it writes while the programs are detached.
+    s.out.flush();
     drop(ring);
     drop(attached); // detaches every program: their links are owned by this process
+    let Stream { out, kept, .. } = s;
+    let is_stdout = out.is_stdout();
+    let unwritten = out.finish(stop_by);
+    if unwritten > 0 {
+        eprintln!(
+            "observer: {} record(s) could not be written to {}",
+            unwritten,
+            if is_stdout {
+                "stdout (its reader stopped reading)".to_owned()
+            } else {
+                format!(
+                    "--output {}",
+                    args.output.as_deref().unwrap_or("".as_ref()).display()
+                )
+            }
+        );
+    }
     let Some((scenarios, report)) = report else {
         return Ok(ExitCode::SUCCESS);
     };
@@ -200,7 +233,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         }
         std::fs::write(path, log).with_context(|| format!("writing {}", path.display()))?;
     }
-    let problems = repro::check::problems(&report.steps, s.kept.as_deref().unwrap_or_default());
+    let problems = repro::check::problems(&report.steps, kept.as_deref().unwrap_or_default());
     for p in &problems {
         eprintln!("missing from the stream: {p}");
     }
@@ -212,29 +245,13 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
 }
 
 /// The filters from the command line; a cgroup is named by its path under the cgroup2 mount.
-fn filter_of(args: &RunArgs, cgroup2: &std::path::Path) -> Result<Filter> {
-    let cgroup = match &args.cgroup {
-        None => None,
-        Some(dir) => {
-            let root = cgroup2
-                .canonicalize()
-                .context("resolving the cgroup2 mount")?;
-            if !dir.starts_with(&root) {
-                bail!(
-                    "--cgroup: {} is not under the cgroup2 mount {}",
-                    dir.display(),
-                    root.display()
-                );
-            }
-            Some(cgroups::relative(&root, dir))
-        }
-    };
+fn filter_of(args: &RunArgs) -> Result<Filter> {
     Ok(Filter {
         pids: args.pids.iter().copied().collect(),
         ports: args.ports.iter().copied().collect(),
         comm: args.comm.clone(),
         uid: args.uid,
-        cgroup,
+        cgroup: args.cgroup.clone(),
         netns: args.netns,
         errors_only: args.errors_only,
         events: args.events.iter().cloned().collect(),

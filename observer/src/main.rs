@@ -25,6 +25,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // A repro scenario's child process: never reached from a command line.
+    if let Some(code) = repro::helper::run_if_helper() {
+        return code;
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return cli::report_parse_error(e),
@@ -44,7 +48,11 @@ fn main() -> ExitCode {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("observer: {e:#}");
-                    ExitCode::FAILURE
+                    if e.downcast_ref::<daemon::ConfigError>().is_some() {
+                        ExitCode::from(2)
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
             },
         },
@@ -52,7 +60,6 @@ fn main() -> ExitCode {
         cli::Command::Explain(args) => report(explain::cli::explain(args)),
         cli::Command::Who(args) => report(explain::cli::who(args)),
         cli::Command::Check => check::run(),
-        cli::Command::ReproHelper(args) => repro::helper::run(args),
     }
 }
 

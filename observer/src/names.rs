@@ -13,6 +13,11 @@ pub fn errno_name(errno: i32) -> Option<String> {
     }
 }
 
+/// The errno name of a syscall's return value: `None` for success.
+pub fn errno_of_ret(ret: i64) -> Option<String> {
+    (ret < 0).then(|| errno_name(i32::try_from(ret.unsigned_abs()).unwrap_or(i32::MAX)))?
+}
+
 /// The family as `ss` and the schema name it: `inet`, `inet6`, `unix`, …
 pub fn family_name(family: u16) -> String {
     match i32::from(family) {

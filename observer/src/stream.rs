@@ -1,7 +1,5 @@
 //! Kernel records → filtered, enriched, explained records in the output.
 
-use std::io;
-
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use observer_common::{
@@ -13,12 +11,17 @@ use serde::Serialize;
 use crate::{
     cgroups::{Cgroups, container_id},
     clock::Clock,
-    events::{Bind, Lost, SCHEMA_VERSION, SockCall, Stats, TcpState, Totals, reuse, tuple},
+    events::{
+        Bind, Lost, LostByCause, SCHEMA_VERSION, SockCall, Stats, TcpState, Totals, reuse, tuple,
+    },
     explain::Explainer,
     filter::{Facts, Filter},
     output::Output,
     time_wait::{self, Closer, Transition},
 };
+
+/// At most this many records per drain: the event loop turns between batches.
+const DRAIN_BATCH: usize = 4096;
 
 pub struct Stream {
     pub out: Output,
@@ -72,18 +75,25 @@ impl Stream {
     }
 
     /// Writes `record` if the filters let it through; says whether they did.
-    fn emit<T: Serialize>(&mut self, facts: &Facts, record: &T) -> io::Result<bool> {
+    fn emit<T: Serialize>(&mut self, facts: &Facts, record: &T) -> bool {
         if !self.filter.pass(facts) {
             self.filtered += 1;
-            return Ok(false);
+            return false;
         }
-        self.out.emit(record)?;
-        Ok(true)
+        self.out.emit(record);
+        true
     }
 
-    /// Writes every record waiting in the ring buffer, then flushes once.
-    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<()> {
-        while let Some(item) = ring.next() {
+    /// Writes the records waiting in the ring buffer, at most `DRAIN_BATCH`
+    /// of them, then flushes once; returns whether more may be waiting. The
+    /// bound keeps the event loop turning (signals, timers) under any load.
+    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
+        let mut n = 0;
+        while n < DRAIN_BATCH {
+            let Some(item) = ring.next() else {
+                break;
+            };
+            n += 1;
             match decode(&item) {
                 Ok(Record::Bind(r)) => {
                     let mut event = Bind::from_record(&r, &self.clock);
@@ -115,7 +125,7 @@ impl Stream {
                         event.explain = self.explainer.bind_failure(&event);
                     }
                     self.totals.bind += 1;
-                    self.out.emit(&event)?;
+                    self.out.emit(&event);
                     self.keep(&event);
                 }
                 Ok(Record::TcpState(r)) => {
@@ -148,7 +158,7 @@ impl Stream {
                         netns: event.netns,
                         failed: false,
                     };
-                    if self.emit(&facts, &event)? {
+                    if self.emit(&facts, &event) {
                         self.totals.tcp_state += 1;
                     }
                 }
@@ -176,13 +186,14 @@ impl Stream {
                         "listen" => self.totals.listen += 1,
                         _ => self.totals.connect += 1,
                     }
-                    self.out.emit(&event)?;
+                    self.out.emit(&event);
                     self.keep(&event);
                 }
                 Err(e) => log::warn!("skipping a record: {e}"),
             }
         }
-        self.out.flush()
+        self.out.flush();
+        n == DRAIN_BATCH
     }
 
     fn keep<T: Serialize>(&mut self, event: &T) {
@@ -191,7 +202,7 @@ impl Stream {
         }
     }
 
-    pub fn time_wait_record(&mut self, o: time_wait::Out) -> io::Result<()> {
+    pub fn time_wait_record(&mut self, o: time_wait::Out) {
         match o {
             time_wait::Out::Enter(e) => {
                 if let (Some(ra), Some(rp)) = (e.reuseaddr, e.reuseport) {
@@ -207,7 +218,7 @@ impl Stream {
                     netns: Some(e.netns),
                     failed: false,
                 };
-                if self.emit(&facts, &e)? {
+                if self.emit(&facts, &e) {
                     self.totals.time_wait_enter += 1;
                 }
             }
@@ -219,16 +230,16 @@ impl Stream {
                     netns: Some(e.netns),
                     ..Facts::default()
                 };
-                if self.emit(&facts, &e)? {
+                if self.emit(&facts, &e) {
                     self.totals.time_wait_exit += 1;
                 }
             }
         }
-        Ok(())
     }
 
     /// Emits a `lost` record per cause whose counter moved: the kernel's per-CPU
-    /// counters, and the TIME_WAIT tracker's full queue. Never filtered.
+    /// counters, and the TIME_WAIT tracker's full queue. Never filtered. (Lines
+    /// the output could not write are reported by the output itself.)
     pub fn poll_lost(&mut self) -> Result<()> {
         const QUEUE_SLOT: u32 = LOST_SLOTS;
         for (slot, cause) in [
@@ -251,21 +262,38 @@ impl Stream {
             if total > *seen {
                 let count = total - *seen;
                 *seen = total;
-                self.totals.lost += count;
                 self.out.emit(&Lost {
                     v: SCHEMA_VERSION,
                     ts: self.now(),
                     event: "lost",
                     count,
                     cause,
-                })?;
+                });
             }
         }
         Ok(())
     }
 
+    /// Records lost so far, by cause.
+    pub fn lost_by_cause(&self) -> LostByCause {
+        LostByCause {
+            ring_buffer: self.lost_seen[LOST_RINGBUF as usize],
+            inflight_map: self.lost_seen[LOST_INFLIGHT as usize],
+            time_wait_queue: self.lost_seen[LOST_SLOTS as usize],
+            output: self.out.lost(),
+        }
+    }
+
+    /// Records written per type, and lost (every cause).
+    pub fn totals(&self) -> Totals {
+        Totals {
+            lost: self.lost_by_cause().sum(),
+            ..self.totals
+        }
+    }
+
     /// A `stats` record: what was written, lost and filtered, and what the daemon costs.
-    pub fn stats(&mut self) -> io::Result<()> {
+    pub fn stats(&mut self) {
         let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).ok();
         let cpu_ms = usage.map_or(0, |u| {
             let ms =
@@ -273,19 +301,21 @@ impl Stream {
             ms(u.user_time()) + ms(u.system_time())
         });
         let rss_kb = rss_kb();
+        let totals = self.totals();
         let record = Stats {
             v: SCHEMA_VERSION,
             ts: self.now(),
             event: "stats",
-            totals: self.totals,
-            lost: self.totals.lost,
+            totals,
+            lost: totals.lost,
+            lost_by_cause: self.lost_by_cause(),
             filtered: self.filtered,
             explain_coalesced: self.explainer.coalescer.coalesced,
             cpu_ms,
             rss_kb,
         };
-        self.out.emit(&record)?;
-        self.out.flush()
+        self.out.emit(&record);
+        self.out.flush();
     }
 }
 

@@ -136,6 +136,56 @@ pub struct TimeWaitExit {
     pub sock_cookie: u64,
 }
 
+#[cfg(test)]
+impl TimeWaitEnter {
+    /// Every field filled, for schema tests.
+    pub fn example() -> TimeWaitEnter {
+        TimeWaitEnter {
+            v: SCHEMA_VERSION,
+            ts: String::new(),
+            event: "time_wait_enter",
+            netns: 1,
+            family: "inet".into(),
+            saddr: "127.0.0.1".into(),
+            sport: 1,
+            daddr: "127.0.0.1".into(),
+            dport: 2,
+            expires_ms: 1,
+            confirmed: true,
+            preexisting: false,
+            sock_cookie: 1,
+            reuseaddr: Some(false),
+            reuseport: Some(false),
+            pid: Some(1),
+            tid: Some(1),
+            comm: Some("x".into()),
+            uid: Some(0),
+        }
+    }
+}
+
+#[cfg(test)]
+impl TimeWaitExit {
+    /// Every field filled, for schema tests.
+    pub fn example() -> TimeWaitExit {
+        TimeWaitExit {
+            v: SCHEMA_VERSION,
+            ts: String::new(),
+            event: "time_wait_exit",
+            netns: 1,
+            family: "inet".into(),
+            saddr: "127.0.0.1".into(),
+            sport: 1,
+            daddr: "127.0.0.1".into(),
+            dport: 2,
+            held_ms: Some(1),
+            reason: "expired",
+            preexisting: false,
+            sock_cookie: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Out {
     Enter(TimeWaitEnter),

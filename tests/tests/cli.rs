@@ -29,6 +29,37 @@ fn usage_errors_exit_2_with_one_line() {
         (&["run", "--netns", "/nonexistent"], "--netns"),
         (&["run", "--format", "xml"], "--format"),
         (&["launch"], "launch"),
+        // Each names its flag, and what would be accepted.
+        (&["run", "--stats", "1e-10"], "at least 0.1"),
+        (&["run", "--stats", "0.000000001"], "--stats"),
+        (&["run", "--stats", "-1"], "--stats"),
+        (&["run", "--duration", "-1"], "--duration"),
+        (&["run", "--netns", "-1"], "--netns"),
+        (
+            &["run", "--netns", "/etc/passwd"],
+            "not a network namespace",
+        ),
+        (
+            &["run", "--ring-buffer", "4294967296"],
+            "maximum is 1073741824",
+        ),
+        (&["run", "--ring-buffer", "2147483648"], "maximum"),
+        (&["run", "--ring-buffer", "-4096"], "--ring-buffer"),
+        (&["run", "--cgroup", "/proc"], "not a cgroup2 directory"),
+        (
+            &["run", "--events", "foo"],
+            "possible values: bind, tcp_state",
+        ),
+        (&["run", "--format", "xml"], "json, text"),
+        (&["explain"], "<ADDR:PORT>"),
+        (&["explain", "--uid", "-1", "127.0.0.1:80"], "--uid"),
+        (&["explain", "127.0.0.1"], "ADDR:PORT"),
+        (
+            &["explain", "--netns", "/etc/passwd", "127.0.0.1:80"],
+            "--netns",
+        ),
+        (&["who"], "<PORT>"),
+        (&["run", "-o", "/proc/version"], "--output /proc/version"),
     ] {
         let out = Command::new(observer_bin()).args(args).output().unwrap();
         let line = one_line_error(&out, 2);

@@ -118,6 +118,57 @@ fn who_lists_every_socket_on_the_port() {
         .args(["who", "1", "--netns", "/nonexistent"])
         .output()
         .unwrap();
-    assert_eq!(bad.status.code(), Some(1));
+    // Checked when the command line is read: a usage error.
+    assert_eq!(bad.status.code(), Some(2));
     assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+}
+
+/// What the kernel refuses before the port: each says the errno the kernel
+/// would answer, and its rule (the repro scenario `addresses` checks the same
+/// verdicts against real binds).
+#[test]
+fn explain_knows_the_checks_before_the_port() {
+    require_root!();
+    let (ns, _stop) = namespace_with_listeners();
+    for (args, errno, rule) in [
+        (
+            &["1.2.3.4:80"][..],
+            Some("EADDRNOTAVAIL"),
+            Some("address_not_local"),
+        ),
+        (
+            &["[fe80::1]:80"],
+            Some("EINVAL"),
+            Some("link_local_needs_scope"),
+        ),
+        (
+            &["[fe80::1%lo]:80"],
+            Some("EADDRNOTAVAIL"),
+            Some("address_not_local"),
+        ),
+        (
+            &["127.0.0.1:80", "--uid", "65534"],
+            Some("EACCES"),
+            Some("privileged_port"),
+        ),
+        (&["127.0.0.1:1024", "--uid", "65534"], None, None),
+        (&["::ffff:127.0.0.1:9000"], None, None),
+        (&["192.0.2.99:9000", "--freebind"], None, None),
+    ] {
+        let mut all = vec!["explain", "--json", "--netns", &ns];
+        all.extend_from_slice(args);
+        let (code, out) = run(&all);
+        let v: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"));
+        assert_eq!(
+            code,
+            Some(if errno.is_some() { 1 } else { 0 }),
+            "{args:?}: {out}"
+        );
+        assert_eq!(
+            (v["errno"].as_str(), v["rule"].as_str()),
+            (errno, rule),
+            "{args:?}: {out}"
+        );
+    }
 }

@@ -55,7 +55,7 @@ fn every_scenario_step_is_in_the_stream_exactly_once() {
         .iter()
         .map(|s| s["scenario"].as_str().unwrap())
         .collect();
-    assert_eq!(names.len(), 6, "every scenario ran: {names:?}");
+    assert_eq!(names.len(), 7, "every scenario ran: {names:?}");
     assert!(
         steps.iter().all(|s| s["ok"] == true),
         "every kernel answer as expected"
@@ -104,8 +104,15 @@ fn every_scenario_step_is_in_the_stream_exactly_once() {
         );
     }
 
-    // Failures of each kind made it: EADDRINUSE binds, EADDRNOTAVAIL connects.
-    for (event, errno) in [("bind", "EADDRINUSE"), ("connect", "EADDRNOTAVAIL")] {
+    // Failures of each kind made it: EADDRINUSE binds, EADDRNOTAVAIL connects,
+    // and the binds refused before the port (the `addresses` scenario).
+    for (event, errno) in [
+        ("bind", "EADDRINUSE"),
+        ("connect", "EADDRNOTAVAIL"),
+        ("bind", "EADDRNOTAVAIL"),
+        ("bind", "EINVAL"),
+        ("bind", "EACCES"),
+    ] {
         assert!(
             observable
                 .iter()
@@ -150,6 +157,7 @@ fn repro_cli_lists_and_refuses_unknown_names() {
             "reuseaddr",
             "reuseport",
             "ephemeral-exhaustion",
+            "addresses",
             "udp"
         ]
     );

@@ -373,7 +373,13 @@ fn listen_and_connect_failures() {
         a.listen(8).unwrap();
         let err = b.listen(8).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
-        let fds = (third.as_raw_fd(), b.as_raw_fd());
+        // A unix socket has no local address or port: those stay null.
+        let unix = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        let err = unix
+            .connect(&socket2::SockAddr::unix(UNIX_NOWHERE).unwrap())
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        let fds = (third.as_raw_fd(), b.as_raw_fd(), unix.as_raw_fd());
         keep.push(listener.accept().unwrap().0);
         (std::process::id(), tid(), fds)
     })
@@ -392,12 +398,12 @@ fn listen_and_connect_failures() {
         .collect();
     assert_eq!(
         mine.len(),
-        2,
-        "only the two failures are reported: {mine:#?}"
+        3,
+        "only the three failures are reported: {mine:#?}"
     );
     let connect = mine
         .iter()
-        .find(|v| v["event"] == "connect")
+        .find(|v| v["event"] == "connect" && v["fd"] == fds.0)
         .expect("connect failure");
     assert_eq!(connect["fd"], fds.0);
     assert_eq!(connect["errno"], "EADDRNOTAVAIL");
@@ -423,4 +429,20 @@ fn listen_and_connect_failures() {
         "{listen}"
     );
     assert_eq!(listen["daddr"], Value::Null);
+    let unix = mine
+        .iter()
+        .find(|v| v["event"] == "connect" && v["fd"] == fds.2)
+        .expect("unix connect failure");
+    assert_eq!(
+        (unix["family"].as_str(), unix["errno"].as_str()),
+        (Some("unix"), Some("ENOENT")),
+        "{unix}"
+    );
+    assert_eq!(
+        (&unix["laddr"], &unix["lport"], unix["daddr"].as_str()),
+        (&Value::Null, &Value::Null, Some(UNIX_NOWHERE)),
+        "a unix socket's local end is unknown, not \"::\": {unix}"
+    );
 }
+
+const UNIX_NOWHERE: &str = "/nonexistent/observer-test.sock";

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{SCHEMA_VERSION, Target, c_str, sockaddr_target};
 use crate::{
     clock::Clock,
-    names::{errno_name, family_name, proto_name},
+    names::{errno_of_ret, family_name, proto_name},
 };
 
 #[derive(Serialize, Debug)]
@@ -93,7 +93,7 @@ impl Bind {
                 bound_dev_if: (r.flags & flags::BOUND_DEV_IF_KNOWN != 0).then_some(r.bound_dev_if),
             },
             ret: r.ret,
-            errno: errno_name(-r.ret as i32),
+            errno: errno_of_ret(r.ret),
             latency_ns: r.header.ktime_ns.saturating_sub(r.enter_ns),
             sock_cookie: hooked.then_some(r.sock_cookie),
             explain: None,

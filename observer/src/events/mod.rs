@@ -1,6 +1,8 @@
 //! Schema v1 records, built from kernel records and serialized as JSON Lines.
 
 mod bind;
+#[cfg(test)]
+mod readme;
 mod sockcall;
 mod tcp;
 
@@ -95,7 +97,8 @@ pub struct Lost {
     pub event: &'static str,
     /// Events lost since the previous `lost` record of this cause.
     pub count: u64,
-    /// `ring_buffer` (full) or `inflight_map` (too many binds in flight at once).
+    /// `ring_buffer` (full), `inflight_map` (too many binds in flight at once),
+    /// `time_wait_queue`, or `output` (records the output could not write).
     pub cause: &'static str,
 }
 
@@ -110,6 +113,22 @@ pub struct Totals {
     pub lost: u64,
 }
 
+/// Records lost, by cause (the `cause` of `lost` records).
+#[derive(Serialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LostByCause {
+    pub ring_buffer: u64,
+    pub inflight_map: u64,
+    pub time_wait_queue: u64,
+    /// Records the output could not write (disk full, a stalled reader).
+    pub output: u64,
+}
+
+impl LostByCause {
+    pub fn sum(&self) -> u64 {
+        self.ring_buffer + self.inflight_map + self.time_wait_queue + self.output
+    }
+}
+
 #[derive(Serialize, Debug)]
 pub struct Stats {
     pub v: u8,
@@ -118,6 +137,7 @@ pub struct Stats {
     /// Records written so far, per type.
     pub totals: Totals,
     pub lost: u64,
+    pub lost_by_cause: LostByCause,
     /// Records the filters kept out of the output.
     pub filtered: u64,
     pub explain_coalesced: u64,
@@ -135,6 +155,7 @@ pub struct Stop {
     pub reason: &'static str,
     pub totals: Totals,
     pub lost: u64,
+    pub lost_by_cause: LostByCause,
     /// Records the filters kept out of the output.
     pub filtered: u64,
     /// EADDRINUSE failures explained from a lookup made for an earlier failure on
@@ -180,5 +201,38 @@ mod tests {
                 port: None
             }
         );
+    }
+
+    mod properties {
+        use observer_common::{
+            Kind,
+            decode::{Record, decode},
+        };
+        use proptest::prelude::*;
+
+        use crate::{clock::Clock, events::*};
+
+        proptest! {
+            /// Whatever a record of the right size holds, it becomes a JSON
+            /// record without a panic (lengths, families, ports, text).
+            #[test]
+            fn any_record_renders(payload in proptest::collection::vec(any::<u8>(), 600), which in 0usize..3) {
+                let kind = [Kind::Bind, Kind::TcpState, Kind::SockCall][which];
+                let mut bytes = payload[..kind.record_size()].to_vec();
+                bytes[..4].copy_from_slice(&(kind as u32).to_ne_bytes());
+                let clock = Clock::with_offset(0);
+                let json = match decode(&bytes).expect("right size") {
+                    Record::Bind(r) => serde_json::to_string(&Bind::from_record(&r, &clock)),
+                    Record::TcpState(r) => serde_json::to_string(&TcpState::from_record(&r, &clock)),
+                    Record::SockCall(r) => serde_json::to_string(&SockCall::from_record(&r, &clock)),
+                };
+                prop_assert!(json.is_ok());
+            }
+
+            #[test]
+            fn any_sockaddr_is_read_within_its_length(sa in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let _ = sockaddr_target(&sa);
+            }
+        }
     }
 }

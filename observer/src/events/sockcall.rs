@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::{SCHEMA_VERSION, c_str, ip_from, sockaddr_target};
 use crate::{
     clock::Clock,
-    names::{errno_name, family_name},
+    names::{errno_of_ret, family_name},
 };
 
 #[derive(Serialize, Debug)]
@@ -75,7 +75,7 @@ impl SockCall {
             daddr: dest.addr,
             dport: dest.port,
             ret: r.ret,
-            errno: errno_name(-r.ret as i32),
+            errno: errno_of_ret(r.ret),
             latency_ns: r.header.ktime_ns.saturating_sub(r.enter_ns),
             explain: None,
         }

@@ -1,20 +1,25 @@
 //! `observer explain ADDR:PORT` and `observer who PORT`: the same engine as the
 //! stream's `explain`, asked directly, without tracing.
 
-use std::{fs::File, net::SocketAddr, process::ExitCode, time::Duration};
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use super::{Ask, OptionsBook, Owners, holders, rules};
+use super::{Ask, OptionsBook, Owners, env::Env, holders, rules};
 use crate::sock_diag::Diag;
 
 #[derive(Args, Debug)]
 pub struct ExplainArgs {
-    /// The bind to ask about, e.g. 127.0.0.1:5700 or [::]:8080.
-    #[arg(value_name = "ADDR:PORT")]
-    pub addr: SocketAddr,
+    /// The bind to ask about: 127.0.0.1:5700, [::]:8080, [fe80::1%eth0]:80, ::ffff:127.0.0.1:80.
+    #[arg(value_name = "ADDR:PORT", value_parser = parse_target)]
+    pub addr: Target,
     /// A TCP socket (the default).
     #[arg(long, conflicts_with = "udp")]
     pub tcp: bool,
@@ -30,8 +35,12 @@ pub struct ExplainArgs {
     /// The new (IPv6) socket sets IPV6_V6ONLY.
     #[arg(long)]
     pub v6only: bool,
-    /// The uid the new socket would belong to (default: ours).
+    /// The new socket sets IP_FREEBIND (an address need not be local).
     #[arg(long)]
+    pub freebind: bool,
+    /// The uid the new socket would belong to (default: ours); any uid but 0
+    /// is taken to lack CAP_NET_BIND_SERVICE.
+    #[arg(long, allow_hyphen_values = true, value_parser = crate::cli::parse_uid)]
     pub uid: Option<u32>,
     #[command(flatten)]
     pub ns: NetnsArg,
@@ -53,19 +62,77 @@ pub struct WhoArgs {
 #[derive(Args, Debug)]
 pub struct NetnsArg {
     /// Look in this network namespace: a path (/run/netns/NAME, /proc/PID/ns/net) or a PID.
-    #[arg(long, value_name = "PATH|PID")]
+    #[arg(long, value_name = "PATH|PID", allow_hyphen_values = true,
+          value_parser = crate::cli::parse_netns_path)]
     pub netns: Option<String>,
 }
 
 impl NetnsArg {
-    fn diag(&self) -> Result<Diag> {
-        let Some(ns) = &self.netns else {
-            return Diag::open().context("opening NETLINK_SOCK_DIAG");
-        };
-        let path = crate::netns::path_of(ns);
-        let file = File::open(&path).with_context(|| format!("--netns: opening {path}"))?;
-        Diag::open_in(&file).with_context(|| format!("--netns: entering {path}"))
+    fn file(&self) -> Result<Option<File>> {
+        self.netns
+            .as_deref()
+            .map(|path| File::open(path).with_context(|| format!("--netns {path}")))
+            .transpose()
     }
+
+    fn diag(&self) -> Result<Diag> {
+        match self.file()? {
+            None => Diag::open().context("opening NETLINK_SOCK_DIAG"),
+            Some(f) => Diag::open_in(&f)
+                .with_context(|| format!("--netns {}", self.netns.as_deref().unwrap_or(""))),
+        }
+    }
+
+    /// The namespace's interfaces, addresses and bind sysctls.
+    fn env(&self) -> Result<Env> {
+        match self.file()? {
+            None => Env::here(),
+            Some(f) => Env::of(&f),
+        }
+        .context("reading the network namespace's addresses")
+    }
+}
+
+/// An address to bind, as people write it: `ADDR:PORT`, `[V6]:PORT`,
+/// `[V6%IFACE]:PORT`, or a bare IPv6 address whose last `:` starts the port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub ip: IpAddr,
+    /// The interface of a link-local address: a name or an index.
+    pub scope: Option<String>,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.ip, &self.scope) {
+            (IpAddr::V4(ip), _) => write!(f, "{ip}:{}", self.port),
+            (IpAddr::V6(ip), None) => write!(f, "[{ip}]:{}", self.port),
+            (IpAddr::V6(ip), Some(s)) => write!(f, "[{ip}%{s}]:{}", self.port),
+        }
+    }
+}
+
+pub fn parse_target(s: &str) -> Result<Target, String> {
+    let bad = || format!("'{s}' is not ADDR:PORT (127.0.0.1:80, [::1]:80, [fe80::1%eth0]:80)");
+    let (host, port) = match s.strip_prefix('[') {
+        Some(rest) => {
+            let (host, port) = rest.split_once("]:").ok_or_else(bad)?;
+            (host, port)
+        }
+        None => s.rsplit_once(':').ok_or_else(bad)?,
+    };
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let (ip, scope) = match host.split_once('%') {
+        Some((ip, scope)) if !scope.is_empty() => (ip, Some(scope.to_owned())),
+        Some(_) => return Err(bad()),
+        None => (host, None),
+    };
+    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+    if scope.is_some() && !ip.is_ipv6() {
+        return Err(format!("'{s}': only IPv6 addresses have a %scope"));
+    }
+    Ok(Target { ip, scope, port })
 }
 
 #[derive(Serialize)]
@@ -74,36 +141,52 @@ struct Verdict<'a> {
     port: u16,
     proto: &'static str,
     would_succeed: bool,
+    errno: Option<&'static str>,
     rule: Option<rules::Rule>,
     hint: Option<&'a str>,
     blockers: &'a [rules::Holder],
 }
 
 pub fn explain(args: ExplainArgs) -> Result<ExitCode> {
+    let env = args.ns.env()?;
+    let ifindex = match &args.addr.scope {
+        None => None,
+        Some(s) => Some(match s.parse::<u32>() {
+            Ok(i) => i,
+            Err(_) => env.ifindex(s).with_context(|| {
+                format!(
+                    "{}: no interface named '{s}' in this network namespace",
+                    args.addr
+                )
+            })?,
+        }),
+    };
     let mut diag = args.ns.diag()?;
     let on_port = holders(
         &mut diag,
-        args.addr.port(),
+        args.addr.port,
         &OptionsBook::default(),
         &mut Owners::every(Duration::ZERO),
         Ask::Owner,
     )
     .context("reading the sockets on the port")?;
+    let proto = if args.udp { rules::UDP } else { rules::TCP };
     let r = rules::Request {
-        proto: if args.udp { rules::UDP } else { rules::TCP },
-        addr: args.addr.ip(),
-        port: args.addr.port(),
         reuseaddr: args.reuseaddr,
         reuseport: args.reuseport,
         v6only: args.v6only,
         uid: args.uid.unwrap_or_else(|| nix::unistd::geteuid().as_raw()),
+        ifindex,
+        nonlocal: args.freebind,
+        ..rules::Request::new(proto, args.addr.ip, args.addr.port)
     };
-    let e = rules::explain(&r, &on_port);
+    let e = rules::verdict(&r, &env, &on_port);
     let v = Verdict {
-        addr: args.addr.ip().to_string(),
+        addr: args.addr.ip.to_string(),
         port: r.port,
         proto: if args.udp { "udp" } else { "tcp" },
         would_succeed: e.is_none(),
+        errno: e.as_ref().map(|e| e.rule.errno()),
         rule: e.as_ref().map(|e| e.rule),
         hint: e.as_ref().map(|e| e.hint.as_str()),
         blockers: e.as_ref().map_or(&[], |e| &e.blockers),
@@ -112,10 +195,15 @@ pub fn explain(args: ExplainArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string(&v)?);
     } else if let Some(e) = &e {
         println!(
-            "bind {} would fail with EADDRINUSE ({:?}): {}",
-            args.addr, e.rule, e.hint
+            "bind {} would fail with {} ({:?}): {}",
+            args.addr,
+            e.rule.errno(),
+            e.rule,
+            e.hint
         );
-        print_table(&e.blockers);
+        if !e.blockers.is_empty() {
+            print_table(&e.blockers);
+        }
     } else {
         println!(
             "bind {} would succeed: no socket on port {} conflicts",
@@ -172,5 +260,36 @@ fn print_table(holders: &[rules::Holder]) {
             process,
             expires
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_as_people_write_them() {
+        let t = |s: &str| parse_target(s).map(|t| t.to_string());
+        assert_eq!(t("127.0.0.1:80").as_deref(), Ok("127.0.0.1:80"));
+        assert_eq!(t("[::]:8080").as_deref(), Ok("[::]:8080"));
+        assert_eq!(t("[fe80::1%lo]:80").as_deref(), Ok("[fe80::1%lo]:80"));
+        assert_eq!(
+            t("::ffff:127.0.0.1:80").as_deref(),
+            Ok("[::ffff:127.0.0.1]:80")
+        );
+        assert_eq!(
+            parse_target("[fe80::1%2]:80").unwrap().scope.as_deref(),
+            Some("2")
+        );
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:99999",
+            "[::1]80",
+            "1.2.3.4%lo:80",
+            "[fe80::1%]:80",
+            "x:80",
+        ] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
     }
 }

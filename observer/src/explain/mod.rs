@@ -3,6 +3,7 @@
 //! options the observer saw, and the rules in `rules`.
 
 pub mod cli;
+pub mod env;
 pub mod rules;
 
 use std::{
@@ -69,29 +70,12 @@ impl OptionsBook {
         self.map.get(&cookie).copied()
     }
 
-    /// As a command-line argument: `COOKIE:RA:RP,…` (0/1), for a helper process.
-    pub fn to_arg(&self) -> String {
-        let entries: Vec<String> = self
-            .order
+    /// Every entry, oldest first: (cookie, reuseaddr, reuseport), for a helper process.
+    pub fn entries(&self) -> Vec<(u64, bool, bool)> {
+        self.order
             .iter()
-            .filter_map(|c| {
-                self.map
-                    .get(c)
-                    .map(|(a, p)| format!("{c}:{}:{}", *a as u8, *p as u8))
-            })
-            .collect();
-        entries.join(",")
-    }
-
-    pub fn from_arg(arg: &str) -> OptionsBook {
-        let mut b = OptionsBook::default();
-        for e in arg.split(',') {
-            let mut it = e.split(':').map(str::parse::<u64>);
-            if let (Some(Ok(c)), Some(Ok(a)), Some(Ok(p))) = (it.next(), it.next(), it.next()) {
-                b.note(c, a == 1, p == 1);
-            }
-        }
-        b
+            .filter_map(|c| self.map.get(c).map(|(a, p)| (*c, *a, *p)))
+            .collect()
     }
 }
 
@@ -365,13 +349,11 @@ impl Explainer {
             _ => return None,
         };
         let r = Request {
-            proto,
-            addr: b.addr.as_deref()?.parse().ok()?,
-            port: b.port?,
             reuseaddr: b.options.reuseaddr.unwrap_or(false),
             reuseport: b.options.reuseport.unwrap_or(false),
-            v6only: false, // not readable from the bind hook: the system default
+            // v6only: not readable from the bind hook: the system default.
             uid: b.uid,
+            ..Request::new(proto, b.addr.as_deref()?.parse().ok()?, b.port?)
         };
         Some(
             match self.holders(b.netns.unwrap_or(0), b.tid, proto, r.port) {
@@ -403,13 +385,10 @@ impl Explainer {
             .and_then(|h| self.book.get(h.sock_cookie))
             .unwrap_or((false, false));
         let r = Request {
-            proto: rules::TCP,
-            addr: c.laddr.as_deref()?.parse().ok()?,
-            port,
             reuseaddr,
             reuseport,
-            v6only: false,
             uid: c.uid,
+            ..Request::new(rules::TCP, c.laddr.as_deref()?.parse().ok()?, port)
         };
         Some(failure(&r, &others))
     }
@@ -432,11 +411,7 @@ mod tests {
         let mut small = OptionsBook::default();
         small.note(7, true, false);
         small.note(9, false, true);
-        let again = OptionsBook::from_arg(&small.to_arg());
-        assert_eq!(
-            (again.get(7), again.get(9)),
-            (Some((true, false)), Some((false, true)))
-        );
+        assert_eq!(small.entries(), [(7, true, false), (9, false, true)]);
     }
 
     #[test]

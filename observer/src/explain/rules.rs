@@ -23,6 +23,27 @@ pub struct Request {
     /// IPV6_V6ONLY of an IPv6 socket.
     pub v6only: bool,
     pub uid: u32,
+    /// The interface the bind names (`sin6_scope_id`, or SO_BINDTODEVICE).
+    pub ifindex: Option<u32>,
+    /// IP_FREEBIND or IP_TRANSPARENT: an address that is not (yet) local is allowed.
+    pub nonlocal: bool,
+}
+
+impl Request {
+    /// A plain request: no options, no interface, uid 0.
+    pub fn new(proto: u8, addr: IpAddr, port: u16) -> Request {
+        Request {
+            proto,
+            addr,
+            port,
+            reuseaddr: false,
+            reuseport: false,
+            v6only: false,
+            uid: 0,
+            ifindex: None,
+            nonlocal: false,
+        }
+    }
 }
 
 /// A socket already on the port, as sock_diag shows it, with its options where known.
@@ -77,6 +98,32 @@ pub enum Rule {
     UdpConflict,
     /// Nothing holds the port now (it was released between the failure and the lookup).
     NoBlocker,
+    /// EADDRNOTAVAIL: the address belongs to no interface of the namespace.
+    AddressNotLocal,
+    /// EINVAL: an IPv6 link-local address without the interface it is on.
+    LinkLocalNeedsScope,
+    /// EACCES: a port below `ip_unprivileged_port_start` without CAP_NET_BIND_SERVICE.
+    PrivilegedPort,
+}
+
+impl Rule {
+    /// The errno the kernel answers when this rule fires.
+    pub fn errno(self) -> &'static str {
+        match self {
+            Rule::AddressNotLocal => "EADDRNOTAVAIL",
+            Rule::LinkLocalNeedsScope => "EINVAL",
+            Rule::PrivilegedPort => "EACCES",
+            Rule::TimeWaitWithoutReuseaddr
+            | Rule::WildcardOverlap
+            | Rule::DualStackOverlap
+            | Rule::ListenerConflict
+            | Rule::ReuseaddrMissing
+            | Rule::ReuseportMissing
+            | Rule::ReuseportUidMismatch
+            | Rule::UdpConflict
+            | Rule::NoBlocker => "EADDRINUSE",
+        }
+    }
 }
 
 /// Does a socket bound to (`a`, `a_v6only`) overlap one bound to (`b`, `b_v6only`)?
@@ -242,6 +289,76 @@ pub fn explain(r: &Request, holders: &[Holder]) -> Option<Explain> {
     })
 }
 
+/// The checks `inet_bind`/`inet6_bind` make before the port, in the kernel's
+/// order: IPv4 checks the address, then the port's privilege; IPv6 the
+/// privilege, then the link-local scope, then the address. `None`: they pass.
+pub fn precheck(r: &Request, env: &super::env::Env) -> Option<Explain> {
+    let privileged = || {
+        (r.port != 0 && r.port < env.unprivileged_port_start && r.uid != 0).then(|| Explain {
+            rule: Rule::PrivilegedPort,
+            hint: format!(
+                "port {} is below net.ipv4.ip_unprivileged_port_start ({}): uid {} needs CAP_NET_BIND_SERVICE (AmbientCapabilities=CAP_NET_BIND_SERVICE in its systemd unit, or setcap cap_net_bind_service=+ep on the binary), or use a port of {} or above",
+                r.port, env.unprivileged_port_start, r.uid, env.unprivileged_port_start
+            ),
+            blockers: Vec::new(),
+        })
+    };
+    let not_local = |addr: IpAddr, nonlocal_sysctl: &str| Explain {
+        rule: Rule::AddressNotLocal,
+        hint: format!(
+            "{addr} is not an address of any interface in this network namespace; bind {} instead, add the address first, or set IP_FREEBIND on the socket (or {nonlocal_sysctl}=1) to bind an address that is not there yet",
+            if addr.is_ipv4() { "0.0.0.0" } else { "::" }
+        ),
+        blockers: Vec::new(),
+    };
+    match r.addr {
+        IpAddr::V4(a) => {
+            let ok = a.is_unspecified()
+                || a.is_multicast()
+                || r.nonlocal
+                || env.nonlocal_bind_v4
+                || env.is_local(r.addr, None);
+            if !ok {
+                return Some(not_local(r.addr, "net.ipv4.ip_nonlocal_bind"));
+            }
+            privileged()
+        }
+        IpAddr::V6(a) => {
+            if let Some(e) = privileged() {
+                return Some(e);
+            }
+            if let Some(v4) = a.to_ipv4_mapped() {
+                let ok = v4.is_unspecified()
+                    || v4.is_multicast()
+                    || r.nonlocal
+                    || env.nonlocal_bind_v4
+                    || env.is_local(v4.into(), None);
+                return (!ok).then(|| not_local(v4.into(), "net.ipv4.ip_nonlocal_bind"));
+            }
+            if a.is_unspecified() || a.is_multicast() {
+                return None;
+            }
+            if a.is_unicast_link_local() && r.ifindex.is_none() {
+                return Some(Explain {
+                    rule: Rule::LinkLocalNeedsScope,
+                    hint: format!(
+                        "{a} is a link-local address, which exists once per interface: name the interface ([{a}%eth0]:{}, sin6_scope_id) or bind the socket to one first (SO_BINDTODEVICE)",
+                        r.port
+                    ),
+                    blockers: Vec::new(),
+                });
+            }
+            let ok = r.nonlocal || env.nonlocal_bind_v6 || env.is_local(r.addr, r.ifindex);
+            (!ok).then(|| not_local(r.addr, "net.ipv6.ip_nonlocal_bind"))
+        }
+    }
+}
+
+/// The whole verdict on a request: the checks before the port, then the port.
+pub fn verdict(r: &Request, env: &super::env::Env, holders: &[Holder]) -> Option<Explain> {
+    precheck(r, env).or_else(|| explain(r, holders))
+}
+
 /// The explanation when the kernel said EADDRINUSE but nothing blocks now.
 pub fn no_blocker(port: u16) -> Explain {
     Explain {
@@ -304,13 +421,9 @@ mod tests {
 
     fn req(proto: u8, addr: &str, reuseaddr: bool, reuseport: bool) -> Request {
         Request {
-            proto,
-            addr: addr.parse().unwrap(),
-            port: 5700,
             reuseaddr,
             reuseport,
-            v6only: false,
-            uid: 0,
+            ..Request::new(proto, addr.parse().unwrap(), 5700)
         }
     }
 
@@ -414,6 +527,56 @@ mod tests {
             e.hint
         );
         assert_eq!(no_blocker(5700).blockers, []);
+    }
+
+    #[test]
+    fn checks_before_the_port_in_the_kernels_order() {
+        use super::super::env::Env;
+        let env = Env::default();
+        let rule = |r: &Request| precheck(r, &env).map(|e| e.rule);
+        let r = |addr: &str, port: u16, uid: u32| Request {
+            uid,
+            ..Request::new(TCP, addr.parse().unwrap(), port)
+        };
+        assert_eq!(rule(&r("1.2.3.4", 80, 0)), Some(Rule::AddressNotLocal));
+        assert_eq!(rule(&r("127.0.0.5", 80, 0)), None, "127.0.0.0/8 is local");
+        assert_eq!(rule(&r("0.0.0.0", 80, 1000)), Some(Rule::PrivilegedPort));
+        assert_eq!(rule(&r("0.0.0.0", 1024, 1000)), None);
+        // IPv4 checks the address first, IPv6 the port first.
+        assert_eq!(rule(&r("1.2.3.4", 80, 1000)), Some(Rule::AddressNotLocal));
+        assert_eq!(rule(&r("fe80::1", 80, 1000)), Some(Rule::PrivilegedPort));
+        assert_eq!(
+            rule(&r("fe80::1", 8080, 0)),
+            Some(Rule::LinkLocalNeedsScope)
+        );
+        let scoped = Request {
+            ifindex: Some(1),
+            ..r("fe80::1", 8080, 0)
+        };
+        assert_eq!(rule(&scoped), Some(Rule::AddressNotLocal));
+        assert_eq!(rule(&r("::ffff:127.0.0.1", 8080, 0)), None);
+        assert_eq!(
+            rule(&r("::ffff:1.2.3.4", 8080, 0)),
+            Some(Rule::AddressNotLocal)
+        );
+        assert_eq!(
+            rule(&r("2001:db8::1", 8080, 0)),
+            Some(Rule::AddressNotLocal)
+        );
+        let freebind = Request {
+            nonlocal: true,
+            ..r("192.0.2.99", 8080, 0)
+        };
+        assert_eq!(rule(&freebind), None);
+        for e in [
+            r("1.2.3.4", 80, 0),
+            r("fe80::1", 8080, 0),
+            r("0.0.0.0", 80, 1000),
+        ] {
+            let e = precheck(&e, &env).unwrap();
+            assert!(e.hint.len() > 40 && !e.hint.contains('\n'), "{}", e.hint);
+            assert_ne!(e.rule.errno(), "EADDRINUSE");
+        }
     }
 
     #[test]

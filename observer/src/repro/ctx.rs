@@ -12,6 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::helper;
 use crate::{
     explain::{self, rules, rules::Rule},
     names::errno_name,
@@ -59,6 +60,8 @@ pub struct Opts {
     /// IPV6_V6ONLY for IPv6 sockets (`None`: the system default).
     pub v6only: Option<bool>,
     pub bind_address_no_port: bool,
+    /// IP_FREEBIND: bind an address that is not (yet) local.
+    pub freebind: bool,
 }
 
 pub fn tid() -> u32 {
@@ -172,6 +175,9 @@ impl Ctx {
         if let (Some(v6only), true) = (o.v6only, addr.is_ipv6()) {
             s.set_only_v6(v6only)?;
         }
+        if o.freebind {
+            s.set_freebind_v4(true)?;
+        }
         if o.bind_address_no_port {
             nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
                 .map_err(io::Error::from)?;
@@ -273,21 +279,27 @@ impl Ctx {
         {
             (h.reuseaddr, h.reuseport) = self.time_wait_reuse.unzip();
         }
+        let proto = if s.r#type().ok()? == Type::DGRAM {
+            rules::UDP
+        } else {
+            rules::TCP
+        };
         let r = rules::Request {
-            proto: if s.r#type().ok()? == Type::DGRAM {
-                rules::UDP
-            } else {
-                rules::TCP
-            },
-            addr: addr.ip(),
-            port: addr.port(),
             reuseaddr: s.reuse_address().ok()?,
             reuseport: s.reuse_port().ok()?,
             v6only: addr.is_ipv6() && s.only_v6().ok()?,
             uid: nix::unistd::geteuid().as_raw(),
+            ifindex: match addr {
+                SocketAddr::V6(a) if a.scope_id() != 0 => Some(a.scope_id()),
+                _ => None,
+            },
+            nonlocal: s.freebind_v4().unwrap_or(false),
+            ..rules::Request::new(proto, addr.ip(), addr.port())
         };
-        Some(match rules::explain(&r, &holders) {
-            Some(e) => ("EADDRINUSE".to_owned(), Some(e.rule)),
+        // The scenario's thread is inside the namespace it binds in.
+        let env = explain::env::Env::here().ok()?;
+        Some(match rules::verdict(&r, &env, &holders) {
+            Some(e) => (e.rule.errno().to_owned(), Some(e.rule)),
             None => ("ok".to_owned(), None),
         })
     }
@@ -339,29 +351,37 @@ impl Ctx {
         Ok(())
     }
 
-    /// Runs `observer repro-helper ARGS` in this namespace; it prints its steps
-    /// as JSON lines on stdout and its "ready" line, then waits to be killed.
-    pub fn helper(&mut self, args: &[String]) -> io::Result<()> {
+    /// Runs a helper process (see `helper`) in this namespace; it prints its
+    /// steps as JSON lines on stdout and its "ready" line, then waits to be killed.
+    pub fn helper(&mut self, mode: helper::Mode) -> io::Result<()> {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
+        let spec = helper::Spec {
+            scenario: self.scenario.clone(),
+            known: self.book.entries(),
+            mode,
+        };
+        let read = helper::spec_pipe(&spec)?;
+        let read_fd = read.as_raw_fd();
         let mut cmd = Command::new("/proc/self/exe");
-        cmd.arg("repro-helper")
-            .arg("--scenario")
-            .arg(&self.scenario)
-            .arg("--known")
-            .arg(self.book.to_arg())
-            .args(args)
+        cmd.env(helper::ENV, helper::SPEC_FD.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // The helper dies with this thread, even if the observer is killed.
+        // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                // The spec's pipe on the agreed descriptor (dup2 clears CLOEXEC).
+                if libc::dup2(read_fd, helper::SPEC_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The helper dies with this thread, even if the observer is killed.
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                     .map_err(io::Error::from)
             });
         }
         let mut child = cmd.spawn()?;
+        drop(read);
         let stdout = child.stdout.take().expect("piped");
         self.children.push(child);
         for line in std::io::BufReader::new(stdout).lines() {

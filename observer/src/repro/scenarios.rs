@@ -4,7 +4,10 @@
 
 use std::{io, net::SocketAddr};
 
-use super::ctx::{Ctx, Opts};
+use super::{
+    ctx::{Ctx, Opts},
+    helper::Mode,
+};
 
 pub struct Scenario {
     pub name: &'static str,
@@ -39,6 +42,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: ephemeral_exhaustion,
     },
     Scenario {
+        name: "addresses",
+        about: "what the kernel refuses before the port: an address not local, link-local without its interface, a port below 1024 without CAP_NET_BIND_SERVICE",
+        run: addresses,
+    },
+    Scenario {
         name: "udp",
         about: "the same address conflicts for UDP, and SO_REUSEADDR / SO_REUSEPORT there",
         run: udp,
@@ -56,6 +64,7 @@ const fn tcp(reuseaddr: bool, reuseport: bool) -> Opts {
         reuseport,
         v6only: None,
         bind_address_no_port: false,
+        freebind: false,
     }
 }
 const fn udp_opts(reuseaddr: bool, reuseport: bool) -> Opts {
@@ -65,6 +74,7 @@ const fn udp_opts(reuseaddr: bool, reuseport: bool) -> Opts {
         reuseport,
         v6only: None,
         bind_address_no_port: false,
+        freebind: false,
     }
 }
 const fn v6only(mut o: Opts, on: bool) -> Opts {
@@ -171,16 +181,12 @@ fn reuseport(ctx: &mut Ctx) -> io::Result<()> {
         ctx.listen(&name, &format!("SO_REUSEPORT listener {}", i + 1), OK);
     }
     // A listener of another uid cannot join them, even with SO_REUSEPORT.
-    ctx.helper(&[
-        "bind".into(),
-        "--addr".into(),
-        a.to_string(),
-        "--reuseport".into(),
-        "--uid".into(),
-        "65534".into(),
-        "--expect".into(),
-        "EADDRINUSE".into(),
-    ])?;
+    ctx.helper(Mode::Bind {
+        addr: a,
+        reuseport: true,
+        uid: 65534,
+        expect: Some("EADDRINUSE".into()),
+    })?;
     ctx.close_all();
     pairs(ctx, 6210, REUSEPORT)
 }
@@ -197,6 +203,65 @@ const UDP: &[Pair] = &[
 
 fn udp(ctx: &mut Ctx) -> io::Result<()> {
     pairs(ctx, 6300, UDP)
+}
+
+/// The checks before the port, each against the explain engine's prediction.
+fn addresses(ctx: &mut Ctx) -> io::Result<()> {
+    let rows: [(&str, &str, Opts, Option<&str>); 6] = [
+        (
+            "an address no interface has",
+            "192.0.2.1:80",
+            PLAIN,
+            EADDRNOTAVAIL,
+        ),
+        (
+            "the same with IP_FREEBIND",
+            "192.0.2.99:6400",
+            Opts {
+                freebind: true,
+                ..PLAIN
+            },
+            OK,
+        ),
+        (
+            "link-local without an interface",
+            "[fe80::1]:6401",
+            PLAIN,
+            Some("EINVAL"),
+        ),
+        // lo is interface 1 in every namespace, and has no link-local address.
+        (
+            "link-local on lo, which has none",
+            "[fe80::1%1]:6401",
+            PLAIN,
+            EADDRNOTAVAIL,
+        ),
+        (
+            "IPv4-mapped loopback",
+            "[::ffff:127.0.0.1]:6402",
+            v6only(PLAIN, false),
+            OK,
+        ),
+        (
+            "IPv4-mapped, not local",
+            "[::ffff:192.0.2.1]:6403",
+            v6only(PLAIN, false),
+            EADDRNOTAVAIL,
+        ),
+    ];
+    for (i, (what, at, opts, expect)) in rows.into_iter().enumerate() {
+        let a: SocketAddr = at.parse().expect("a literal address");
+        let name = format!("a{i}");
+        ctx.socket(&name, &a, opts)?;
+        ctx.bind(&name, what, a, expect);
+    }
+    // Port 80 as an unprivileged user: CAP_NET_BIND_SERVICE is missing.
+    ctx.helper(Mode::Bind {
+        addr: addr("127.0.0.1", 80),
+        reuseport: false,
+        uid: 65534,
+        expect: Some("EACCES".into()),
+    })
 }
 
 /// (what, old listener SO_REUSEADDR, new listener SO_REUSEADDR, the restart's bind answer)
@@ -216,12 +281,11 @@ fn restart_time_wait(ctx: &mut Ctx) -> io::Result<()> {
         ctx.fresh_netns()?;
         let server = addr("127.0.0.1", SERVER_PORT);
         // The old server: a child that accepts, closes its connections first, then crashes.
-        let mut args = vec!["server".to_owned(), "--addr".into(), server.to_string()];
-        args.extend(["--conns".into(), CONNECTIONS.to_string()]);
-        if old_ra {
-            args.push("--reuseaddr".into());
-        }
-        ctx.helper(&args)?;
+        ctx.helper(Mode::Server {
+            addr: server,
+            conns: CONNECTIONS,
+            reuseaddr: old_ra,
+        })?;
         for i in 0..CONNECTIONS {
             let name = format!("client{i}");
             ctx.socket(&name, &server, PLAIN)?;

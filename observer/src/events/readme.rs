@@ -1,0 +1,189 @@
+//! The README's example line of every record kind against the records the
+//! code writes: the same fields, nested ones included, with the same JSON
+//! types (`null` stands for any type). A field added, renamed or dropped on
+//! either side fails here.
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::{
+    clock::Clock,
+    explain::rules::{self, Rule},
+    loader::ProgramStats,
+    time_wait::{TimeWaitEnter, TimeWaitExit},
+};
+
+const README: &str = include_str!("../../../README.md");
+
+/// Every JSON object in the README that has an `event`, in order.
+fn readme_records() -> Vec<Value> {
+    README
+        .lines()
+        .filter(|l| l.starts_with("{\"v\":1"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("README line ({e}): {l}")))
+        .collect()
+}
+
+/// Where the two differ in shape, as paths; empty when they agree.
+fn differences(path: &str, readme: &Value, code: &Value, out: &mut Vec<String>) {
+    match (readme, code) {
+        (Value::Null, _) | (_, Value::Null) => {}
+        (Value::Object(a), Value::Object(b)) => {
+            for k in a.keys().filter(|k| !b.contains_key(*k)) {
+                out.push(format!(
+                    "{path}.{k}: in the README, not written by the code"
+                ));
+            }
+            for k in b.keys().filter(|k| !a.contains_key(*k)) {
+                out.push(format!(
+                    "{path}.{k}: written by the code, not in the README"
+                ));
+            }
+            for (k, v) in a {
+                if let Some(w) = b.get(k) {
+                    differences(&format!("{path}.{k}"), v, w, out);
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            if let (Some(x), Some(y)) = (a.first(), b.first()) {
+                differences(&format!("{path}[0]"), x, y, out);
+            }
+        }
+        (Value::Number(_), Value::Number(_))
+        | (Value::String(_), Value::String(_))
+        | (Value::Bool(_), Value::Bool(_)) => {}
+        (a, b) => out.push(format!("{path}: README has {a}, the code writes {b}")),
+    }
+}
+
+fn blocker() -> rules::Holder {
+    let mut h = rules::holder(rules::TCP, 6, "127.0.0.1:5700", false, false, 0);
+    (h.pid, h.comm) = (Some(1), Some("python3".into()));
+    h
+}
+
+/// A record of each kind as the code writes it, every optional part filled.
+fn code_record(event: &str, with_explain: bool) -> Value {
+    let clock = Clock::with_offset(0);
+    let explain = with_explain.then(|| rules::Explain {
+        rule: Rule::TimeWaitWithoutReuseaddr,
+        hint: "a hint".into(),
+        blockers: vec![blocker()],
+    });
+    let totals = Totals::default();
+    let v = match event {
+        "observer_start" => serde_json::to_value(Start {
+            v: 1,
+            ts: String::new(),
+            event: "observer_start",
+            version: "0",
+            kernel: String::new(),
+            pid: 1,
+            hooks: &["h".into()],
+            prog_ids: &[1],
+            cgroup: String::new(),
+            ring_buffer_bytes: 1,
+        }),
+        "bind" => {
+            let mut r = observer_common::BindRecord::zeroed();
+            r.flags = observer_common::bind::flags::CGROUP_HOOK;
+            let mut b = Bind::from_record(&r, &clock);
+            b.explain = explain;
+            serde_json::to_value(b)
+        }
+        "listen" | "connect" => {
+            let call = if event == "listen" {
+                observer_common::sockcall::Call::Listen
+            } else {
+                observer_common::sockcall::Call::Connect
+            };
+            let mut c =
+                SockCall::from_record(&observer_common::SockCallRecord::zeroed(call), &clock);
+            c.explain = explain;
+            serde_json::to_value(c)
+        }
+        "tcp_state" => serde_json::to_value(TcpState::from_record(
+            &observer_common::TcpStateRecord::zeroed(),
+            &clock,
+        )),
+        "time_wait_enter" => serde_json::to_value(TimeWaitEnter::example()),
+        "time_wait_exit" => serde_json::to_value(TimeWaitExit::example()),
+        "lost" => serde_json::to_value(Lost {
+            v: 1,
+            ts: String::new(),
+            event: "lost",
+            count: 1,
+            cause: "ring_buffer",
+        }),
+        "stats" => serde_json::to_value(Stats {
+            v: 1,
+            ts: String::new(),
+            event: "stats",
+            totals,
+            lost: 0,
+            lost_by_cause: LostByCause::default(),
+            filtered: 0,
+            explain_coalesced: 0,
+            cpu_ms: 0,
+            rss_kb: 0,
+        }),
+        "observer_stop" => serde_json::to_value(Stop {
+            v: 1,
+            ts: String::new(),
+            event: "observer_stop",
+            reason: "SIGINT",
+            totals,
+            lost: 0,
+            lost_by_cause: LostByCause::default(),
+            filtered: 0,
+            explain_coalesced: 0,
+            programs: vec![ProgramStats {
+                hook: String::new(),
+                id: 1,
+                run_count: 0,
+                run_time_ns: 0,
+            }],
+        }),
+        other => panic!("the README shows an event the test does not know: {other}"),
+    };
+    v.expect("records serialize")
+}
+
+#[test]
+fn every_record_kind_matches_the_readme() {
+    let records = readme_records();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut problems = Vec::new();
+    for r in &records {
+        let event = r["event"].as_str().expect("an event name");
+        seen.insert(event.to_owned());
+        let code = code_record(event, r.get("explain").is_some());
+        differences(event, r, &code, &mut problems);
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    let every = [
+        "observer_start",
+        "bind",
+        "tcp_state",
+        "time_wait_enter",
+        "time_wait_exit",
+        "listen",
+        "connect",
+        "lost",
+        "stats",
+        "observer_stop",
+    ];
+    for e in every {
+        assert!(seen.contains(e), "the README has no example line of `{e}`");
+    }
+    // And the shape test itself tells a difference.
+    let mut d = Vec::new();
+    differences(
+        "x",
+        &json!({"a": 1, "b": "s"}),
+        &json!({"a": "1", "c": 1}),
+        &mut d,
+    );
+    assert_eq!(d.len(), 3, "{d:?}");
+}
