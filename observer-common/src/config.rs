@@ -27,6 +27,12 @@ pub struct KernelOffsets {
     pub skc_num: u32,
     pub skc_rcv_saddr: u32,
     pub skc_v6_rcv_saddr: u32,
+    /// `sock_common` members of the remote end and the cookie: `skc_dport`
+    /// (network order), `skc_daddr`, `skc_v6_daddr`, `skc_cookie`.
+    pub skc_dport: u32,
+    pub skc_daddr: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_cookie: u32,
     /// The byte of `sock_common` holding the bitfields `skc_reuse:4` and
     /// `skc_reuseport:1`: `byte << 16 | reuse_bit << 8 | reuseport_bit`; 0 if unknown.
     pub skc_reuse_bits: u32,
@@ -48,6 +54,10 @@ impl KernelOffsets {
         skc_num: 0,
         skc_rcv_saddr: 0,
         skc_v6_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_daddr: 0,
+        skc_v6_daddr: 0,
+        skc_cookie: 0,
         skc_reuse_bits: 0,
     };
 
@@ -58,6 +68,17 @@ impl KernelOffsets {
             && self.file_private_data != 0
             && self.socket_sk != 0
             && self.skc_num != 0
+    }
+
+    /// Both ends of a `sock_common` can be read. (`skc_daddr` is its first
+    /// member: 0 is its real offset, not "unknown".)
+    pub const fn tuple_known(&self) -> bool {
+        self.skc_family != 0
+            && self.skc_num != 0
+            && self.skc_dport != 0
+            && self.skc_rcv_saddr != 0
+            && self.skc_v6_rcv_saddr != 0
+            && self.skc_v6_daddr != 0
     }
 
     pub const fn netns_known(&self) -> bool {

@@ -1,6 +1,6 @@
 //! Checked decoding of ring-buffer records (user side).
 
-use crate::{BindRecord, Header, Kind, SockCallRecord, TcpStateRecord};
+use crate::{BindRecord, Header, Kind, SockCallRecord, TcpStateRecord, TimeWaitRecord};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -18,6 +18,7 @@ pub enum Record {
     Bind(BindRecord),
     TcpState(TcpStateRecord),
     SockCall(SockCallRecord),
+    TimeWait(TimeWaitRecord),
 }
 
 /// Decodes one ring-buffer entry: reads the kind, checks the length, copies unaligned.
@@ -43,6 +44,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         Kind::Bind => Record::Bind(copy_out(bytes)),
         Kind::TcpState => Record::TcpState(copy_out(bytes)),
         Kind::SockCall => Record::SockCall(copy_out(bytes)),
+        Kind::TimeWait => Record::TimeWait(copy_out(bytes)),
     })
 }
 
@@ -118,6 +120,10 @@ mod tests {
             size_of::<SockCallRecord>(),
             16 + 5 * 8 + 5 * 4 + 2 * 2 + 2 * 16 + crate::bind::SOCKADDR_MAX
         );
+        assert_eq!(
+            size_of::<TimeWaitRecord>(),
+            16 + 6 * 8 + 4 + 1 + 1 + 2 + 4 * 2 + 3 * 16
+        );
     }
 
     #[test]
@@ -153,8 +159,8 @@ mod properties {
 
         /// Every kind at its exact size decodes whatever the payload says.
         #[test]
-        fn right_size_any_payload_decodes(fill in any::<u8>(), which in 0usize..3) {
-            let kind = [Kind::Bind, Kind::TcpState, Kind::SockCall][which];
+        fn right_size_any_payload_decodes(fill in any::<u8>(), which in 0usize..4) {
+            let kind = [Kind::Bind, Kind::TcpState, Kind::SockCall, Kind::TimeWait][which];
             prop_assert!(decode(&kind_sized(kind, fill)).is_ok());
         }
     }

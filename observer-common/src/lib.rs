@@ -11,10 +11,12 @@ pub mod config;
 pub mod decode;
 pub mod sockcall;
 pub mod tcp;
+pub mod time_wait;
 
 pub use bind::BindRecord;
 pub use sockcall::SockCallRecord;
 pub use tcp::TcpStateRecord;
+pub use time_wait::TimeWaitRecord;
 
 /// Which record follows the header.
 #[repr(u32)]
@@ -23,6 +25,7 @@ pub enum Kind {
     Bind = 1,
     TcpState = 2,
     SockCall = 3,
+    TimeWait = 4,
 }
 
 impl Kind {
@@ -31,6 +34,7 @@ impl Kind {
             1 => Some(Kind::Bind),
             2 => Some(Kind::TcpState),
             3 => Some(Kind::SockCall),
+            4 => Some(Kind::TimeWait),
             _ => None,
         }
     }
@@ -42,6 +46,7 @@ impl Kind {
             Kind::Bind => core::mem::size_of::<BindRecord>(),
             Kind::TcpState => core::mem::size_of::<TcpStateRecord>(),
             Kind::SockCall => core::mem::size_of::<SockCallRecord>(),
+            Kind::TimeWait => core::mem::size_of::<TimeWaitRecord>(),
         }
     }
 }
@@ -60,4 +65,6 @@ pub struct Header {
 pub const LOST_RINGBUF: u32 = 0;
 /// Index of the counter of syscalls that found their in-flight map full.
 pub const LOST_INFLIGHT: u32 = 1;
-pub const LOST_SLOTS: u32 = 2;
+/// Index of the counter of timewait sockets the kernel-side table had no room for.
+pub const LOST_TIME_WAIT_MAP: u32 = 2;
+pub const LOST_SLOTS: u32 = 3;

@@ -9,10 +9,14 @@ use crate::maps::kernel_offsets;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
-unsafe fn read<T>(base: u64, off: u32) -> Option<T> {
+/// Reads a `T` at `base + off` in kernel memory; `None` for a null base or a
+/// failed read.
+pub fn read<T>(base: u64, off: u32) -> Option<T> {
     if base == 0 {
         return None;
     }
+    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly on
+    // one it cannot read; the result is a plain value copied out.
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
 }
 
@@ -22,12 +26,11 @@ pub fn current_netns() -> u32 {
     if !off.netns_known() {
         return 0;
     }
-    unsafe {
-        let task = generated::bpf_get_current_task();
-        let nsproxy: u64 = read(task, off.task_nsproxy).unwrap_or(0); // 0 for an exiting task
-        let net: u64 = read(nsproxy, off.nsproxy_net_ns).unwrap_or(0);
-        read(net, off.net_ns_inum).unwrap_or(0)
-    }
+    // SAFETY: a helper without arguments.
+    let task = unsafe { generated::bpf_get_current_task() };
+    let nsproxy: u64 = read(task, off.task_nsproxy).unwrap_or(0); // 0 for an exiting task
+    let net: u64 = read(nsproxy, off.nsproxy_net_ns).unwrap_or(0);
+    read(net, off.net_ns_inum).unwrap_or(0)
 }
 
 /// Inode of a socket's network namespace (`sk->__sk_common.skc_net.net->ns.inum`); 0 if unknown.
@@ -36,10 +39,52 @@ pub fn sock_netns(sk: u64) -> u32 {
     if off.sk_net == 0 || off.net_ns_inum == 0 {
         return 0;
     }
-    unsafe {
-        let net: u64 = read(sk, off.sk_net).unwrap_or(0);
-        read(net, off.net_ns_inum).unwrap_or(0)
+    let net: u64 = read(sk, off.sk_net).unwrap_or(0);
+    read(net, off.net_ns_inum).unwrap_or(0)
+}
+
+/// Both ends of a `struct sock_common` (a full or a timewait socket): family,
+/// ports in host order, addresses (4 or 16 bytes, network order).
+pub struct Tuple {
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+pub fn sock_tuple(sk: u64) -> Option<Tuple> {
+    let off = kernel_offsets();
+    if !off.tuple_known() {
+        return None;
     }
+    let family: u16 = read(sk, off.skc_family)?;
+    let sport: u16 = read(sk, off.skc_num)?;
+    let dport: u16 = u16::from_be(read(sk, off.skc_dport)?);
+    let mut t = Tuple {
+        family,
+        sport,
+        dport,
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    if family == AF_INET6 {
+        t.saddr = read(sk, off.skc_v6_rcv_saddr)?;
+        t.daddr = read(sk, off.skc_v6_daddr)?;
+    } else {
+        t.saddr[..4].copy_from_slice(&read::<[u8; 4]>(sk, off.skc_rcv_saddr)?);
+        t.daddr[..4].copy_from_slice(&read::<[u8; 4]>(sk, off.skc_daddr)?);
+    }
+    Some(t)
+}
+
+/// A socket's cookie (`skc_cookie`); 0 when the kernel gave it none yet.
+pub fn sock_cookie(sk: u64) -> u64 {
+    let off = kernel_offsets().skc_cookie;
+    if off == 0 {
+        return 0;
+    }
+    read(sk, off).unwrap_or(0)
 }
 
 /// The local end of the socket behind `fd` in the current task: family, port
@@ -55,32 +100,31 @@ pub fn fd_local(fd: i32) -> Option<Local> {
     if !off.fd_sock_known() || fd < 0 {
         return None;
     }
-    unsafe {
-        let task = generated::bpf_get_current_task();
-        let files: u64 = read(task, off.task_files)?;
-        let fdt: u64 = read(files, off.files_fdt)?;
-        let max_fds: u32 = read(fdt, off.fdt_max_fds)?;
-        if fd as u32 >= max_fds {
-            return None;
-        }
-        let fds: u64 = read(fdt, off.fdt_fd)?;
-        let file: u64 = read(fds, fd as u32 * 8)?;
-        let socket: u64 = read(file, off.file_private_data)?;
-        let sk: u64 = read(socket, off.socket_sk)?;
-        let family: u16 = read(sk, off.skc_family)?;
-        let mut addr = [0u8; 16];
-        match family {
-            AF_INET6 => addr = read(sk, off.skc_v6_rcv_saddr)?,
-            AF_INET => {
-                let v4: [u8; 4] = read(sk, off.skc_rcv_saddr)?;
-                addr[..4].copy_from_slice(&v4);
-            }
-            // A unix (or other) socket has no local address or port here.
-            _ => return None,
-        }
-        let port: u16 = read(sk, off.skc_num)?;
-        Some(Local { family, port, addr })
+    // SAFETY: a helper without arguments.
+    let task = unsafe { generated::bpf_get_current_task() };
+    let files: u64 = read(task, off.task_files)?;
+    let fdt: u64 = read(files, off.files_fdt)?;
+    let max_fds: u32 = read(fdt, off.fdt_max_fds)?;
+    if fd as u32 >= max_fds {
+        return None;
     }
+    let fds: u64 = read(fdt, off.fdt_fd)?;
+    let file: u64 = read(fds, fd as u32 * 8)?;
+    let socket: u64 = read(file, off.file_private_data)?;
+    let sk: u64 = read(socket, off.socket_sk)?;
+    let family: u16 = read(sk, off.skc_family)?;
+    let mut addr = [0u8; 16];
+    match family {
+        AF_INET6 => addr = read(sk, off.skc_v6_rcv_saddr)?,
+        AF_INET => {
+            let v4: [u8; 4] = read(sk, off.skc_rcv_saddr)?;
+            addr[..4].copy_from_slice(&v4);
+        }
+        // A unix (or other) socket has no local address or port here.
+        _ => return None,
+    }
+    let port: u16 = read(sk, off.skc_num)?;
+    Some(Local { family, port, addr })
 }
 
 /// SO_REUSEADDR and SO_REUSEPORT of a socket (its `skc_reuse`, `skc_reuseport`
@@ -90,7 +134,7 @@ pub fn sock_reuse(sk: u64) -> Option<(bool, bool)> {
     if bits == 0 {
         return None;
     }
-    let byte: u8 = unsafe { read(sk, bits >> 16)? };
+    let byte: u8 = read(sk, bits >> 16)?;
     let reuse = (byte >> ((bits >> 8) & 7)) & 0xf;
     let reuseport = (byte >> (bits & 7)) & 1;
     Some((reuse != 0, reuseport != 0))

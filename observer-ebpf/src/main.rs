@@ -9,6 +9,7 @@ mod kernel;
 mod maps;
 mod sockcall;
 mod tcp;
+mod time_wait;
 
 #[cfg(not(test))]
 #[panic_handler]

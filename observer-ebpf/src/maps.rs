@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use observer_common::{LOST_SLOTS, config::KernelOffsets};
+use observer_common::{LOST_SLOTS, config::KernelOffsets, time_wait::TimeWaitConfig};
 
 /// Every record goes through this one ring buffer (the daemon may resize it).
 #[map]
@@ -20,8 +20,18 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0)
 pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::ZERO;
 
 pub fn kernel_offsets() -> KernelOffsets {
-    // Volatile: the loader rewrites the value; the compiler must not fold the zeros.
+    // SAFETY: a read of a static; volatile because the loader rewrites the
+    // value and the compiler must not fold the zeros.
     unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+/// Written by the daemon before load (see `TimeWaitConfig`).
+#[unsafe(no_mangle)]
+pub static TIME_WAIT_CONFIG: TimeWaitConfig = TimeWaitConfig::OFF;
+
+pub fn time_wait_config() -> TimeWaitConfig {
+    // SAFETY: as for `kernel_offsets`.
+    unsafe { core::ptr::read_volatile(&TIME_WAIT_CONFIG) }
 }
 
 /// Wake the daemon only once this much is waiting: a wakeup per record (the

@@ -13,7 +13,8 @@ use observer_common::{
 
 use crate::{
     kernel::{sock_netns, sock_reuse},
-    maps::{EVENTS, count_lost, wake_flags},
+    maps::{EVENTS, count_lost, time_wait_config, wake_flags},
+    time_wait::{CLOSERS, Closer, FlowKey},
 };
 
 /// When each socket entered its current state, for `prev_state_ms`. LRU: a
@@ -21,15 +22,23 @@ use crate::{
 #[map]
 static SINCE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(131072, 0);
 
-/// Per CPU: 1 while a softirq handler runs (`irq:softirq_entry` .. `softirq_exit`).
-/// TCP state changes driven by packets and timers run there, on whatever task
-/// was interrupted, so "current" names no process that caused them.
+/// Per CPU: the softirq being served, plus one (0: none), from
+/// `irq:softirq_entry` .. `softirq_exit`. TCP state changes driven by packets
+/// and timers run there, on whatever task was interrupted, so "current" names
+/// no process that caused them; and a timer deleted in the timer softirq is
+/// one about to run.
 #[map]
 static IN_SOFTIRQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+/// `vec` in `irq:softirq_entry`'s record (stable since the tracepoint exists).
+const SOFTIRQ_VEC: usize = 8;
+const TIMER_SOFTIRQ: u32 = 1;
+
 #[tracepoint]
-pub fn obs_softirq_entry(_ctx: TracePointContext) -> u32 {
-    set_in_softirq(1);
+pub fn obs_softirq_entry(ctx: TracePointContext) -> u32 {
+    // SAFETY: a field of the tracepoint's record; the helper checks the bounds.
+    let vec: u32 = unsafe { ctx.read_at(SOFTIRQ_VEC) }.unwrap_or(u32::MAX - 1);
+    set_in_softirq(vec + 1);
     0
 }
 
@@ -41,12 +50,18 @@ pub fn obs_softirq_exit(_ctx: TracePointContext) -> u32 {
 
 fn set_in_softirq(v: u32) {
     if let Some(p) = IN_SOFTIRQ.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot; no other program writes it on this CPU meanwhile.
         unsafe { *p = v };
     }
 }
 
 fn in_softirq() -> bool {
     IN_SOFTIRQ.get(0).is_some_and(|v| *v != 0)
+}
+
+/// The timer softirq is running on this CPU (timers expire there).
+pub fn in_timer_softirq() -> bool {
+    IN_SOFTIRQ.get(0).is_some_and(|v| *v == TIMER_SOFTIRQ + 1)
 }
 
 // Offsets in the tracepoint's record (events/sock/inet_sock_set_state/format).
@@ -109,6 +124,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         let _ = SINCE.insert(r.skaddr, now, 0);
     }
     r.netns = sock_netns(r.skaddr);
+    note_closer(&r);
     if let Some((reuseaddr, reuseport)) = sock_reuse(r.skaddr) {
         r.flags |= flags::REUSE_KNOWN
             | if reuseaddr { flags::REUSEADDR } else { 0 }
@@ -121,4 +137,38 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         count_lost(LOST_RINGBUF);
     }
     Ok(())
+}
+
+/// Who closed a connection that may end in TIME_WAIT: kept from its
+/// FIN_WAIT1 (in process context) until its timewait socket enters, or it
+/// closes some other way.
+fn note_closer(r: &TcpStateRecord) {
+    if time_wait_config().tw_timer_handler == 0 {
+        return;
+    }
+    let key = FlowKey {
+        netns: r.netns,
+        family: r.family,
+        sport: r.sport,
+        dport: r.dport,
+        _pad: 0,
+        saddr: r.saddr,
+        daddr: r.daddr,
+    };
+    match r.newstate {
+        state::FIN_WAIT1 if r.flags & flags::PROCESS_CONTEXT != 0 => {
+            let closer = Closer {
+                pid_tgid: r.pid_tgid,
+                uid_gid: r.uid_gid,
+                comm: r.comm,
+            };
+            let _ = CLOSERS.insert(&key, &closer, 0);
+        }
+        // FIN_WAIT2/CLOSING -> CLOSE comes after the timewait socket entered
+        // (which took the closer); any other way to CLOSE ends the story.
+        state::CLOSE if !matches!(r.oldstate, state::FIN_WAIT2 | state::CLOSING) => {
+            let _ = CLOSERS.remove(&key);
+        }
+        _ => {}
+    }
 }

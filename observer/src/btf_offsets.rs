@@ -7,18 +7,50 @@ use observer_common::config::KernelOffsets;
 
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-pub fn kernel_offsets() -> KernelOffsets {
+/// Where the timer programs find a timewait socket's timer and substate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeWaitOffsets {
+    pub tw_timer: Option<u32>,
+    pub tw_substate: Option<u32>,
+    pub timer_function: Option<u32>,
+    pub timer_expires: Option<u32>,
+    pub tw_rcv_nxt: Option<u32>,
+    pub tw_snd_nxt: Option<u32>,
+}
+
+/// Everything read from the kernel's BTF, in one pass.
+pub fn read() -> (KernelOffsets, TimeWaitOffsets) {
     let btf = match Btf::from_file(VMLINUX_BTF) {
         Ok(btf) => btf,
         Err(e) => {
             log::warn!(
                 "no kernel BTF ({VMLINUX_BTF}: {e}): netns and socket addresses will be null"
             );
-            return KernelOffsets::ZERO;
+            return (KernelOffsets::ZERO, TimeWaitOffsets::default());
         }
     };
+    let k = kernel_offsets(&btf);
+    let tw = TimeWaitOffsets {
+        tw_timer: member_offset(&btf, "inet_timewait_sock", "tw_timer"),
+        tw_substate: member_offset(&btf, "inet_timewait_sock", "tw_substate"),
+        timer_function: member_offset(&btf, "timer_list", "function"),
+        timer_expires: member_offset(&btf, "timer_list", "expires"),
+        // `tcp_timewait_sock.tw_rcv_nxt`/`tw_snd_nxt` are macros for these.
+        tw_rcv_nxt: member_offset(&btf, "sock_common", "skc_tw_rcv_nxt"),
+        tw_snd_nxt: member_offset(&btf, "sock_common", "skc_tw_snd_nxt"),
+    };
+    log::debug!("kernel offsets from BTF: {k:?}, {tw:?}");
+    drop(btf);
+    // Parsing the kernel's BTF takes tens of MB of small allocations: give
+    // them back to the system rather than keep them as the daemon's RSS.
+    // SAFETY: malloc_trim only returns free memory to the system.
+    unsafe { libc::malloc_trim(0) };
+    (k, tw)
+}
+
+fn kernel_offsets(btf: &Btf) -> KernelOffsets {
     let off = |ty: &str, member: &str| {
-        let o = member_offset(&btf, ty, member);
+        let o = member_offset(btf, ty, member);
         if o.is_none() {
             log::warn!("BTF: no member {ty}.{member}: the fields that need it will be null");
         }
@@ -70,19 +102,26 @@ pub fn kernel_offsets() -> KernelOffsets {
         k.skc_rcv_saddr = saddr;
         k.skc_v6_rcv_saddr = saddr6;
     }
+    // (All four or none: `tuple_known` looks at the others, skc_daddr being at 0.)
+    if let [Some(dport), Some(daddr), Some(daddr6), Some(cookie)] = [
+        off("sock_common", "skc_dport"),
+        off("sock_common", "skc_daddr"),
+        off("sock_common", "skc_v6_daddr"),
+        off("sock_common", "skc_cookie"),
+    ] {
+        k.skc_dport = dport;
+        k.skc_daddr = daddr;
+        k.skc_v6_daddr = daddr6;
+        k.skc_cookie = cookie;
+    }
     // The reuse bitfields share one byte (skc_reuse:4, skc_reuseport:1, …).
     if let (Some(reuse), Some(reuseport)) = (
-        member_bit_offset(&btf, "sock_common", "skc_reuse"),
-        member_bit_offset(&btf, "sock_common", "skc_reuseport"),
+        member_bit_offset(btf, "sock_common", "skc_reuse"),
+        member_bit_offset(btf, "sock_common", "skc_reuseport"),
     ) && reuse / 8 == reuseport / 8
     {
         k.skc_reuse_bits = (reuse / 8) << 16 | (reuse % 8) << 8 | (reuseport % 8);
     }
-    log::debug!("kernel offsets from BTF: {k:?}");
-    drop(btf);
-    // Parsing the kernel's BTF takes tens of MB of small allocations: give
-    // them back to the system rather than keep them as the daemon's RSS.
-    unsafe { libc::malloc_trim(0) };
     k
 }
 

@@ -60,7 +60,7 @@ pub fn run() -> ExitCode {
             "missing: netns and socket details will be null"
         },
     );
-    let offsets = btf_offsets::kernel_offsets();
+    let (offsets, tw_offsets) = btf_offsets::read();
     for (known, what) in [
         (offsets.netns_known(), "netns of a task and of a socket"),
         (offsets.fd_sock_known(), "socket behind a file descriptor"),
@@ -95,6 +95,28 @@ pub fn run() -> ExitCode {
             line(false, "tracefs", &format!("{e:#}"));
         }
     }
+    // TIME_WAIT: the kernel's timer where its handler can be found, else polling.
+    let tw = match crate::time_wait::timer::discover(&tw_offsets) {
+        Ok((config, hz)) => {
+            line(
+                true,
+                "TIME_WAIT source",
+                &format!(
+                    "the kernel's timer (tw_timer_handler at {:#x}, HZ {hz})",
+                    config.tw_timer_handler
+                ),
+            );
+            Some(config)
+        }
+        Err(why) => {
+            line(
+                true,
+                "TIME_WAIT source",
+                &format!("sock_diag polling every 500 ms (the timer cannot be used: {why})"),
+            );
+            None
+        }
+    };
     let cgroup = match mounts::cgroup2_mount() {
         Ok(c) => {
             line(true, "cgroup2", &c.display().to_string());
@@ -114,7 +136,7 @@ pub fn run() -> ExitCode {
         }
     }
     if let Some(cgroup) = cgroup {
-        match loader::probe(&cgroup, &offsets) {
+        match loader::probe(&cgroup, &offsets, tw.as_ref()) {
             Ok(hooks) => {
                 for (label, r) in hooks {
                     match r {

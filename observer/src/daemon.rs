@@ -24,7 +24,7 @@ use crate::{
     loader, mounts,
     output::{Output, stdout_closed, stdout_closed_watch},
     repro::{self, ctx::Sink},
-    stream::Stream,
+    stream::{Stream, TimeWait},
     time_wait,
 };
 
@@ -32,6 +32,9 @@ use crate::{
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// How often the per-CPU loss counters are read.
 const LOST_POLL: Duration = Duration::from_secs(1);
+/// How often the kernel checks timewait sockets born in FIN_WAIT2 for a move
+/// to TIME_WAIT that no timer event showed.
+const SWEEP_EVERY: Duration = Duration::from_millis(50);
 
 /// How long the daemon may take to end after SIGTERM/SIGINT, whatever the
 /// output is doing: what is not written by then is counted on stderr.
@@ -76,8 +79,21 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         );
     }
     let cgroup = mounts::cgroup2_mount()?;
-    let offsets = btf_offsets::kernel_offsets();
-    let mut attached = loader::load_and_attach(&cgroup, &offsets, args.ring_buffer)?;
+    let (offsets, tw_offsets) = btf_offsets::read();
+    // TIME_WAIT from the kernel's timer where its handler can be found.
+    let tw = match time_wait::timer::discover(&tw_offsets) {
+        Ok(found) => Some(found),
+        Err(why) => {
+            log::warn!("TIME_WAIT: polling sock_diag every 500 ms: {why}");
+            None
+        }
+    };
+    let mut attached = loader::load_and_attach(
+        &cgroup,
+        &offsets,
+        tw.as_ref().map(|t| &t.0),
+        args.ring_buffer,
+    )?;
     // Parsing and loading the object allocates and frees megabytes: return them.
     // SAFETY: malloc_trim only returns free memory to the system.
     unsafe { libc::malloc_trim(0) };
@@ -89,13 +105,25 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         .context("polling the ring buffer")?;
 
     let (tw_tx, mut tw_rx) = tokio::sync::mpsc::unbounded_channel();
+    // The TIME_WAIT sockets there already: reported right after observer_start.
+    let (source, preexisting) = match tw {
+        Some((_, hz)) => {
+            let mut t = time_wait::timer::Tracker::new(clock, hz);
+            let before = t.preexisting();
+            (TimeWait::Timer(t), before)
+        }
+        None => (
+            TimeWait::Poll(time_wait::poll::spawn(clock, tw_tx)),
+            Vec::new(),
+        ),
+    };
     let mut s = Stream::new(
         out,
         clock,
         filter,
         Cgroups::new(cgroup.clone()),
         lost,
-        time_wait::spawn(clock, tw_tx),
+        source,
     );
     s.out.emit(&Start {
         v: SCHEMA_VERSION,
@@ -109,6 +137,9 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         cgroup: cgroup.display().to_string(),
         ring_buffer_bytes: args.ring_buffer,
     });
+    for o in preexisting {
+        s.time_wait_record(o);
+    }
     s.out.flush();
 
     // --repro: the scenarios run beside the stream; their events are kept to check.
@@ -143,6 +174,8 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut tick = interval(LOST_POLL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut sweep = interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     let reason = loop {
         if s.out.closed() {
@@ -172,7 +205,12 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
                 }
             }
             _ = drain_tick.tick() => { s.drain(ring.get_mut()); }
-            _ = tick.tick() => { s.poll_lost()?; s.out.flush(); }
+            _ = sweep.tick() => attached.sweep_time_wait()?,
+            _ = tick.tick() => {
+                s.poll_lost()?;
+                s.settled();
+                s.out.flush();
+            }
             _ = stats.tick(), if args.stats.is_some() => s.stats(),
             Some(o) = tw_rx.recv() => {
                 s.time_wait_record(o);

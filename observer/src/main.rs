@@ -19,6 +19,7 @@ mod sock_diag;
 mod stream;
 mod text;
 mod time_wait;
+mod tracefs;
 
 use std::process::ExitCode;
 

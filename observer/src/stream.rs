@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use observer_common::{
-    LOST_INFLIGHT, LOST_RINGBUF, LOST_SLOTS,
+    LOST_INFLIGHT, LOST_RINGBUF, LOST_SLOTS, LOST_TIME_WAIT_MAP,
     decode::{Record, decode},
 };
 use serde::Serialize;
@@ -17,11 +17,42 @@ use crate::{
     explain::Explainer,
     filter::{Facts, Filter},
     output::Output,
-    time_wait::{self, Closer, Transition},
+    time_wait::{
+        self, Closer, Key,
+        poll::{self, Transition},
+        timer,
+    },
 };
 
 /// At most this many records per drain: the event loop turns between batches.
 const DRAIN_BATCH: usize = 4096;
+/// How often early TIME_WAIT ends are decided (they wait `timer::DECIDE_WITHIN`).
+const DECIDE_EVERY_NS: u64 = 100_000_000;
+
+/// Where TIME_WAIT records come from.
+pub enum TimeWait {
+    /// The kernel's timer: records in the ring buffer, decided here.
+    Timer(timer::Tracker),
+    /// sock_diag polling on a thread of its own.
+    Poll(poll::Handle),
+}
+
+impl TimeWait {
+    /// Changes the tracker could not keep (its queue or table was full).
+    fn dropped(&self) -> u64 {
+        match self {
+            TimeWait::Timer(t) => t.dropped,
+            TimeWait::Poll(p) => p.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// After start-up: the preexisting snapshot can no longer meet a kernel enter.
+    pub fn settled(&mut self) {
+        if let TimeWait::Timer(t) = self {
+            t.forget_snapshot();
+        }
+    }
+}
 
 pub struct Stream {
     pub out: Output,
@@ -33,7 +64,9 @@ pub struct Stream {
     pub cgroups: Cgroups,
     lost_seen: [u64; LOST_SLOTS as usize + 1],
     lost: PerCpuArray<MapData, u64>,
-    time_wait: time_wait::Handle,
+    time_wait: TimeWait,
+    /// When early TIME_WAIT ends were last decided.
+    decided_ns: u64,
     /// bind/listen/connect records as written, while a `--repro` run needs them.
     pub kept: Option<Vec<serde_json::Value>>,
     pub explainer: Explainer,
@@ -46,7 +79,7 @@ impl Stream {
         filter: Filter,
         cgroups: Cgroups,
         lost: PerCpuArray<MapData, u64>,
-        time_wait: time_wait::Handle,
+        time_wait: TimeWait,
     ) -> Stream {
         Stream {
             out,
@@ -58,6 +91,7 @@ impl Stream {
             lost_seen: [0; LOST_SLOTS as usize + 1],
             lost,
             time_wait,
+            decided_ns: 0,
             kept: None,
             explainer: Explainer::new(),
         }
@@ -132,22 +166,34 @@ impl Stream {
                     let event = TcpState::from_record(&r, &self.clock);
                     let (src, dst) = tuple(&r);
                     // The tracker sees every change, whatever the filters say.
-                    self.time_wait.send(Transition {
-                        ktime_ns: r.header.ktime_ns,
-                        netns: r.netns,
-                        skaddr: r.skaddr,
-                        old: r.oldstate,
-                        new: r.newstate,
-                        src,
-                        dst,
-                        reuse: reuse(&r),
-                        process: event.pid.map(|pid| Closer {
-                            pid,
-                            tid: event.tid.unwrap_or_default(),
-                            comm: event.comm.clone().unwrap_or_default(),
-                            uid: event.uid.unwrap_or_default(),
+                    match &mut self.time_wait {
+                        TimeWait::Timer(t) => {
+                            let key = Key {
+                                netns: r.netns,
+                                src,
+                                dst,
+                            };
+                            for o in t.on_tcp_state(key, r.newstate) {
+                                self.time_wait_record(o);
+                            }
+                        }
+                        TimeWait::Poll(p) => p.send(Transition {
+                            ktime_ns: r.header.ktime_ns,
+                            netns: r.netns,
+                            skaddr: r.skaddr,
+                            old: r.oldstate,
+                            new: r.newstate,
+                            src,
+                            dst,
+                            reuse: reuse(&r),
+                            process: event.pid.map(|pid| Closer {
+                                pid,
+                                tid: event.tid.unwrap_or_default(),
+                                comm: event.comm.clone().unwrap_or_default(),
+                                uid: event.uid.unwrap_or_default(),
+                            }),
                         }),
-                    });
+                    }
                     let facts = Facts {
                         event: "tcp_state",
                         pid: event.pid,
@@ -189,11 +235,35 @@ impl Stream {
                     self.out.emit(&event);
                     self.keep(&event);
                 }
+                Ok(Record::TimeWait(r)) => {
+                    if let TimeWait::Timer(t) = &mut self.time_wait {
+                        for o in t.on_record(&r) {
+                            self.time_wait_record(o);
+                        }
+                    }
+                }
                 Err(e) => log::warn!("skipping a record: {e}"),
             }
         }
+        self.decide_time_wait();
         self.out.flush();
         n == DRAIN_BATCH
+    }
+
+    /// Early TIME_WAIT ends that waited long enough are told (killed); at
+    /// most every 100 ms, and at once when `force`.
+    fn decide_time_wait(&mut self) {
+        let TimeWait::Timer(t) = &mut self.time_wait else {
+            return;
+        };
+        let now = self.clock.now_ktime();
+        if now.saturating_sub(self.decided_ns) < DECIDE_EVERY_NS {
+            return;
+        }
+        self.decided_ns = now;
+        for o in t.decide(now) {
+            self.time_wait_record(o);
+        }
     }
 
     fn keep<T: Serialize>(&mut self, event: &T) {
@@ -205,9 +275,7 @@ impl Stream {
     pub fn time_wait_record(&mut self, o: time_wait::Out) {
         match o {
             time_wait::Out::Enter(e) => {
-                if let (Some(ra), Some(rp)) = (e.reuseaddr, e.reuseport) {
-                    self.explainer.book.note(e.sock_cookie, ra, rp);
-                }
+                self.explainer.book.note_time_wait(&e);
                 let facts = Facts {
                     event: "time_wait_enter",
                     pid: e.pid,
@@ -237,6 +305,11 @@ impl Stream {
         }
     }
 
+    /// Start-up is over (called on the first ticks).
+    pub fn settled(&mut self) {
+        self.time_wait.settled();
+    }
+
     /// Emits a `lost` record per cause whose counter moved: the kernel's per-CPU
     /// counters, and the TIME_WAIT tracker's full queue. Never filtered. (Lines
     /// the output could not write are reported by the output itself.)
@@ -245,12 +318,11 @@ impl Stream {
         for (slot, cause) in [
             (LOST_RINGBUF, "ring_buffer"),
             (LOST_INFLIGHT, "inflight_map"),
+            (LOST_TIME_WAIT_MAP, "time_wait_map"),
             (QUEUE_SLOT, "time_wait_queue"),
         ] {
             let total: u64 = if slot == QUEUE_SLOT {
-                self.time_wait
-                    .dropped
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                self.time_wait.dropped()
             } else {
                 self.lost
                     .get(&slot, 0)
@@ -279,6 +351,7 @@ impl Stream {
         LostByCause {
             ring_buffer: self.lost_seen[LOST_RINGBUF as usize],
             inflight_map: self.lost_seen[LOST_INFLIGHT as usize],
+            time_wait_map: self.lost_seen[LOST_TIME_WAIT_MAP as usize],
             time_wait_queue: self.lost_seen[LOST_SLOTS as usize],
             output: self.out.lost(),
         }

@@ -118,6 +118,8 @@ pub struct Totals {
 pub struct LostByCause {
     pub ring_buffer: u64,
     pub inflight_map: u64,
+    /// Timewait sockets the kernel-side table had no room for.
+    pub time_wait_map: u64,
     pub time_wait_queue: u64,
     /// Records the output could not write (disk full, a stalled reader).
     pub output: u64,
@@ -125,7 +127,11 @@ pub struct LostByCause {
 
 impl LostByCause {
     pub fn sum(&self) -> u64 {
-        self.ring_buffer + self.inflight_map + self.time_wait_queue + self.output
+        self.ring_buffer
+            + self.inflight_map
+            + self.time_wait_map
+            + self.time_wait_queue
+            + self.output
     }
 }
 
@@ -216,8 +222,8 @@ mod tests {
             /// Whatever a record of the right size holds, it becomes a JSON
             /// record without a panic (lengths, families, ports, text).
             #[test]
-            fn any_record_renders(payload in proptest::collection::vec(any::<u8>(), 600), which in 0usize..3) {
-                let kind = [Kind::Bind, Kind::TcpState, Kind::SockCall][which];
+            fn any_record_renders(payload in proptest::collection::vec(any::<u8>(), 600), which in 0usize..4) {
+                let kind = [Kind::Bind, Kind::TcpState, Kind::SockCall, Kind::TimeWait][which];
                 let mut bytes = payload[..kind.record_size()].to_vec();
                 bytes[..4].copy_from_slice(&(kind as u32).to_ne_bytes());
                 let clock = Clock::with_offset(0);
@@ -225,6 +231,13 @@ mod tests {
                     Record::Bind(r) => serde_json::to_string(&Bind::from_record(&r, &clock)),
                     Record::TcpState(r) => serde_json::to_string(&TcpState::from_record(&r, &clock)),
                     Record::SockCall(r) => serde_json::to_string(&SockCall::from_record(&r, &clock)),
+                    Record::TimeWait(r) => {
+                        // Any record, in any order, through the tracker.
+                        let mut t = crate::time_wait::timer::Tracker::new(clock, 250);
+                        let mut out = t.on_record(&r);
+                        out.extend(t.decide(u64::MAX));
+                        serde_json::to_string(&format!("{out:?}"))
+                    }
                 };
                 prop_assert!(json.is_ok());
             }

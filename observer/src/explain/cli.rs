@@ -164,6 +164,7 @@ pub fn explain(args: ExplainArgs) -> Result<ExitCode> {
     let mut diag = args.ns.diag()?;
     let on_port = holders(
         &mut diag,
+        0,
         args.addr.port,
         &OptionsBook::default(),
         &mut Owners::every(Duration::ZERO),
@@ -221,6 +222,7 @@ pub fn who(args: WhoArgs) -> Result<ExitCode> {
     let mut diag = args.ns.diag()?;
     let on_port = holders(
         &mut diag,
+        0,
         args.port,
         &OptionsBook::default(),
         &mut Owners::every(Duration::ZERO),

@@ -27,6 +27,19 @@ pub struct OptionsBook {
     map: HashMap<u64, (bool, bool)>,
     owners: HashMap<u64, (u32, String)>,
     order: VecDeque<u64>,
+    /// TIME_WAIT sockets the stream saw enter, by connection (their cookie
+    /// is often unset): inherited options and who closed them.
+    time_wait: HashMap<TwKey, TwNote>,
+    tw_order: VecDeque<TwKey>,
+}
+
+/// A connection: network namespace, local end, remote end.
+type TwKey = (u32, SocketAddr, SocketAddr);
+
+#[derive(Clone, Debug, PartialEq)]
+struct TwNote {
+    reuse: Option<(bool, bool)>,
+    closer: Option<(u32, String)>,
 }
 
 impl OptionsBook {
@@ -60,6 +73,42 @@ impl OptionsBook {
         if self.map.contains_key(&cookie) {
             self.owners.insert(cookie, (pid, comm.to_owned()));
         }
+    }
+
+    /// A `time_wait_enter`: what a TIME_WAIT blocker on that connection
+    /// inherited, and who closed it; the oldest forgotten beyond `CAP`.
+    pub fn note_time_wait(&mut self, e: &crate::time_wait::TimeWaitEnter) {
+        let (Ok(src), Ok(dst)) = (e.saddr.parse(), e.daddr.parse()) else {
+            return;
+        };
+        let reuse = e.reuseaddr.zip(e.reuseport);
+        if let (Some(c), Some((a, p))) = (e.sock_cookie, reuse) {
+            self.note(c, a, p);
+        }
+        let key = (
+            e.netns,
+            SocketAddr::new(src, e.sport),
+            SocketAddr::new(dst, e.dport),
+        );
+        let note = TwNote {
+            reuse,
+            closer: e.pid.zip(e.comm.clone()),
+        };
+        if self.time_wait.insert(key, note).is_none() {
+            self.tw_order.push_back(key);
+            if self.tw_order.len() > Self::CAP
+                && let Some(old) = self.tw_order.pop_front()
+            {
+                self.time_wait.remove(&old);
+            }
+        }
+    }
+
+    fn time_wait_note(&self, netns: u32, s: &InetSock) -> Option<&TwNote> {
+        let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        self.time_wait
+            .get(&(netns, s.src, s.dst))
+            .or_else(|| self.time_wait.get(&(netns, canon(s.src), canon(s.dst))))
     }
 
     fn owner(&self, cookie: u64) -> Option<(u32, String)> {
@@ -167,9 +216,11 @@ pub enum Ask {
 }
 
 /// Every socket on `port` (TCP in any state, bound-only included, and UDP) in
-/// the namespace `diag` was opened in, with owners and known options.
+/// the namespace `diag` was opened in (`netns`, 0 when unknown), with owners
+/// and known options.
 pub fn holders(
     diag: &mut Diag,
+    netns: u32,
     port: u16,
     book: &OptionsBook,
     owners: &mut Owners,
@@ -179,7 +230,10 @@ pub fn holders(
     let mut socks = diag.sockets(IPPROTO_TCP, u32::MAX, Some(port))?;
     socks.extend(diag.sockets(IPPROTO_UDP, u32::MAX, Some(port))?);
     let dumped = started.elapsed();
-    let holders = socks.iter().map(|s| holder(s, book, owners, ask)).collect();
+    let holders = socks
+        .iter()
+        .map(|s| holder(s, netns, book, owners, ask))
+        .collect();
     log::debug!(
         "port {port}: {} sockets; sock_diag {:?}, owners and options {:?}",
         socks.len(),
@@ -208,15 +262,25 @@ fn options_of(pid: u32, fd: i32) -> Option<(bool, bool)> {
     Some((sock.reuse_address().ok()?, sock.reuse_port().ok()?))
 }
 
-fn holder(s: &InetSock, book: &OptionsBook, owners: &mut Owners, ask: Ask) -> Holder {
-    let owner = match book.owner(s.cookie) {
-        Some((pid, comm)) => Some((pid, comm, -1)),
-        None => owners.get(s.inode),
+fn holder(s: &InetSock, netns: u32, book: &OptionsBook, owners: &mut Owners, ask: Ask) -> Holder {
+    let time_wait = (s.state == observer_common::tcp::state::TIME_WAIT)
+        .then(|| book.time_wait_note(netns, s))
+        .flatten();
+    // A TIME_WAIT socket has no owner: name the process that closed it.
+    let owner = match (
+        book.owner(s.cookie),
+        time_wait.and_then(|n| n.closer.clone()),
+    ) {
+        (Some((pid, comm)), _) | (None, Some((pid, comm))) => Some((pid, comm, -1)),
+        (None, None) => owners.get(s.inode),
     };
-    let known = book.get(s.cookie).or_else(|| match (&owner, ask) {
-        (Some((pid, _, fd)), Ask::Owner) if *fd >= 0 => options_of(*pid, *fd),
-        _ => None,
-    });
+    let known = book
+        .get(s.cookie)
+        .or_else(|| time_wait.and_then(|n| n.reuse))
+        .or_else(|| match (&owner, ask) {
+            (Some((pid, _, fd)), Ask::Owner) if *fd >= 0 => options_of(*pid, *fd),
+            _ => None,
+        });
     let local = SocketAddr::new(s.src.ip().to_canonical(), s.src.port());
     Holder {
         proto: if s.proto == IPPROTO_UDP { "udp" } else { "tcp" },
@@ -320,6 +384,7 @@ impl Explainer {
                 }
                 holders(
                     own.as_mut().expect("opened"),
+                    netns,
                     port,
                     book,
                     owners,
@@ -331,6 +396,7 @@ impl Explainer {
                 })?;
                 holders(
                     &mut Diag::open_in(&file)?,
+                    netns,
                     port,
                     book,
                     owners,

@@ -267,6 +267,7 @@ impl Ctx {
         let mut diag = crate::sock_diag::Diag::open().ok()?;
         let mut holders = explain::holders(
             &mut diag,
+            0,
             addr.port(),
             &self.book,
             &mut explain::Owners::none(),

@@ -1,4 +1,5 @@
-//! The TIME_WAIT lifecycle, without kprobes.
+//! The TIME_WAIT lifecycle by polling sock_diag: the fallback where the
+//! kernel's `tw_timer_handler` cannot be found (see `timer` for the exact path).
 //!
 //! `inet_sock_set_state` never shows TIME_WAIT: the kernel replaces the socket
 //! with a timewait socket and reports `FIN_WAIT2 → CLOSE` or `CLOSING → CLOSE`.
@@ -21,12 +22,10 @@ use std::{
 };
 
 use observer_common::tcp::state;
-use serde::Serialize;
 
+use super::{Closer, Entered, Key, Left, Out};
 use crate::{
     clock::Clock,
-    events::SCHEMA_VERSION,
-    names::family_name,
     netns,
     sock_diag::{Diag, IPPROTO_TCP, InetSock, state_mask},
 };
@@ -42,15 +41,6 @@ pub const MAX_TRACKED: usize = 1_000_000;
 /// Transitions queued to the tracker thread; beyond it they are counted as lost.
 /// (A counted unbounded channel: a bounded std channel allocates all its slots up front.)
 const QUEUE: usize = 1 << 18;
-
-/// The process that closed a socket (moved it to FIN_WAIT1 in process context).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Closer {
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub uid: u32,
-}
 
 /// The part of a `tcp_state` change the tracker needs.
 #[derive(Clone, Debug)]
@@ -68,13 +58,6 @@ pub struct Transition {
     pub reuse: Option<(bool, bool)>,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
-struct Key {
-    netns: u32,
-    src: SocketAddr,
-    dst: SocketAddr,
-}
-
 struct Candidate {
     ktime_ns: u64,
     closer: Option<Closer>,
@@ -88,110 +71,6 @@ struct Open {
     preexisting: bool,
 }
 
-#[derive(Serialize, Debug, Clone, PartialEq)]
-pub struct TimeWaitEnter {
-    pub v: u8,
-    pub ts: String,
-    pub event: &'static str,
-    pub netns: u32,
-    pub family: String,
-    pub saddr: String,
-    pub sport: u16,
-    pub daddr: String,
-    pub dport: u16,
-    /// What the kernel's TIME_WAIT timer had left when the socket was confirmed.
-    pub expires_ms: u32,
-    /// sock_diag saw the TIME_WAIT socket.
-    pub confirmed: bool,
-    /// It was there before the observer started (no close was seen).
-    pub preexisting: bool,
-    pub sock_cookie: u64,
-    /// Inherited from the socket it replaces (`null` when unknown): a restarted
-    /// server can bind next to it only if both have SO_REUSEADDR.
-    pub reuseaddr: Option<bool>,
-    pub reuseport: Option<bool>,
-    /// The process that closed the connection, when known.
-    pub pid: Option<u32>,
-    pub tid: Option<u32>,
-    pub comm: Option<String>,
-    pub uid: Option<u32>,
-}
-
-#[derive(Serialize, Debug, Clone, PartialEq)]
-pub struct TimeWaitExit {
-    pub v: u8,
-    pub ts: String,
-    pub event: &'static str,
-    pub netns: u32,
-    pub family: String,
-    pub saddr: String,
-    pub sport: u16,
-    pub daddr: String,
-    pub dport: u16,
-    /// From the close to the end; `null` for sockets that predate the observer.
-    pub held_ms: Option<u64>,
-    /// `expired` (the timer ran out) or `reused` (a new connection took the 4-tuple).
-    pub reason: &'static str,
-    pub preexisting: bool,
-    pub sock_cookie: u64,
-}
-
-#[cfg(test)]
-impl TimeWaitEnter {
-    /// Every field filled, for schema tests.
-    pub fn example() -> TimeWaitEnter {
-        TimeWaitEnter {
-            v: SCHEMA_VERSION,
-            ts: String::new(),
-            event: "time_wait_enter",
-            netns: 1,
-            family: "inet".into(),
-            saddr: "127.0.0.1".into(),
-            sport: 1,
-            daddr: "127.0.0.1".into(),
-            dport: 2,
-            expires_ms: 1,
-            confirmed: true,
-            preexisting: false,
-            sock_cookie: 1,
-            reuseaddr: Some(false),
-            reuseport: Some(false),
-            pid: Some(1),
-            tid: Some(1),
-            comm: Some("x".into()),
-            uid: Some(0),
-        }
-    }
-}
-
-#[cfg(test)]
-impl TimeWaitExit {
-    /// Every field filled, for schema tests.
-    pub fn example() -> TimeWaitExit {
-        TimeWaitExit {
-            v: SCHEMA_VERSION,
-            ts: String::new(),
-            event: "time_wait_exit",
-            netns: 1,
-            family: "inet".into(),
-            saddr: "127.0.0.1".into(),
-            sport: 1,
-            daddr: "127.0.0.1".into(),
-            dport: 2,
-            held_ms: Some(1),
-            reason: "expired",
-            preexisting: false,
-            sock_cookie: 1,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Out {
-    Enter(TimeWaitEnter),
-    Exit(TimeWaitExit),
-}
-
 /// The bookkeeping, free of I/O: fed transitions and sock_diag dumps.
 pub struct Tracker {
     clock: Clock,
@@ -202,17 +81,6 @@ pub struct Tracker {
     /// Candidates dropped unconfirmed, and transitions dropped at MAX_TRACKED.
     pub unconfirmed: u64,
     pub overflow: u64,
-}
-
-fn tuple_fields(k: &Key) -> (String, String, u16, String, u16) {
-    let family = if k.src.is_ipv4() { 2 } else { 10 };
-    (
-        family_name(family),
-        k.src.ip().to_string(),
-        k.src.port(),
-        k.dst.ip().to_string(),
-        k.dst.port(),
-    )
 }
 
 impl Tracker {
@@ -317,17 +185,10 @@ impl Tracker {
             // A different socket on the same 4-tuple means the old one was taken over.
             let replaced = present.contains_key(&(key.src, key.dst));
             let end_ns = o.reused_ns.unwrap_or(now_ns);
-            let (family, saddr, sport, daddr, dport) = tuple_fields(&key);
-            out.push(Out::Exit(TimeWaitExit {
-                v: SCHEMA_VERSION,
-                ts: self.clock.rfc3339(end_ns).to_string(),
-                event: "time_wait_exit",
-                netns,
-                family,
-                saddr,
-                sport,
-                daddr,
-                dport,
+            let left = Left {
+                key,
+                ktime_ns: end_ns,
+                sk: None,
                 held_ms: (!o.preexisting).then(|| end_ns.saturating_sub(o.entered_ns) / 1_000_000),
                 reason: if o.reused_ns.is_some() || replaced {
                     "reused"
@@ -335,8 +196,9 @@ impl Tracker {
                     "expired"
                 },
                 preexisting: o.preexisting,
-                sock_cookie: o.cookie,
-            }));
+                cookie: Some(o.cookie),
+            };
+            out.push(Out::Exit(left.record(&self.clock)));
         }
 
         let mut waiting: Vec<Key> = self
@@ -398,28 +260,17 @@ impl Tracker {
                 preexisting,
             },
         );
-        let (family, saddr, sport, daddr, dport) = tuple_fields(&key);
-        Out::Enter(TimeWaitEnter {
-            v: SCHEMA_VERSION,
-            ts: self.clock.rfc3339(ktime_ns).to_string(),
-            event: "time_wait_enter",
-            netns: key.netns,
-            family,
-            saddr,
-            sport,
-            daddr,
-            dport,
+        let entered = Entered {
+            key,
+            ktime_ns,
+            sk: None,
             expires_ms: s.expires_ms,
-            confirmed: true,
             preexisting,
-            sock_cookie: s.cookie,
-            reuseaddr: reuse.map(|r| r.0),
-            reuseport: reuse.map(|r| r.1),
-            pid: closer.as_ref().map(|c| c.pid),
-            tid: closer.as_ref().map(|c| c.tid),
-            comm: closer.as_ref().map(|c| c.comm.clone()),
-            uid: closer.as_ref().map(|c| c.uid),
-        })
+            cookie: Some(s.cookie),
+            reuse,
+            closer,
+        };
+        Out::Enter(entered.record(&self.clock))
     }
 }
 
@@ -446,15 +297,9 @@ impl Handle {
 /// the tracker thread. Its records arrive on `out`.
 pub fn spawn(clock: Clock, out: tokio::sync::mpsc::UnboundedSender<Out>) -> Handle {
     let mut tracker = Tracker::new(clock);
-    for (ino, file) in netns::all() {
-        match open_diag(ino, &file).and_then(|mut d| d.sockets(IPPROTO_TCP, time_wait_mask(), None))
-        {
-            Ok(socks) => {
-                for o in tracker.preexisting(ino, &socks, clock.now_ktime()) {
-                    let _ = out.send(o);
-                }
-            }
-            Err(e) => log::warn!("sock_diag in netns {ino}: {e}"),
+    for (ino, socks) in time_wait_everywhere() {
+        for o in tracker.preexisting(ino, &socks, clock.now_ktime()) {
+            let _ = out.send(o);
         }
     }
     let (tx, rx) = channel();
@@ -517,6 +362,31 @@ fn run(
             }
         }
     }
+}
+
+/// The TIME_WAIT sockets of every network namespace with a process in it (or
+/// named by `ip netns`), right now.
+pub fn time_wait_everywhere() -> Vec<(u32, Vec<InetSock>)> {
+    netns::all()
+        .into_iter()
+        .filter_map(|(ino, file)| {
+            match open_diag(ino, &file)
+                .and_then(|mut d| d.sockets(IPPROTO_TCP, time_wait_mask(), None))
+            {
+                Ok(socks) => Some((
+                    ino,
+                    socks
+                        .into_iter()
+                        .filter(|s| s.state == state::TIME_WAIT)
+                        .collect(),
+                )),
+                Err(e) => {
+                    log::warn!("sock_diag in netns {ino}: {e}");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 fn open_diag(ino: u32, file: &File) -> std::io::Result<Diag> {
@@ -649,11 +519,11 @@ mod tests {
         active_close(&mut t, 0xb0, 2000);
         let out = t.reconcile(NS, &[tw(8, 60_000)], 2_500_000_000);
         assert!(
-            matches!(&out[0], Out::Exit(x) if x.reason == "reused" && x.sock_cookie == 7),
+            matches!(&out[0], Out::Exit(x) if x.reason == "reused" && x.sock_cookie == Some(7)),
             "{out:?}"
         );
         assert!(
-            matches!(&out[1], Out::Enter(e) if e.sock_cookie == 8),
+            matches!(&out[1], Out::Enter(e) if e.sock_cookie == Some(8)),
             "{out:?}"
         );
         assert_eq!(out.len(), 2);

@@ -1,0 +1,504 @@
+//! TIME_WAIT from the kernel's own timer. Every timewait socket arms
+//! `tw->tw_timer`, whose handler is `tw_timer_handler`:
+//!
+//! - `timer:timer_start`: armed. A new socket in TIME_WAIT (or one moving
+//!   there from FIN_WAIT2) is an `ENTER`; a FIN_WAIT2 one is kept until it moves.
+//! - `timer:timer_expire_entry`: ran out, the socket dies: `EXPIRED`.
+//! - `timer:timer_cancel`: deleted. Three cases: just before every expiry
+//!   (in the timer softirq: `EXPIRED` follows, nothing to say), a re-arm
+//!   (`mod_timer`: the start follows at once on this CPU) and a real end
+//!   (killed or reused: nothing follows). The program says `CANCELLED` and
+//!   keeps the socket's state in a per-CPU slot; a start of the same socket
+//!   on this CPU right after takes it back and says `REARMED`.
+//!
+//! - A socket born in FIN_WAIT2 may move to TIME_WAIT without a timer event
+//!   (the new expiry falls in the same wheel bucket: the kernel only updates
+//!   `expires`). Such sockets wait in a queue that `obs_time_wait_sweep`,
+//!   run by the daemon every few tens of ms, checks; and every event of a
+//!   socket first catches up on that move. The enter's time then comes from
+//!   the new `expires` (60 s after the move).
+//!
+//! Per socket, the kernel keeps what the record needs later (`TW`: when it
+//! entered, its cookie), and who closed each connection (`CLOSERS`, filled by
+//! the TCP state program at FIN_WAIT1), so the daemon keeps nothing per socket.
+
+use aya_ebpf::{
+    helpers::generated,
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use observer_common::{
+    LOST_RINGBUF, LOST_TIME_WAIT_MAP, TimeWaitRecord,
+    tcp::state,
+    time_wait::{TimeWaitConfig, flags, op},
+};
+
+use crate::{
+    kernel::{read, sock_cookie, sock_netns, sock_reuse, sock_tuple},
+    maps::{EVENTS, count_lost, time_wait_config, wake_flags},
+    tcp::in_timer_softirq,
+};
+
+/// A connection, as both the TCP state tracepoint and a timewait socket show it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowKey {
+    pub netns: u32,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// The process that closed a connection (moved it to FIN_WAIT1).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Closer {
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    pub comm: [u8; 16],
+}
+
+/// Closers of connections on their way to TIME_WAIT. LRU: one that never
+/// gets there (reset, orphan limits) cannot pin an entry.
+#[map]
+pub static CLOSERS: LruHashMap<FlowKey, Closer> = LruHashMap::with_max_entries(65536, 0);
+
+/// A timewait socket the programs have seen armed.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TwState {
+    enter_ns: u64,
+    cookie: u64,
+    /// `tw_substate` at the last arm: FIN_WAIT2 until it enters TIME_WAIT.
+    substate: u8,
+    /// It predates the observer (seen first at a re-arm or an end).
+    preexisting: u8,
+    _pad: [u8; 6],
+}
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Live timewait sockets by address. Not preallocated: memory follows the
+/// host's count; when full, an insert fails and is counted (`time_wait_map`).
+#[map]
+static TW: HashMap<u64, TwState> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+
+/// The last cancel of a known timewait socket on this CPU, for a start that
+/// follows it at once (a re-arm).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Slot {
+    tw: u64,
+    ktime: u64,
+    /// The connection's sequence numbers: a socket killed at this address and
+    /// a new one made there at once (slab memory is reused right away) differ.
+    seqs: u64,
+    state: TwState,
+}
+
+/// `tw_rcv_nxt` and `tw_snd_nxt` of a timewait socket, together.
+fn seqs(c: &TimeWaitConfig, tw: u64) -> u64 {
+    let rcv: u32 = read(tw, c.tw_rcv_nxt).unwrap_or(0);
+    let snd: u32 = read(tw, c.tw_snd_nxt).unwrap_or(0);
+    u64::from(rcv) << 32 | u64::from(snd)
+}
+
+#[map]
+static LAST_CANCEL: PerCpuArray<Slot> = PerCpuArray::with_max_entries(1, 0);
+
+/// Timewait sockets born in FIN_WAIT2, for the sweep; and those it found
+/// still there, for the next sweep (with their count: only the sweep uses it).
+#[map]
+static FW2_NEW: Queue<u64> = Queue::with_max_entries(1 << 16, 0);
+#[map]
+static FW2_WAIT: Queue<u64> = Queue::with_max_entries(1 << 16, 0);
+#[map]
+static FW2_WAIT_LEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// A recent (jiffies, ktime) pair, from the timer tracepoints' `now`: to turn
+/// a timer's `expires` into a ktime.
+#[map]
+static CLOCK: Array<[u64; 2]> = Array::with_max_entries(1, 0);
+
+fn note_clock(jiffies: u64, ktime: u64) {
+    if let Some(p) = CLOCK.get_ptr_mut(0) {
+        // SAFETY: a map value; a torn pair from two CPUs at once is off by a
+        // jiffy at most, which is the precision of what it converts.
+        unsafe { *p = [jiffies, ktime] };
+    }
+}
+
+/// A start more than this long after a cancel is not its re-arm (the memory
+/// of a killed timewait socket can hold a new one at once: slab RCU).
+const REARM_WITHIN_NS: u64 = 200_000;
+
+/// The timewait socket behind a timer, if the timer is a timewait socket's.
+fn tw_of(c: &TimeWaitConfig, timer: u64, function: u64) -> Option<u64> {
+    (c.tw_timer_handler != 0 && function == c.tw_timer_handler && timer > c.tw_timer as u64)
+        .then(|| timer - c.tw_timer as u64)
+}
+
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { generated::bpf_ktime_get_ns() }
+}
+
+#[tracepoint]
+pub fn obs_timer_start(ctx: TracePointContext) -> u32 {
+    let _ = try_start(&ctx);
+    0
+}
+
+fn try_start(ctx: &TracePointContext) -> Result<(), i64> {
+    let c = time_wait_config();
+    // SAFETY (each `read_at` below): offsets from the tracepoint's own format
+    // file, read within its record; the helper checks the bounds.
+    // The function filter first: this runs for every timer armed on the host.
+    let function: u64 = unsafe { ctx.read_at(c.start_function as usize)? };
+    let timer: u64 = unsafe { ctx.read_at(c.start_timer as usize)? };
+    let Some(tw) = tw_of(&c, timer, function) else {
+        return Ok(());
+    };
+    let substate: u8 = read(tw, c.tw_substate).ok_or(0i64)?;
+    let expires: u64 = unsafe { ctx.read_at(c.start_expires as usize)? };
+    let jiffies: u64 = unsafe { ctx.read_at(c.start_now as usize)? };
+    let t = now();
+    note_clock(jiffies, t);
+    // A socket already in `TW` without a cancel just before is a stale entry
+    // (its end was lost) under a new socket: it starts afresh.
+    let prev = take_slot(tw, t, seqs(&c, tw));
+    let mut st = TwState {
+        enter_ns: t,
+        cookie: sock_cookie(tw),
+        substate,
+        preexisting: 0,
+        _pad: [0; 6],
+    };
+    let entering = match prev {
+        Some(p) if p.substate == state::TIME_WAIT => {
+            st = p; // a re-arm in TIME_WAIT: nothing changes but the timer
+            emit(
+                tw,
+                &st,
+                &Event {
+                    op: op::REARMED,
+                    at_ns: t,
+                    timeout_jiffies: 0,
+                    flags: 0,
+                },
+            );
+            false
+        }
+        Some(p) => {
+            st.preexisting = p.preexisting;
+            substate == state::TIME_WAIT // FIN_WAIT2 -> TIME_WAIT
+        }
+        None => substate == state::TIME_WAIT,
+    };
+    if TW.insert(&tw, &st, 0).is_err() {
+        count_lost(LOST_TIME_WAIT_MAP);
+    }
+    if entering {
+        emit(
+            tw,
+            &st,
+            &Event {
+                op: op::ENTER,
+                at_ns: t,
+                timeout_jiffies: expires.wrapping_sub(jiffies),
+                flags: 0,
+            },
+        );
+    } else if st.substate != state::TIME_WAIT && FW2_NEW.push(tw, 0).is_err() {
+        count_lost(LOST_TIME_WAIT_MAP);
+    }
+    Ok(())
+}
+
+/// A socket known in FIN_WAIT2 that is now in TIME_WAIT without a timer
+/// event: say it entered, when its `expires` says, and remember it did.
+fn catch_up(c: &TimeWaitConfig, tw: u64, st: &mut TwState) {
+    if st.substate == state::TIME_WAIT || read::<u8>(tw, c.tw_substate) != Some(state::TIME_WAIT) {
+        return;
+    }
+    let expires: u64 = read(tw + c.tw_timer as u64, c.timer_expires).unwrap_or(0);
+    let t = now();
+    let entered = enter_time(c, expires).unwrap_or(t).min(t);
+    st.substate = state::TIME_WAIT;
+    st.enter_ns = entered;
+    emit(
+        tw,
+        st,
+        &Event {
+            op: op::ENTER,
+            at_ns: entered,
+            timeout_jiffies: c.timewait_len_jiffies,
+            flags: 0,
+        },
+    );
+}
+
+/// When a TIME_WAIT timer that runs out at `expires` (jiffies) was armed.
+fn enter_time(c: &TimeWaitConfig, expires: u64) -> Option<u64> {
+    let [jiffies, ktime] = *CLOCK.get(0)?;
+    if jiffies == 0 || c.ns_per_jiffy == 0 {
+        return None;
+    }
+    let armed = expires.wrapping_sub(c.timewait_len_jiffies) as i64;
+    let ago = (jiffies as i64).wrapping_sub(armed);
+    Some(ktime.wrapping_sub((ago as u64).wrapping_mul(c.ns_per_jiffy)))
+}
+
+/// How many queued sockets one run of the sweep looks at (the verifier walks
+/// every iteration of the loop).
+const SWEEP_BATCH: u32 = 16;
+
+/// Run by the daemon (BPF_PROG_TEST_RUN), never attached: the FIN_WAIT2-born
+/// sockets that moved to TIME_WAIT since the last run enter; those still in
+/// FIN_WAIT2 wait for the next. Returns 1 when more remain than one run takes.
+#[raw_tracepoint]
+pub fn obs_time_wait_sweep(_ctx: RawTracePointContext) -> i32 {
+    let c = time_wait_config();
+    if c.tw_timer_handler == 0 {
+        return 0;
+    }
+    let waiting = FW2_WAIT_LEN.get(0).copied().unwrap_or(0);
+    let mut kept = 0u64;
+    let mut more = 0;
+    for i in 0..SWEEP_BATCH {
+        // Those that waited first, then the newly born.
+        let next = if u64::from(i) < waiting {
+            FW2_WAIT.pop()
+        } else {
+            FW2_NEW.pop()
+        };
+        let Ok(Some(tw)) = next else {
+            if u64::from(i) >= waiting {
+                break;
+            }
+            continue;
+        };
+        // SAFETY: the value is copied out at once.
+        let Some(mut st) = (unsafe { TW.get(&tw) }).copied() else {
+            continue; // gone: expired or killed while in FIN_WAIT2
+        };
+        catch_up(&c, tw, &mut st);
+        if st.substate == state::TIME_WAIT {
+            let _ = TW.insert(&tw, &st, 0);
+        } else if FW2_WAIT.push(tw, 0).is_ok() {
+            kept += 1;
+        } else {
+            count_lost(LOST_TIME_WAIT_MAP);
+        }
+        if i + 1 == SWEEP_BATCH {
+            more = 1;
+        }
+    }
+    // Those of the waiting that this run did not reach are still queued.
+    let left = waiting.saturating_sub(u64::from(SWEEP_BATCH));
+    if let Some(p) = FW2_WAIT_LEN.get_ptr_mut(0) {
+        // SAFETY: only this program, run by one daemon thread, writes it.
+        unsafe { *p = kept + left };
+    }
+    more
+}
+
+/// The state a cancel of `tw` on this CPU left, if that cancel was just now.
+fn take_slot(tw: u64, t: u64, seqs: u64) -> Option<TwState> {
+    let slot = LAST_CANCEL.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot; no other program touches it while this one
+    // runs on this CPU.
+    let s = unsafe { &mut *slot };
+    let hit = s.tw == tw && s.seqs == seqs && t.wrapping_sub(s.ktime) < REARM_WITHIN_NS;
+    s.tw = 0;
+    hit.then_some(s.state)
+}
+
+#[tracepoint]
+pub fn obs_timer_cancel(ctx: TracePointContext) -> u32 {
+    let _ = try_cancel(&ctx);
+    0
+}
+
+fn try_cancel(ctx: &TracePointContext) -> Result<(), i64> {
+    let c = time_wait_config();
+    if c.tw_timer_handler == 0 {
+        return Ok(());
+    }
+    // SAFETY: an offset from the tracepoint's format file.
+    let timer: u64 = unsafe { ctx.read_at(c.cancel_timer as usize)? };
+    // The record has no function: read it from the timer (cheaper than a map lookup).
+    let function: u64 = read(timer, c.timer_function).unwrap_or(0);
+    let Some(tw) = tw_of(&c, timer, function) else {
+        return Ok(());
+    };
+    if in_timer_softirq() {
+        return Ok(()); // an expiry: its expire_entry follows and says it
+    }
+    // SAFETY: the value is copied out at once, before anything can change it.
+    let known = unsafe { TW.get(&tw) }.copied();
+    let _ = TW.remove(&tw);
+    let substate: u8 = read(tw, c.tw_substate).unwrap_or(0);
+    let mut st = known.unwrap_or(TwState {
+        enter_ns: 0,
+        cookie: sock_cookie(tw),
+        substate,
+        preexisting: 1,
+        _pad: [0; 6],
+    });
+    let t = now();
+    // In FIN_WAIT2 when last seen, in TIME_WAIT now: either this cancel is the
+    // re-arm of that very move (a start follows, and says ENTER), or the move
+    // happened unseen and this is the end. The daemon tells which.
+    let enter_pending = st.substate != state::TIME_WAIT && substate == state::TIME_WAIT;
+    if let Some(slot) = LAST_CANCEL.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot, as in `take_slot`.
+        unsafe {
+            *slot = Slot {
+                tw,
+                ktime: t,
+                seqs: seqs(&c, tw),
+                state: st,
+            }
+        };
+    }
+    if enter_pending {
+        let expires: u64 = read(tw + c.tw_timer as u64, c.timer_expires).unwrap_or(0);
+        st.enter_ns = enter_time(&c, expires).unwrap_or(t).min(t).max(st.enter_ns);
+        emit(
+            tw,
+            &st,
+            &Event {
+                op: op::CANCELLED,
+                at_ns: t,
+                timeout_jiffies: c.timewait_len_jiffies,
+                flags: flags::ENTER_PENDING,
+            },
+        );
+    } else if st.substate == state::TIME_WAIT {
+        emit(
+            tw,
+            &st,
+            &Event {
+                op: op::CANCELLED,
+                at_ns: t,
+                timeout_jiffies: 0,
+                flags: 0,
+            },
+        );
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn obs_timer_expire_entry(ctx: TracePointContext) -> u32 {
+    let _ = try_expire(&ctx);
+    0
+}
+
+fn try_expire(ctx: &TracePointContext) -> Result<(), i64> {
+    let c = time_wait_config();
+    // SAFETY: offsets from the tracepoint's format file.
+    let function: u64 = unsafe { ctx.read_at(c.expire_function as usize)? };
+    let timer: u64 = unsafe { ctx.read_at(c.expire_timer as usize)? };
+    let Some(tw) = tw_of(&c, timer, function) else {
+        return Ok(());
+    };
+    // SAFETY: the value is copied out at once, before anything can change it.
+    let known = unsafe { TW.get(&tw) }.copied();
+    let _ = TW.remove(&tw);
+    // SAFETY: an offset from the tracepoint's format file.
+    let jiffies: u64 = unsafe { ctx.read_at(c.expire_now as usize)? };
+    note_clock(jiffies, now());
+    let substate: u8 = read(tw, c.tw_substate).unwrap_or(0);
+    let mut st = known.unwrap_or(TwState {
+        enter_ns: 0,
+        cookie: sock_cookie(tw),
+        substate,
+        preexisting: 1,
+        _pad: [0; 6],
+    });
+    catch_up(&c, tw, &mut st);
+    if st.substate != state::TIME_WAIT {
+        return Ok(()); // a FIN_WAIT2 timewait socket never was in TIME_WAIT
+    }
+    emit(
+        tw,
+        &st,
+        &Event {
+            op: op::EXPIRED,
+            at_ns: now(),
+            timeout_jiffies: 0,
+            flags: 0,
+        },
+    );
+    Ok(())
+}
+
+/// One record about `tw`, read from the socket itself (it is alive in all
+/// three tracepoints).
+/// What a record says beyond the socket (BPF functions take five arguments at most).
+struct Event {
+    op: u8,
+    at_ns: u64,
+    timeout_jiffies: u64,
+    flags: u16,
+}
+
+fn emit(tw: u64, st: &TwState, e: &Event) {
+    let Some(tuple) = sock_tuple(tw) else {
+        return;
+    };
+    let Some(mut slot) = EVENTS.reserve::<TimeWaitRecord>(0) else {
+        count_lost(LOST_RINGBUF);
+        return;
+    };
+    let r = slot.write(TimeWaitRecord::zeroed());
+    r.header.ktime_ns = e.at_ns;
+    r.tw = tw;
+    r.op = e.op;
+    r.substate = st.substate;
+    r.cookie = st.cookie;
+    r.timeout_jiffies = e.timeout_jiffies;
+    r.flags = e.flags;
+    r.netns = sock_netns(tw);
+    r.family = tuple.family;
+    r.sport = tuple.sport;
+    r.dport = tuple.dport;
+    r.saddr = tuple.saddr;
+    r.daddr = tuple.daddr;
+    if st.preexisting != 0 {
+        r.flags |= flags::PREEXISTING;
+    } else if st.enter_ns != 0 {
+        r.enter_ns = st.enter_ns;
+        r.flags |= flags::ENTER_KNOWN;
+    }
+    if let Some((reuseaddr, reuseport)) = sock_reuse(tw) {
+        r.flags |= flags::REUSE_KNOWN
+            | if reuseaddr { flags::REUSEADDR } else { 0 }
+            | if reuseport { flags::REUSEPORT } else { 0 };
+    }
+    if e.op == op::ENTER || e.flags & flags::ENTER_PENDING != 0 {
+        let key = FlowKey {
+            netns: r.netns,
+            family: r.family,
+            sport: r.sport,
+            dport: r.dport,
+            _pad: 0,
+            saddr: r.saddr,
+            daddr: r.daddr,
+        };
+        if let Some(c) = CLOSERS.get_ptr(&key) {
+            // SAFETY: a map value pointer, valid during this program.
+            let c = unsafe { &*c };
+            (r.pid_tgid, r.uid_gid, r.comm) = (c.pid_tgid, c.uid_gid, c.comm);
+            r.flags |= flags::CLOSER;
+            let _ = CLOSERS.remove(&key);
+        }
+    }
+    slot.submit(wake_flags(size_of::<TimeWaitRecord>(), false));
+}
