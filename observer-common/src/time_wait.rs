@@ -21,6 +21,11 @@ pub mod op {
     /// Its timer was armed again right after a `CANCELLED` of it: that
     /// cancel was a re-arm, not an end.
     pub const REARMED: u8 = 4;
+    /// A new connection took the 4-tuple of a socket `CANCELLED` just before
+    /// (a TCP state change of that tuple to SYN_SENT, SYN_RECV or
+    /// ESTABLISHED): that end was a reuse. Only the tuple, `tw` and `netns`
+    /// are set.
+    pub const REUSED: u8 = 5;
 }
 
 /// Bits of [`TimeWaitRecord::flags`].

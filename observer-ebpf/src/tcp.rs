@@ -14,7 +14,7 @@ use observer_common::{
 use crate::{
     kernel::{sock_netns, sock_reuse},
     maps::{EVENTS, count_lost, time_wait_config, wake_flags},
-    time_wait::{CLOSERS, Closer, FlowKey},
+    time_wait::{CLOSERS, Closer, FlowKey, note_new_connection},
 };
 
 /// When each socket entered its current state, for `prev_state_ms`. LRU: a
@@ -168,6 +168,9 @@ fn note_closer(r: &TcpStateRecord) {
         // (which took the closer); any other way to CLOSE ends the story.
         state::CLOSE if !matches!(r.oldstate, state::FIN_WAIT2 | state::CLOSING) => {
             let _ = CLOSERS.remove(&key);
+        }
+        state::SYN_SENT | state::SYN_RECV | state::ESTABLISHED => {
+            note_new_connection(&key, r.header.ktime_ns)
         }
         _ => {}
     }

@@ -67,6 +67,11 @@ pub struct Closer {
 #[map]
 pub static CLOSERS: LruHashMap<FlowKey, Closer> = LruHashMap::with_max_entries(65536, 0);
 
+/// Timewait sockets deleted early, by connection, for a moment: a new
+/// connection on the same 4-tuple right after makes that end a reuse.
+#[map]
+pub static CANCELLED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
 /// A timewait socket the programs have seen armed.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -482,16 +487,19 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
             | if reuseaddr { flags::REUSEADDR } else { 0 }
             | if reuseport { flags::REUSEPORT } else { 0 };
     }
+    let key = FlowKey {
+        netns: r.netns,
+        family: r.family,
+        sport: r.sport,
+        dport: r.dport,
+        _pad: 0,
+        saddr: r.saddr,
+        daddr: r.daddr,
+    };
+    if e.op == op::CANCELLED {
+        let _ = CANCELLED.insert(&key, &tw, 0);
+    }
     if e.op == op::ENTER || e.flags & flags::ENTER_PENDING != 0 {
-        let key = FlowKey {
-            netns: r.netns,
-            family: r.family,
-            sport: r.sport,
-            dport: r.dport,
-            _pad: 0,
-            saddr: r.saddr,
-            daddr: r.daddr,
-        };
         if let Some(c) = CLOSERS.get_ptr(&key) {
             // SAFETY: a map value pointer, valid during this program.
             let c = unsafe { &*c };
@@ -500,5 +508,30 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
             let _ = CLOSERS.remove(&key);
         }
     }
+    slot.submit(wake_flags(size_of::<TimeWaitRecord>(), false));
+}
+
+/// A connection reaching SYN_SENT, SYN_RECV or ESTABLISHED on the 4-tuple of
+/// a timewait socket deleted just before: that socket was reused.
+pub fn note_new_connection(key: &FlowKey, t: u64) {
+    // SAFETY: the value is copied out at once.
+    let Some(tw) = (unsafe { CANCELLED.get(key) }).copied() else {
+        return;
+    };
+    let _ = CANCELLED.remove(key);
+    let Some(mut slot) = EVENTS.reserve::<TimeWaitRecord>(0) else {
+        count_lost(LOST_RINGBUF);
+        return;
+    };
+    let r = slot.write(TimeWaitRecord::zeroed());
+    r.header.ktime_ns = t;
+    r.tw = tw;
+    r.op = op::REUSED;
+    r.netns = key.netns;
+    r.family = key.family;
+    r.sport = key.sport;
+    r.dport = key.dport;
+    r.saddr = key.saddr;
+    r.daddr = key.daddr;
     slot.submit(wake_flags(size_of::<TimeWaitRecord>(), false));
 }

@@ -18,7 +18,7 @@ use crate::{
     filter::{Facts, Filter},
     output::Output,
     time_wait::{
-        self, Closer, Key,
+        self, Closer,
         poll::{self, Transition},
         timer,
     },
@@ -166,18 +166,9 @@ impl Stream {
                     let event = TcpState::from_record(&r, &self.clock);
                     let (src, dst) = tuple(&r);
                     // The tracker sees every change, whatever the filters say.
-                    match &mut self.time_wait {
-                        TimeWait::Timer(t) => {
-                            let key = Key {
-                                netns: r.netns,
-                                src,
-                                dst,
-                            };
-                            for o in t.on_tcp_state(key, r.newstate) {
-                                self.time_wait_record(o);
-                            }
-                        }
-                        TimeWait::Poll(p) => p.send(Transition {
+                    // (The timer path has what it needs from the kernel.)
+                    if let TimeWait::Poll(p) = &mut self.time_wait {
+                        p.send(Transition {
                             ktime_ns: r.header.ktime_ns,
                             netns: r.netns,
                             skaddr: r.skaddr,
@@ -192,7 +183,7 @@ impl Stream {
                                 comm: event.comm.clone().unwrap_or_default(),
                                 uid: event.uid.unwrap_or_default(),
                             }),
-                        }),
+                        });
                     }
                     let facts = Facts {
                         event: "tcp_state",

@@ -3,10 +3,9 @@
 //! turning their records into `time_wait_enter`/`time_wait_exit`.
 //!
 //! The kernel says when a timewait socket enters, expires, or has its timer
-//! deleted early. An early delete is `reused` when a new connection takes the
-//! same 4-tuple right after (a TCP state change of that tuple to SYN_SENT,
-//! SYN_RECV or ESTABLISHED), else `killed`; so it waits here, at most
-//! [`DECIDE_WITHIN`], which is all this side keeps per socket.
+//! deleted early. An early delete is `reused` when the kernel then sees a new
+//! connection take the same 4-tuple (a `REUSED` record), else `killed`; so it
+//! waits here, at most [`DECIDE_WITHIN`], which is all this side keeps per socket.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -16,7 +15,6 @@ use std::{
 
 use observer_common::{
     TimeWaitRecord,
-    tcp::state,
     time_wait::{TimeWaitConfig, flags, op},
 };
 
@@ -151,9 +149,8 @@ struct Pending {
 pub struct Tracker {
     clock: Clock,
     hz: u64,
-    /// Early deletes by timewait socket, and the same by connection.
+    /// Early deletes by timewait socket.
     pending: HashMap<u64, Pending>,
-    by_key: HashMap<Key, u64>,
     /// Connections reported as preexisting by the start-up snapshot, while a
     /// kernel enter of the same one (made between attach and snapshot) may
     /// still come: it is not reported twice.
@@ -170,7 +167,6 @@ impl Tracker {
             clock,
             hz,
             pending: HashMap::new(),
-            by_key: HashMap::new(),
             snapshot: HashSet::new(),
             open: 0,
             dropped: 0,
@@ -231,7 +227,6 @@ impl Tracker {
                 let left = self.left(r, key, "killed");
                 let entered =
                     (r.flags & flags::ENTER_PENDING != 0).then(|| self.entered(r, key, r.enter_ns));
-                self.by_key.insert(key, r.tw);
                 self.pending.insert(
                     r.tw,
                     Pending {
@@ -246,25 +241,14 @@ impl Tracker {
                 self.forget_pending(r.tw);
                 Vec::new()
             }
+            op::REUSED => match self.pending.remove(&r.tw) {
+                Some(mut p) => {
+                    p.left.reason = "reused";
+                    self.end(p)
+                }
+                None => Vec::new(),
+            },
             _ => Vec::new(),
-        }
-    }
-
-    /// A TCP state change: a new connection on a 4-tuple whose timewait
-    /// socket was just deleted took it over.
-    pub fn on_tcp_state(&mut self, key: Key, new: u8) -> Vec<Out> {
-        if !matches!(new, state::SYN_SENT | state::SYN_RECV | state::ESTABLISHED) {
-            return Vec::new();
-        }
-        let Some(tw) = self.by_key.remove(&key) else {
-            return Vec::new();
-        };
-        match self.pending.remove(&tw) {
-            Some(mut p) => {
-                p.left.reason = "reused";
-                self.end(p)
-            }
-            None => Vec::new(),
         }
     }
 
@@ -281,7 +265,6 @@ impl Tracker {
         let mut out = Vec::with_capacity(due.len());
         for tw in due {
             if let Some(p) = self.pending.remove(&tw) {
-                self.by_key.remove(&p.left.key);
                 out.extend(self.end(p));
             }
         }
@@ -325,9 +308,7 @@ impl Tracker {
     }
 
     fn forget_pending(&mut self, tw: u64) {
-        if let Some(p) = self.pending.remove(&tw) {
-            self.by_key.remove(&p.left.key);
-        }
+        self.pending.remove(&tw);
     }
 
     fn left(&self, r: &TimeWaitRecord, key: Key, reason: &'static str) -> Left {
@@ -367,6 +348,7 @@ fn key_of(r: &TimeWaitRecord) -> Key {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use observer_common::tcp::state;
 
     const NS: u32 = 4026531840;
     const SK: u64 = 0xffff_8881_0000_1000;
@@ -442,8 +424,7 @@ mod tests {
             t.on_record(&ended(op::CANCELLED, 5_000)).is_empty(),
             "it waits"
         );
-        assert!(t.on_tcp_state(key(), state::LISTEN).is_empty());
-        let out = t.on_tcp_state(key(), state::SYN_RECV);
+        let out = t.on_record(&rec(op::REUSED, 5_001));
         let [Out::Exit(x)] = out.as_slice() else {
             panic!("{out:?}")
         };

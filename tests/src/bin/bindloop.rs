@@ -3,6 +3,11 @@
 //!
 //!   bindloop udp|tcp SECS [COUNT]   socket + bind(127.0.0.1:0) + close
 //!   bindloop churn SECS             connect + accept + close, over loopback
+//!   bindloop twchurn SECS [COUNT]   the same, the server closing first (its socket goes to
+//!                                   TIME_WAIT), on 2 threads, in a network namespace of its
+//!                                   own; also prints `tw=N` (TIME_WAIT sockets there after
+//!                                   1 s) and `netns=INODE`, then holds the namespace until
+//!                                   stdin closes
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -51,6 +56,19 @@ fn main() {
                 ops += 1;
             }
         }
+        "twchurn" => {
+            let (made, tw, netns) = time_wait_churn(deadline, count);
+            ops = made;
+            let secs = start.elapsed().as_secs_f64() - 1.0;
+            println!(
+                "ops={ops} secs={secs:.3} rate={:.0} pid={} tw={tw} netns={netns}",
+                ops as f64 / secs,
+                std::process::id()
+            );
+            // Hold the namespace (and its TIME_WAIT sockets) until told.
+            let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
+            return;
+        }
         _ => usage(),
     }
     let secs = start.elapsed().as_secs_f64();
@@ -59,4 +77,86 @@ fn main() {
         ops as f64 / secs,
         std::process::id()
     );
+}
+
+/// Listeners the TIME_WAIT churn spreads over: 16 x 64,000 client ports
+/// gives a million distinct 4-tuples, so no TIME_WAIT socket is reused.
+const TW_LISTENERS: u16 = 64;
+const TW_THREADS: usize = 1;
+
+/// Server-first connections on `TW_THREADS` threads in a new network
+/// namespace until `deadline` or `count`; returns (server-side closes,
+/// TIME_WAIT sockets in the namespace 1 s later, its inode).
+fn time_wait_churn(deadline: Duration, count: u64) -> (u64, usize, u64) {
+    use std::{
+        io::Read,
+        os::unix::fs::MetadataExt,
+        sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        },
+    };
+    // SAFETY: unshare and the ioctls below act on this (single-threaded so far) process.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+    lo_up();
+    std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535").unwrap();
+    std::fs::write("/proc/sys/net/ipv4/tcp_max_tw_buckets", "2000000").unwrap();
+    let listeners: Vec<TcpListener> = (0..TW_LISTENERS)
+        .map(|i| TcpListener::bind((Ipv4Addr::LOCALHOST, 900 + i)).expect("listen"))
+        .collect();
+    let listeners = Arc::new(listeners);
+    let made = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..TW_THREADS)
+        .map(|t| {
+            let (listeners, made) = (listeners.clone(), made.clone());
+            std::thread::spawn(move || {
+                let mut i = t;
+                loop {
+                    let n = made.fetch_add(1, Ordering::Relaxed);
+                    if n >= count || (n % 64 == 0 && start.elapsed() >= deadline) {
+                        made.fetch_sub(1, Ordering::Relaxed);
+                        break;
+                    }
+                    let l = &listeners[i % listeners.len()];
+                    i += TW_THREADS;
+                    let mut c = TcpStream::connect(l.local_addr().unwrap()).expect("connect");
+                    let (a, _) = l.accept().expect("accept");
+                    drop(a); // the server closes first
+                    let _ = c.read(&mut [0u8; 1]); // its FIN
+                    drop(c); // the client's FIN: the server's socket enters TIME_WAIT
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let made = made.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(1));
+    let tw = std::fs::read_to_string("/proc/self/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(3) == Some("06"))
+        .count();
+    let netns = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    (made, tw, netns)
+}
+
+/// Brings `lo` up in the current network namespace.
+fn lo_up() {
+    // SAFETY: plain ioctls on a socket this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr), 0);
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr), 0);
+        libc::close(fd);
+    }
 }
