@@ -36,6 +36,20 @@ pub struct KernelOffsets {
     /// The byte of `sock_common` holding the bitfields `skc_reuse:4` and
     /// `skc_reuseport:1`: `byte << 16 | reuse_bit << 8 | reuseport_bit`; 0 if unknown.
     pub skc_reuse_bits: u32,
+    /// `sock.sk_type`, `sock.sk_protocol` (u16 each), `sock_common.skc_bound_dev_if`.
+    pub sk_type: u32,
+    pub sk_protocol: u32,
+    pub skc_bound_dev_if: u32,
+    /// `file.f_inode`, `inode.i_mode` (S_IFSOCK: the file is a socket), `inode.i_ino`.
+    pub file_f_inode: u32,
+    pub inode_i_mode: u32,
+    pub inode_i_ino: u32,
+    /// Where `inet_sock` keeps IP_FREEBIND, IP_TRANSPARENT and
+    /// IP_BIND_ADDRESS_NO_PORT: `byte << 8 | bit` each; 0 if unknown.
+    pub inet_freebind: u32,
+    pub inet_transparent: u32,
+    pub inet_bind_address_no_port: u32,
+    pub _pad: u32,
 }
 
 impl KernelOffsets {
@@ -59,13 +73,24 @@ impl KernelOffsets {
         skc_v6_daddr: 0,
         skc_cookie: 0,
         skc_reuse_bits: 0,
+        sk_type: 0,
+        sk_protocol: 0,
+        skc_bound_dev_if: 0,
+        file_f_inode: 0,
+        inode_i_mode: 0,
+        inode_i_ino: 0,
+        inet_freebind: 0,
+        inet_transparent: 0,
+        inet_bind_address_no_port: 0,
+        _pad: 0,
     };
 
-    /// The socket behind a file descriptor can be read.
+    /// The socket behind a file descriptor can be read (and told from other files).
     pub const fn fd_sock_known(&self) -> bool {
         self.task_files != 0
             && self.fdt_fd != 0
             && self.file_private_data != 0
+            && self.file_f_inode != 0
             && self.socket_sk != 0
             && self.skc_num != 0
     }

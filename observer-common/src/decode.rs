@@ -65,18 +65,17 @@ pub fn encode<T: aya::Pod>(record: &T) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bind::flags;
+    use crate::{bind::flags, task::TaskHeader};
 
     #[test]
     fn bind_round_trip() {
         let mut r = BindRecord::zeroed();
-        r.pid_tgid = (42 << 32) | 43;
+        r.task.pid_tgid = (42 << 32) | 43;
         r.ret = -98;
         r.family = 2;
-        r.port = 5700;
-        r.flags = flags::CGROUP_HOOK | flags::REUSEADDR_KNOWN;
-        r.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        r.comm[..4].copy_from_slice(b"curl");
+        r.flags = flags::SOCKET | flags::REUSEADDR_KNOWN;
+        r.sockaddr[..4].copy_from_slice(&[2, 0, 0x16, 0x44]);
+        r.task.comm[..4].copy_from_slice(b"curl");
         assert_eq!(decode(encode(&r)), Ok(Record::Bind(r)));
     }
 
@@ -118,7 +117,13 @@ mod tests {
         );
         assert_eq!(
             size_of::<SockCallRecord>(),
-            16 + 5 * 8 + 5 * 4 + 2 * 2 + 2 * 16 + crate::bind::SOCKADDR_MAX
+            16 + size_of::<TaskHeader>()
+                + 2 * 8
+                + 4 * 4
+                + 2 * 2
+                + 4
+                + 16
+                + crate::bind::SOCKADDR_MAX
         );
         assert_eq!(
             size_of::<TimeWaitRecord>(),
@@ -129,8 +134,13 @@ mod tests {
     #[test]
     fn layout_has_no_padding() {
         // encode() exposes every byte: the layout must have no implicit padding.
-        let fields =
-            size_of::<Header>() + 6 * 8 + 5 * 4 + 6 * 2 + 16 + 16 + crate::bind::SOCKADDR_MAX;
+        assert_eq!(size_of::<TaskHeader>(), 3 * 8 + 2 * 4 + 16);
+        let fields = size_of::<Header>()
+            + size_of::<TaskHeader>()
+            + 4 * 8
+            + 4 * 4
+            + 4 * 2
+            + crate::bind::SOCKADDR_MAX;
         assert_eq!(size_of::<BindRecord>(), fields);
         assert_eq!(size_of::<BindRecord>() % 8, 0);
     }

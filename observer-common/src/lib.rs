@@ -9,7 +9,9 @@ pub mod bind;
 pub mod config;
 #[cfg(feature = "user")]
 pub mod decode;
+pub mod filter;
 pub mod sockcall;
+pub mod task;
 pub mod tcp;
 pub mod time_wait;
 
@@ -68,3 +70,6 @@ pub const LOST_INFLIGHT: u32 = 1;
 /// Index of the counter of timewait sockets the kernel-side table had no room for.
 pub const LOST_TIME_WAIT_MAP: u32 = 2;
 pub const LOST_SLOTS: u32 = 3;
+
+/// Per-CPU counters of records the kernel-side filters kept out (`FILTERED`).
+pub const FILTERED_SLOT: u32 = 0;

@@ -14,28 +14,28 @@ pub mod flags {
     pub const LOCAL: u32 = 1 << 0;
     /// `sockaddr` holds the caller's sockaddr (connect's destination).
     pub const SOCKADDR: u32 = 1 << 1;
+    /// `enter_ns` is when the call started (arguments from the enter tracepoint).
+    pub const ENTER: u32 = 1 << 2;
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockCallRecord {
     pub header: crate::Header,
-    pub pid_tgid: u64,
-    pub uid_gid: u64,
-    pub cgroup_id: u64,
+    pub task: crate::task::TaskHeader,
+    /// `ktime` at the syscall's entry (with `flags::ENTER`).
     pub enter_ns: u64,
     pub ret: i64,
     /// A [`Call`] as `u32`.
     pub call: u32,
     pub fd: i32,
-    pub netns: u32,
     pub addrlen: u32,
     pub flags: u32,
     /// The socket's family and local port (host order), when `flags::LOCAL`.
     pub family: u16,
     pub lport: u16,
+    pub _pad: u32,
     pub laddr: [u8; 16],
-    pub comm: [u8; 16],
     pub sockaddr: [u8; crate::bind::SOCKADDR_MAX],
 }
 
@@ -47,20 +47,17 @@ impl SockCallRecord {
                 _reserved: 0,
                 ktime_ns: 0,
             },
-            pid_tgid: 0,
-            uid_gid: 0,
-            cgroup_id: 0,
+            task: crate::task::TaskHeader::ZERO,
             enter_ns: 0,
             ret: 0,
             call: call as u32,
             fd: 0,
-            netns: 0,
             addrlen: 0,
             flags: 0,
             family: 0,
             lport: 0,
+            _pad: 0,
             laddr: [0; 16],
-            comm: [0; 16],
             sockaddr: [0; crate::bind::SOCKADDR_MAX],
         }
     }

@@ -8,6 +8,8 @@ use crate::maps::kernel_offsets;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
 
 /// Reads a `T` at `base + off` in kernel memory; `None` for a null base or a
 /// failed read.
@@ -87,15 +89,15 @@ pub fn sock_cookie(sk: u64) -> u64 {
     read(sk, off).unwrap_or(0)
 }
 
-/// The local end of the socket behind `fd` in the current task: family, port
-/// (host order) and address (4 or 16 bytes).
-pub struct Local {
-    pub family: u16,
-    pub port: u16,
-    pub addr: [u8; 16],
+/// The socket behind `fd` in the current task: its `struct sock *` and its
+/// inode number. `None` when the fd is not open or not a socket (its inode
+/// is not S_IFSOCK), or the offsets are unknown.
+pub struct FdSocket {
+    pub sk: u64,
+    pub ino: u64,
 }
 
-pub fn fd_local(fd: i32) -> Option<Local> {
+pub fn fd_socket(fd: i32) -> Option<FdSocket> {
     let off = kernel_offsets();
     if !off.fd_sock_known() || fd < 0 {
         return None;
@@ -110,8 +112,27 @@ pub fn fd_local(fd: i32) -> Option<Local> {
     }
     let fds: u64 = read(fdt, off.fdt_fd)?;
     let file: u64 = read(fds, fd as u32 * 8)?;
+    let inode: u64 = read(file, off.file_f_inode)?;
+    let mode: u16 = read(inode, off.inode_i_mode)?;
+    if mode & S_IFMT != S_IFSOCK {
+        return None;
+    }
+    let ino: u64 = read(inode, off.inode_i_ino).unwrap_or(0);
     let socket: u64 = read(file, off.file_private_data)?;
     let sk: u64 = read(socket, off.socket_sk)?;
+    Some(FdSocket { sk, ino })
+}
+
+/// The local end of an inet socket: family, port (host order) and address
+/// (4 or 16 bytes); `None` for other families, which have no such end.
+pub struct Local {
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+pub fn sock_local(sk: u64) -> Option<Local> {
+    let off = kernel_offsets();
     let family: u16 = read(sk, off.skc_family)?;
     let mut addr = [0u8; 16];
     match family {
@@ -120,11 +141,19 @@ pub fn fd_local(fd: i32) -> Option<Local> {
             let v4: [u8; 4] = read(sk, off.skc_rcv_saddr)?;
             addr[..4].copy_from_slice(&v4);
         }
-        // A unix (or other) socket has no local address or port here.
         _ => return None,
     }
     let port: u16 = read(sk, off.skc_num)?;
     Some(Local { family, port, addr })
+}
+
+/// One bit of `inet_sock` (`byte << 8 | bit`, see `KernelOffsets`).
+pub fn inet_bit(sk: u64, at: u32) -> Option<bool> {
+    if at == 0 {
+        return None;
+    }
+    let byte: u8 = read(sk, at >> 8)?;
+    Some(byte >> (at & 7) & 1 != 0)
 }
 
 /// SO_REUSEADDR and SO_REUSEPORT of a socket (its `skc_reuse`, `skc_reuseport`

@@ -1,13 +1,15 @@
-//! The observer's eBPF programs. Every program is a thin wrapper that calls a
-//! `try_` function; the cgroup hooks return 1 (allow) whatever happened inside:
-//! an observer never changes what the kernel decides.
+//! The observer's eBPF programs: tracepoints only, each a thin wrapper that
+//! calls a `try_` function. They read and report; none changes what the
+//! kernel decides.
 #![no_std]
 #![no_main]
 
+mod args;
 mod bind;
 mod kernel;
 mod maps;
 mod sockcall;
+mod task;
 mod tcp;
 mod time_wait;
 

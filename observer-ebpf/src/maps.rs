@@ -40,11 +40,15 @@ pub fn time_wait_config() -> TimeWaitConfig {
 const WAKE_BYTES: u64 = 256 * 1024;
 
 /// `flags` for submitting a record of `size` bytes. An `urgent` record (a
-/// failure, which the daemon explains by looking at the sockets right away,
-/// before they go) wakes it at once.
+/// failure, which the daemon explains by looking at the sockets before they
+/// go) wakes the daemon if it is idle (the ring buffer's own rule: it had
+/// read everything before this record); a daemon already draining sees it
+/// anyway, so a storm of failures costs one wakeup, not one each.
 pub fn wake_flags(size: usize, urgent: bool) -> u64 {
-    if urgent || EVENTS.query(BPF_RB_AVAIL_DATA as u64) + size as u64 >= WAKE_BYTES {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) + size as u64 >= WAKE_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
+    } else if urgent {
+        0
     } else {
         BPF_RB_NO_WAKEUP as u64
     }

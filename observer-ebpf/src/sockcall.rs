@@ -1,97 +1,77 @@
 //! Failed `listen()` and `connect()` calls (EADDRINUSE at listen, EADDRNOTAVAIL
-//! when the ephemeral ports are exhausted), with the socket's local end.
+//! when the ephemeral ports are exhausted), with the socket's local end: one
+//! program at each exit, the arguments from the registers (or, before 5.15,
+//! from `obs_sys_enter_args`).
 
-use aya_ebpf::{
-    bindings::BPF_ANY,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated},
-    macros::{map, tracepoint},
-    maps::HashMap,
-    programs::TracePointContext,
-};
+use aya_ebpf::{helpers::generated, macros::tracepoint, programs::TracePointContext};
 use observer_common::{
-    LOST_INFLIGHT, LOST_RINGBUF, SockCallRecord,
+    LOST_RINGBUF, SockCallRecord,
     bind::SOCKADDR_MAX,
+    filter::on,
     sockcall::{Call, flags},
 };
 
 use crate::{
-    kernel::{current_netns, fd_local},
+    args::{self, Args},
+    kernel::{fd_socket, sock_local},
     maps::{EVENTS, count_lost, wake_flags},
+    task::{count_filtered, current_task, filter, ports_pass, task_passes},
 };
 
-/// A listen() or connect() in progress.
-#[repr(C)]
-struct Pending {
-    uaddr: u64,
-    enter_ns: u64,
-    fd: i32,
-    addrlen: u32,
-}
-
-#[map]
-static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(16384, 0);
-
-const ENTER_FD: usize = 16;
-const ENTER_UADDR: usize = 24;
-const ENTER_ADDRLEN: usize = 32;
 const EXIT_RET: usize = 16;
 /// A non-blocking connect in progress is not a failure.
 const EINPROGRESS: i64 = 115;
 
 #[tracepoint]
-pub fn obs_sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let _ = enter(&ctx, true);
-    0
-}
-
-#[tracepoint]
-pub fn obs_sys_enter_listen(ctx: TracePointContext) -> u32 {
-    let _ = enter(&ctx, false);
-    0
-}
-
-fn enter(ctx: &TracePointContext, has_addr: bool) -> Result<(), i64> {
-    let mut p = Pending {
-        uaddr: 0,
-        enter_ns: unsafe { generated::bpf_ktime_get_ns() },
-        fd: unsafe { ctx.read_at::<u64>(ENTER_FD)? } as i32,
-        addrlen: 0,
-    };
-    if has_addr {
-        p.uaddr = unsafe { ctx.read_at(ENTER_UADDR)? };
-        p.addrlen = unsafe { ctx.read_at::<u64>(ENTER_ADDRLEN)? } as u32;
-    }
-    if PENDING
-        .insert(bpf_get_current_pid_tgid(), &p, BPF_ANY as u64)
-        .is_err()
-    {
-        count_lost(LOST_INFLIGHT);
-    }
-    Ok(())
-}
-
-#[tracepoint]
 pub fn obs_sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let _ = exit(&ctx, Call::Connect);
+    let _ = exit(&ctx, Call::Connect, args::from_regs);
     0
 }
 
 #[tracepoint]
 pub fn obs_sys_exit_listen(ctx: TracePointContext) -> u32 {
-    let _ = exit(&ctx, Call::Listen);
+    let _ = exit(&ctx, Call::Listen, args::from_regs);
     0
 }
 
-fn exit(ctx: &TracePointContext, call: Call) -> Result<(), i64> {
-    let id = bpf_get_current_pid_tgid();
-    let Some(p) = PENDING.get_ptr(id) else {
+#[tracepoint]
+pub fn obs_sys_exit_connect_entered(ctx: TracePointContext) -> u32 {
+    let _ = exit(&ctx, Call::Connect, args::from_entry);
+    0
+}
+
+#[tracepoint]
+pub fn obs_sys_exit_listen_entered(ctx: TracePointContext) -> u32 {
+    let _ = exit(&ctx, Call::Listen, args::from_entry);
+    0
+}
+
+#[inline(always)]
+fn exit(ctx: &TracePointContext, call: Call, args: fn() -> Option<Args>) -> Result<(), i64> {
+    // SAFETY: the result, at a fixed offset of the record, bounds-checked.
+    let ret: i64 = unsafe { ctx.read_at(EXIT_RET)? };
+    // Successes are not reported: only then are the arguments needed.
+    if ret >= 0 || ret == -EINPROGRESS {
+        let _ = args(); // forget what the entry kept
+        return Ok(());
+    }
+    let Some(a) = args() else {
         return Ok(());
     };
-    let p = unsafe { &*p };
-    let (uaddr, enter_ns, fd, addrlen) = (p.uaddr, p.enter_ns, p.fd, p.addrlen);
-    let _ = PENDING.remove(id);
-    let ret: i64 = unsafe { ctx.read_at(EXIT_RET)? };
-    if ret >= 0 || ret == -EINPROGRESS {
+    let f = filter();
+    let task = current_task();
+    if !task_passes(&f, &task) {
+        count_filtered();
+        return Ok(());
+    }
+    let fd = a.a[0] as i32;
+    let (uaddr, addrlen) = match call {
+        Call::Connect => (a.a[1], a.a[2] as u32),
+        Call::Listen => (0, 0),
+    };
+    let local = fd_socket(fd).and_then(|s| sock_local(s.sk));
+    if f.has(on::PORTS) && !ports_pass(&f, [local.as_ref().map_or(0, |l| l.port), 0]) {
+        count_filtered();
         return Ok(());
     }
     let Some(mut entry) = EVENTS.reserve::<SockCallRecord>(0) else {
@@ -99,17 +79,17 @@ fn exit(ctx: &TracePointContext, call: Call) -> Result<(), i64> {
         return Ok(());
     };
     let r = entry.write(SockCallRecord::zeroed(call));
+    // SAFETY: a helper without arguments.
     r.header.ktime_ns = unsafe { generated::bpf_ktime_get_ns() };
-    r.pid_tgid = id;
-    r.uid_gid = bpf_get_current_uid_gid();
-    r.cgroup_id = unsafe { generated::bpf_get_current_cgroup_id() };
-    r.comm = bpf_get_current_comm().unwrap_or_default();
-    r.enter_ns = enter_ns;
+    r.task = task;
     r.ret = ret;
     r.fd = fd;
     r.addrlen = addrlen;
-    r.netns = current_netns();
-    if let Some(local) = fd_local(fd) {
+    if let Some(enter_ns) = a.enter_ns {
+        r.enter_ns = enter_ns;
+        r.flags |= flags::ENTER;
+    }
+    if let Some(local) = local {
         r.family = local.family;
         r.lport = local.port;
         r.laddr = local.addr;
@@ -117,6 +97,7 @@ fn exit(ctx: &TracePointContext, call: Call) -> Result<(), i64> {
     }
     let len = core::cmp::min(addrlen as usize, SOCKADDR_MAX);
     if uaddr != 0 && len > 0 {
+        // SAFETY: a checked read of user memory into the record.
         let copied = unsafe {
             generated::bpf_probe_read_user(
                 r.sockaddr.as_mut_ptr().cast(),

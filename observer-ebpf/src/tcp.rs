@@ -8,12 +8,15 @@ use aya_ebpf::{
 };
 use observer_common::{
     LOST_RINGBUF, TcpStateRecord,
+    filter::{FilterConfig, event, on},
+    task::TaskHeader,
     tcp::{flags, state},
 };
 
 use crate::{
     kernel::{sock_netns, sock_reuse},
     maps::{EVENTS, count_lost, time_wait_config, wake_flags},
+    task::{count_filtered, filter, ports_pass, task_passes},
     time_wait::{CLOSERS, Closer, FlowKey, note_new_connection},
 };
 
@@ -87,44 +90,55 @@ pub fn obs_inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY (every `read_at` here): fields at the fixed offsets of this
+    // tracepoint's record (stable since 4.16), bounds-checked by the helper.
     if unsafe { ctx.read_at::<u16>(PROTOCOL)? } != IPPROTO_TCP {
         return Ok(());
     }
+    let f = filter();
+    // SAFETY: a helper without arguments.
     let now = unsafe { generated::bpf_ktime_get_ns() };
     let mut r = TcpStateRecord::zeroed();
     r.header.ktime_ns = now;
-    unsafe {
-        r.skaddr = ctx.read_at(SKADDR)?;
-        r.oldstate = ctx.read_at::<i32>(OLDSTATE)? as u8;
-        r.newstate = ctx.read_at::<i32>(NEWSTATE)? as u8;
-        r.sport = ctx.read_at(SPORT)?;
-        r.dport = ctx.read_at(DPORT)?;
-        r.family = ctx.read_at(FAMILY)?;
-        if r.family == AF_INET {
-            r.saddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(SADDR)?);
-            r.daddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(DADDR)?);
-        } else {
-            r.saddr = ctx.read_at(SADDR_V6)?;
-            r.daddr = ctx.read_at(DADDR_V6)?;
-        }
-        if let Some(since) = SINCE.get(r.skaddr) {
-            r.prev_state_ns = now.saturating_sub(*since);
-            r.flags |= flags::PREV_KNOWN;
-        }
-        if !in_softirq() {
-            r.pid_tgid = bpf_get_current_pid_tgid();
-            r.uid_gid = bpf_get_current_uid_gid();
-            r.comm = bpf_get_current_comm().unwrap_or_default();
-            r.flags |= flags::PROCESS_CONTEXT;
-        }
+    r.skaddr = unsafe { ctx.read_at(SKADDR)? };
+    r.oldstate = unsafe { ctx.read_at::<i32>(OLDSTATE)? } as u8;
+    r.newstate = unsafe { ctx.read_at::<i32>(NEWSTATE)? } as u8;
+    r.sport = unsafe { ctx.read_at(SPORT)? };
+    r.dport = unsafe { ctx.read_at(DPORT)? };
+    r.family = unsafe { ctx.read_at(FAMILY)? };
+    if r.family == AF_INET {
+        r.saddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(SADDR)? });
+        r.daddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(DADDR)? });
+    } else {
+        r.saddr = unsafe { ctx.read_at(SADDR_V6)? };
+        r.daddr = unsafe { ctx.read_at(DADDR_V6)? };
+    }
+    if !in_softirq() {
+        r.pid_tgid = bpf_get_current_pid_tgid();
+        r.uid_gid = bpf_get_current_uid_gid();
+        r.comm = bpf_get_current_comm().unwrap_or_default();
+        r.flags |= flags::PROCESS_CONTEXT;
+    }
+    r.netns = sock_netns(r.skaddr);
+    // The TIME_WAIT programs need these changes whatever is written.
+    note_closer(&r);
+    if !f.wants(event::TCP_STATE) {
+        return Ok(());
+    }
+    // SAFETY: the value is copied out at once.
+    if let Some(since) = unsafe { SINCE.get(r.skaddr) } {
+        r.prev_state_ns = now.saturating_sub(*since);
+        r.flags |= flags::PREV_KNOWN;
     }
     if r.newstate == state::CLOSE {
         let _ = SINCE.remove(r.skaddr);
     } else {
         let _ = SINCE.insert(r.skaddr, now, 0);
     }
-    r.netns = sock_netns(r.skaddr);
-    note_closer(&r);
+    if !state_passes(&f, &r) {
+        count_filtered();
+        return Ok(());
+    }
     if let Some((reuseaddr, reuseport)) = sock_reuse(r.skaddr) {
         r.flags |= flags::REUSE_KNOWN
             | if reuseaddr { flags::REUSEADDR } else { 0 }
@@ -137,6 +151,33 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         count_lost(LOST_RINGBUF);
     }
     Ok(())
+}
+
+/// The filters on a state change: never a failure, no cgroup; the process
+/// filters only where a process caused it; the socket's own namespace.
+fn state_passes(f: &FilterConfig, r: &TcpStateRecord) -> bool {
+    if f.flags == 0 {
+        return true;
+    }
+    if f.has(on::ERRORS_ONLY) || f.has(on::CGROUP) {
+        return false;
+    }
+    if f.has(on::NETNS) && r.netns != f.netns {
+        return false;
+    }
+    let process = r.flags & flags::PROCESS_CONTEXT != 0;
+    if (f.has(on::PIDS) || f.has(on::UID) || f.has(on::COMM)) && !process {
+        return false;
+    }
+    let task = TaskHeader {
+        pid_tgid: r.pid_tgid,
+        uid_gid: r.uid_gid,
+        cgroup_id: 0,
+        netns: f.netns, // compared above, against the socket's
+        _pad: 0,
+        comm: r.comm,
+    };
+    task_passes(f, &task) && ports_pass(f, [r.sport, r.dport])
 }
 
 /// Who closed a connection that may end in TIME_WAIT: kept from its

@@ -30,13 +30,15 @@ use aya_ebpf::{
 };
 use observer_common::{
     LOST_RINGBUF, LOST_TIME_WAIT_MAP, TimeWaitRecord,
+    filter::{event, on},
     tcp::state,
     time_wait::{TimeWaitConfig, flags, op},
 };
 
 use crate::{
-    kernel::{read, sock_cookie, sock_netns, sock_reuse, sock_tuple},
+    kernel::{Tuple, read, sock_cookie, sock_netns, sock_reuse, sock_tuple},
     maps::{EVENTS, count_lost, time_wait_config, wake_flags},
+    task::{count_filtered, filter, ports_pass},
     tcp::in_timer_softirq,
 };
 
@@ -444,6 +446,18 @@ fn try_expire(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
+fn flow_key(netns: u32, t: &Tuple) -> FlowKey {
+    FlowKey {
+        netns,
+        family: t.family,
+        sport: t.sport,
+        dport: t.dport,
+        _pad: 0,
+        saddr: t.saddr,
+        daddr: t.daddr,
+    }
+}
+
 /// One record about `tw`, read from the socket itself (it is alive in all
 /// three tracepoints).
 /// What a record says beyond the socket (BPF functions take five arguments at most).
@@ -458,6 +472,19 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
     let Some(tuple) = sock_tuple(tw) else {
         return;
     };
+    let f = filter();
+    let netns = sock_netns(tw);
+    if !f.wants(event::TIME_WAIT)
+        || (f.has(on::NETNS) && netns != f.netns)
+        || !ports_pass(&f, [tuple.sport, tuple.dport])
+    {
+        // Its closer will not be asked for: let it go.
+        if e.op == op::ENTER || e.flags & flags::ENTER_PENDING != 0 {
+            let _ = CLOSERS.remove(&flow_key(netns, &tuple));
+        }
+        count_filtered();
+        return;
+    }
     let Some(mut slot) = EVENTS.reserve::<TimeWaitRecord>(0) else {
         count_lost(LOST_RINGBUF);
         return;
@@ -470,7 +497,7 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
     r.cookie = st.cookie;
     r.timeout_jiffies = e.timeout_jiffies;
     r.flags = e.flags;
-    r.netns = sock_netns(tw);
+    r.netns = netns;
     r.family = tuple.family;
     r.sport = tuple.sport;
     r.dport = tuple.dport;
@@ -487,15 +514,7 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
             | if reuseaddr { flags::REUSEADDR } else { 0 }
             | if reuseport { flags::REUSEPORT } else { 0 };
     }
-    let key = FlowKey {
-        netns: r.netns,
-        family: r.family,
-        sport: r.sport,
-        dport: r.dport,
-        _pad: 0,
-        saddr: r.saddr,
-        daddr: r.daddr,
-    };
+    let key = flow_key(netns, &tuple);
     if e.op == op::CANCELLED {
         let _ = CANCELLED.insert(&key, &tw, 0);
     }

@@ -114,6 +114,21 @@ fn kernel_offsets(btf: &Btf) -> KernelOffsets {
         k.skc_v6_daddr = daddr6;
         k.skc_cookie = cookie;
     }
+    k.sk_type = off("sock", "sk_type").unwrap_or(0);
+    k.sk_protocol = off("sock", "sk_protocol").unwrap_or(0);
+    k.skc_bound_dev_if = off("sock_common", "skc_bound_dev_if").unwrap_or(0);
+    if let [Some(f_inode), Some(i_mode), Some(i_ino)] = [
+        off("file", "f_inode"),
+        off("inode", "i_mode"),
+        off("inode", "i_ino"),
+    ] {
+        (k.file_f_inode, k.inode_i_mode, k.inode_i_ino) = (f_inode, i_mode, i_ino);
+    }
+    [
+        k.inet_freebind,
+        k.inet_transparent,
+        k.inet_bind_address_no_port,
+    ] = inet_bits(btf);
     // The reuse bitfields share one byte (skc_reuse:4, skc_reuseport:1, …).
     if let (Some(reuse), Some(reuseport)) = (
         member_bit_offset(btf, "sock_common", "skc_reuse"),
@@ -123,6 +138,43 @@ fn kernel_offsets(btf: &Btf) -> KernelOffsets {
         k.skc_reuse_bits = (reuse / 8) << 16 | (reuse % 8) << 8 | (reuseport % 8);
     }
     k
+}
+
+/// Where `inet_sock` keeps IP_FREEBIND, IP_TRANSPARENT and
+/// IP_BIND_ADDRESS_NO_PORT, as `byte << 8 | bit` (0: unknown): bitfields of
+/// their own until 6.5, bits of `inet_flags` numbered by an enum since.
+fn inet_bits(btf: &Btf) -> [u32; 3] {
+    const NAMES: [(&str, &str); 3] = [
+        ("freebind", "INET_FLAGS_FREEBIND"),
+        ("transparent", "INET_FLAGS_TRANSPARENT"),
+        ("bind_address_no_port", "INET_FLAGS_BIND_ADDRESS_NO_PORT"),
+    ];
+    let at = |bit: u32| (bit / 8) << 8 | (bit % 8);
+    if let Some(flags) = member_bit_offset(btf, "inet_sock", "inet_flags") {
+        let values = enum_values(btf, &NAMES.map(|(_, e)| e));
+        return NAMES.map(|(_, e)| values.get(e).map_or(0, |&v| at(flags + v)));
+    }
+    NAMES.map(|(m, _)| member_bit_offset(btf, "inet_sock", m).map_or(0, at))
+}
+
+/// The values of these enumerators (in the kernel's anonymous enums).
+fn enum_values(btf: &Btf, names: &[&str]) -> std::collections::HashMap<String, u32> {
+    let mut found = std::collections::HashMap::new();
+    for id in btf.resolve_ids_by_name("").unwrap_or_default() {
+        let Ok(Type::Enum(e)) = btf.resolve_type_by_id(id) else {
+            continue;
+        };
+        for m in &e.members {
+            let name = btf.resolve_name(m).unwrap_or_default();
+            if names.contains(&name.as_str()) {
+                found.insert(name, m.val());
+            }
+        }
+        if found.len() == names.len() {
+            break;
+        }
+    }
+    found
 }
 
 /// Byte offset of `member` in struct `ty`, looking into anonymous structs and unions.

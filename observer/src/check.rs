@@ -136,7 +136,16 @@ pub fn run() -> ExitCode {
         }
     }
     if let Some(cgroup) = cgroup {
-        match loader::probe(&cgroup, &offsets, tw.as_ref()) {
+        let _ = cgroup;
+        match loader::probe(&loader::Setup {
+            offsets: &offsets,
+            time_wait: tw.as_ref(),
+            filter: &observer_common::filter::FilterConfig::NONE,
+            pids: &[],
+            ports: &[],
+            cgroup: None,
+            ring_bytes: 4096,
+        }) {
             Ok(hooks) => {
                 for (label, r) in hooks {
                     match r {

@@ -76,7 +76,7 @@ pub struct RunArgs {
 
     /// Only events from inside this cgroup2 directory (and its descendants).
     #[arg(long, value_name = "PATH", value_parser = parse_cgroup_dir)]
-    pub cgroup: Option<String>,
+    pub cgroup: Option<CgroupDir>,
 
     /// Only events in this network namespace: a path (/run/netns/NAME) or a PID.
     #[arg(long, value_name = "PATH|PID", allow_hyphen_values = true, value_parser = parse_netns)]
@@ -104,9 +104,15 @@ pub struct RunArgs {
     pub stats: Option<std::time::Duration>,
 }
 
-/// A cgroup2 directory, as its path under the cgroup2 mount (`/a/b`), which
-/// is how the stream names cgroups.
-fn parse_cgroup_dir(s: &str) -> Result<String, String> {
+/// A cgroup2 directory: where it is, and its path under the cgroup2 mount
+/// (`/a/b`), which is how the stream names cgroups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupDir {
+    pub dir: std::path::PathBuf,
+    pub rel: String,
+}
+
+fn parse_cgroup_dir(s: &str) -> Result<CgroupDir, String> {
     let dir = std::path::Path::new(s)
         .canonicalize()
         .map_err(|e| format!("'{s}': {e}"))?;
@@ -124,7 +130,10 @@ fn parse_cgroup_dir(s: &str) -> Result<String, String> {
             root.display()
         ));
     }
-    Ok(crate::cgroups::relative(&root, &dir))
+    Ok(CgroupDir {
+        rel: crate::cgroups::relative(&root, &dir),
+        dir,
+    })
 }
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;

@@ -88,17 +88,27 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
             None
         }
     };
-    let mut attached = loader::load_and_attach(
-        &cgroup,
-        &offsets,
-        tw.as_ref().map(|t| &t.0),
-        args.ring_buffer,
-    )?;
+    let kernel_filter = filter.kernel();
+    let mut attached = loader::load_and_attach(&loader::Setup {
+        offsets: &offsets,
+        time_wait: tw.as_ref().map(|t| &t.0),
+        filter: &kernel_filter,
+        pids: &args.pids,
+        ports: &args.ports,
+        cgroup: args.cgroup.as_ref().map(|c| c.dir.as_path()),
+        ring_bytes: args.ring_buffer,
+    })?;
     // Parsing and loading the object allocates and frees megabytes: return them.
     // SAFETY: malloc_trim only returns free memory to the system.
     unsafe { libc::malloc_trim(0) };
     let ring = RingBuf::try_from(attached.ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
     let lost = PerCpuArray::try_from(attached.ebpf.take_map("LOST").context("no LOST map")?)?;
+    let filtered = PerCpuArray::try_from(
+        attached
+            .ebpf
+            .take_map("FILTERED")
+            .context("no FILTERED map")?,
+    )?;
     // SAFETY: the RingBuf owns its map fd, which stays open until the AsyncFd drops it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(io::Error::from)
@@ -123,6 +133,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         filter,
         Cgroups::new(cgroup.clone()),
         lost,
+        filtered,
         source,
     );
     s.out.emit(&Start {
@@ -234,7 +245,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         totals,
         lost: totals.lost,
         lost_by_cause: s.lost_by_cause(),
-        filtered: s.filtered,
+        filtered: s.filtered(),
         explain_coalesced: s.explainer.coalescer.coalesced,
         programs: attached.program_stats(),
     });
@@ -289,7 +300,7 @@ fn filter_of(args: &RunArgs) -> Result<Filter> {
         ports: args.ports.iter().copied().collect(),
         comm: args.comm.clone(),
         uid: args.uid,
-        cgroup: args.cgroup.clone(),
+        cgroup: args.cgroup.as_ref().map(|c| c.rel.clone()),
         netns: args.netns,
         errors_only: args.errors_only,
         events: args.events.iter().cloned().collect(),

@@ -3,8 +3,19 @@
 
 use std::collections::BTreeSet;
 
+use observer_common::filter::{FilterConfig, event, on};
+
 /// The event kinds `--events` can name (`time_wait` is both enter and exit).
 pub const EVENT_KINDS: [&str; 5] = ["bind", "tcp_state", "time_wait", "listen", "connect"];
+
+/// The kernel's bit for each kind `--events` names.
+const EVENT_BITS: [u32; 5] = [
+    event::BIND,
+    event::TCP_STATE,
+    event::TIME_WAIT,
+    event::LISTEN,
+    event::CONNECT,
+];
 
 #[derive(Debug, Default, Clone)]
 pub struct Filter {
@@ -35,6 +46,41 @@ pub struct Facts<'a> {
 }
 
 impl Filter {
+    /// The part the kernel programs apply (everything but a `--comm` longer
+    /// than the kernel keeps: 15 bytes; that one is applied here only).
+    pub fn kernel(&self) -> FilterConfig {
+        let mut k = FilterConfig::NONE;
+        if !self.events.is_empty() {
+            k.events = EVENT_KINDS
+                .iter()
+                .zip(EVENT_BITS)
+                .filter(|(name, _)| self.events.contains(**name))
+                .fold(0, |m, (_, bit)| m | bit);
+        }
+        let mut set = |on: bool, bit: u32| {
+            if on {
+                k.flags |= bit;
+            }
+        };
+        set(self.errors_only, on::ERRORS_ONLY);
+        set(!self.pids.is_empty(), on::PIDS);
+        set(!self.ports.is_empty(), on::PORTS);
+        set(self.cgroup.is_some(), on::CGROUP);
+        if let Some(uid) = self.uid {
+            k.flags |= on::UID;
+            k.uid = uid;
+        }
+        if let Some(netns) = self.netns {
+            k.flags |= on::NETNS;
+            k.netns = netns;
+        }
+        if let Some(comm) = self.comm.as_deref().filter(|c| c.len() < 16) {
+            k.flags |= on::COMM;
+            k.comm[..comm.len()].copy_from_slice(comm.as_bytes());
+        }
+        k
+    }
+
     pub fn pass(&self, f: &Facts) -> bool {
         let kind = f
             .event
@@ -73,6 +119,29 @@ mod tests {
             netns: Some(7),
             failed,
         }
+    }
+
+    #[test]
+    fn the_kernel_gets_every_filter_it_can_apply() {
+        let f = Filter {
+            pids: [7].into(),
+            comm: Some("nginx".into()),
+            uid: Some(33),
+            errors_only: true,
+            events: ["bind".to_string(), "time_wait".to_string()].into(),
+            ..Filter::default()
+        };
+        let k = f.kernel();
+        assert_eq!(k.events, event::BIND | event::TIME_WAIT);
+        assert!(k.has(on::PIDS) && k.has(on::UID) && k.has(on::ERRORS_ONLY) && k.has(on::COMM));
+        assert!(!k.has(on::PORTS) && !k.has(on::NETNS) && !k.has(on::CGROUP));
+        assert_eq!((k.uid, &k.comm[..6]), (33, &b"nginx\0"[..]));
+        let long = Filter {
+            comm: Some("a-name-longer-than-15".into()),
+            ..Filter::default()
+        };
+        assert!(!long.kernel().has(on::COMM), "left to userspace");
+        assert_eq!(Filter::default().kernel(), FilterConfig::NONE);
     }
 
     #[test]

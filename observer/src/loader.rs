@@ -1,63 +1,104 @@
-//! Loads the embedded eBPF object and attaches its programs.
+//! Loads the embedded eBPF object, writes its configuration (kernel offsets,
+//! the TIME_WAIT timer, the filters), and attaches the programs this run and
+//! this kernel need. Every program is a tracepoint: nothing is attached to a
+//! cgroup, nothing can change what the kernel decides.
 
-use std::{fs::File, path::Path};
+use std::{fs::File, os::fd::AsRawFd};
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, RawTracePoint, RawTracePointRunOptions,
-        TestRun, TracePoint,
-    },
+    maps::{CgroupArray, HashMap},
+    programs::{RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint},
 };
 use observer_common::{
     config::{KERNEL_OFFSETS_SYMBOL, KernelOffsets},
+    filter::{FILTER_SYMBOL, FilterConfig, event},
     time_wait::{TIME_WAIT_CONFIG_SYMBOL, TimeWaitConfig},
 };
 
 /// The eBPF object, built by `cargo xtask build` and embedded by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf.o"));
 
-/// Where a program attaches.
-enum Hook {
-    Tracepoint(&'static str, &'static str),
-    CgroupSockAddr(&'static str),
-    CgroupSock(&'static str),
+/// A program and the tracepoint it attaches to.
+struct Program {
+    name: &'static str,
+    category: &'static str,
+    event: &'static str,
+    /// The record kinds it serves: attached only when one of them is wanted.
+    serves: u32,
 }
 
-/// Programs in attach order: the exit side of each syscall first, its enter side
-/// last, so that every in-flight entry created is also completed and submitted
-/// (and the timer's end before its start, so that a socket seen entering is
-/// seen leaving).
+const fn p(
+    name: &'static str,
+    category: &'static str,
+    event: &'static str,
+    serves: u32,
+) -> Program {
+    Program {
+        name,
+        category,
+        event,
+        serves,
+    }
+}
+
+const STATES: u32 = event::TCP_STATE | event::TIME_WAIT;
+
+/// The syscall exits, reading the arguments from the task's registers
+/// (`bpf_task_pt_regs`, 5.15+): one program per call.
 #[rustfmt::skip]
-const PROGRAMS: [(&str, Hook); 16] = [
-    ("obs_sys_exit_bind", Hook::Tracepoint("syscalls", "sys_exit_bind")),
-    ("obs_post_bind4", Hook::CgroupSock("post_bind4")),
-    ("obs_post_bind6", Hook::CgroupSock("post_bind6")),
-    ("obs_bind4", Hook::CgroupSockAddr("bind4")),
-    ("obs_bind6", Hook::CgroupSockAddr("bind6")),
-    ("obs_sys_enter_bind", Hook::Tracepoint("syscalls", "sys_enter_bind")),
-    ("obs_softirq_exit", Hook::Tracepoint("irq", "softirq_exit")),
-    ("obs_softirq_entry", Hook::Tracepoint("irq", "softirq_entry")),
-    ("obs_inet_sock_set_state", Hook::Tracepoint("sock", "inet_sock_set_state")),
-    ("obs_sys_exit_listen", Hook::Tracepoint("syscalls", "sys_exit_listen")),
-    ("obs_sys_exit_connect", Hook::Tracepoint("syscalls", "sys_exit_connect")),
-    ("obs_sys_enter_listen", Hook::Tracepoint("syscalls", "sys_enter_listen")),
-    ("obs_sys_enter_connect", Hook::Tracepoint("syscalls", "sys_enter_connect")),
-    ("obs_timer_expire_entry", Hook::Tracepoint("timer", "timer_expire_entry")),
-    ("obs_timer_cancel", Hook::Tracepoint("timer", "timer_cancel")),
-    ("obs_timer_start", Hook::Tracepoint("timer", "timer_start")),
+const FROM_REGS: [Program; 3] = [
+    p("obs_sys_exit_bind", "syscalls", "sys_exit_bind", event::BIND),
+    p("obs_sys_exit_listen", "syscalls", "sys_exit_listen", event::LISTEN),
+    p("obs_sys_exit_connect", "syscalls", "sys_exit_connect", event::CONNECT),
 ];
 
-/// The TIME_WAIT timer programs: attached only where `tw_timer_handler` was found.
-fn timer_program(name: &str) -> bool {
-    name.starts_with("obs_timer_")
-}
+/// The same where the registers cannot be read: the entry keeps the
+/// arguments for the exit. Exits first, so that every entry kept is taken.
+#[rustfmt::skip]
+const FROM_ENTRY: [Program; 6] = [
+    p("obs_sys_exit_bind_entered", "syscalls", "sys_exit_bind", event::BIND),
+    p("obs_sys_exit_listen_entered", "syscalls", "sys_exit_listen", event::LISTEN),
+    p("obs_sys_exit_connect_entered", "syscalls", "sys_exit_connect", event::CONNECT),
+    p("obs_sys_enter_args", "syscalls", "sys_enter_bind", event::BIND),
+    p("obs_sys_enter_args", "syscalls", "sys_enter_listen", event::LISTEN),
+    p("obs_sys_enter_args", "syscalls", "sys_enter_connect", event::CONNECT),
+];
+
+/// TCP states, and what TIME_WAIT needs of them (the closer, reuse); the
+/// timer's end before its start, so that a socket seen entering is seen leaving.
+#[rustfmt::skip]
+const STATE_PROGRAMS: [Program; 3] = [
+    p("obs_softirq_exit", "irq", "softirq_exit", STATES),
+    p("obs_softirq_entry", "irq", "softirq_entry", STATES),
+    p("obs_inet_sock_set_state", "sock", "inet_sock_set_state", STATES),
+];
+
+#[rustfmt::skip]
+const TIMER_PROGRAMS: [Program; 3] = [
+    p("obs_timer_expire_entry", "timer", "timer_expire_entry", event::TIME_WAIT),
+    p("obs_timer_cancel", "timer", "timer_cancel", event::TIME_WAIT),
+    p("obs_timer_start", "timer", "timer_start", event::TIME_WAIT),
+];
 
 /// Loaded beside the timer programs, never attached: the daemon runs it.
 const SWEEP: &str = "obs_time_wait_sweep";
 /// Runs of the sweep per call at most (each looks at 16 queued sockets).
 const SWEEP_RUNS: usize = 1024;
+
+/// What to load and attach.
+pub struct Setup<'a> {
+    pub offsets: &'a KernelOffsets,
+    /// The TIME_WAIT timer's configuration; `None`: TIME_WAIT is polled.
+    pub time_wait: Option<&'a TimeWaitConfig>,
+    pub filter: &'a FilterConfig,
+    /// `-p`, `-P`, `--cgroup` (the cgroup2 directory), for the filter's maps.
+    pub pids: &'a [u32],
+    pub ports: &'a [u16],
+    pub cgroup: Option<&'a std::path::Path>,
+    pub ring_bytes: u32,
+}
 
 pub struct Attached {
     /// Owns every program, map and link: dropping it detaches everything.
@@ -120,127 +161,158 @@ impl Attached {
     }
 }
 
-impl Hook {
-    /// `section/name`, as observer_start and observer check name it.
-    fn label(&self) -> String {
-        match self {
-            Hook::Tracepoint(category, event) => format!("tracepoint/{category}/{event}"),
-            Hook::CgroupSockAddr(kind) | Hook::CgroupSock(kind) => format!("cgroup/{kind}"),
-        }
-    }
-}
-
-/// Loads the object (maps and globals); programs are loaded by `attach`.
-fn load(offsets: &KernelOffsets, tw: &TimeWaitConfig, ring_bytes: u32) -> Result<Ebpf> {
+/// Loads the object (maps and globals); programs are loaded by `load_program`.
+fn load(s: &Setup) -> Result<Ebpf> {
     if OBJECT.is_empty() {
         bail!("this binary was built without its eBPF programs: build it with `cargo xtask build`");
     }
-    EbpfLoader::new()
+    let mut ebpf = EbpfLoader::new()
         // No CO-RE relocations in our programs: skip parsing the kernel's BTF again.
         .btf(None)
-        .override_global(KERNEL_OFFSETS_SYMBOL, offsets, true)
-        .override_global(TIME_WAIT_CONFIG_SYMBOL, tw, true)
-        .map_max_entries("EVENTS", ring_bytes)
+        .override_global(KERNEL_OFFSETS_SYMBOL, s.offsets, true)
+        .override_global(
+            TIME_WAIT_CONFIG_SYMBOL,
+            s.time_wait.unwrap_or(&TimeWaitConfig::OFF),
+            true,
+        )
+        .override_global(FILTER_SYMBOL, s.filter, true)
+        .map_max_entries("EVENTS", s.ring_bytes)
         .load(OBJECT)
-        .context("loading the eBPF object into the kernel")
+        .context("loading the eBPF object into the kernel")?;
+    fill_filter_maps(&mut ebpf, s)?;
+    Ok(ebpf)
 }
 
-/// Loads and attaches one program; returns its kernel id.
-fn attach(
-    ebpf: &mut Ebpf,
-    name: &str,
-    hook: &Hook,
-    cgroup: &Path,
-    cgroup_fd: &File,
-) -> Result<u32> {
-    let prog = ebpf
+fn fill_filter_maps(ebpf: &mut Ebpf, s: &Setup) -> Result<()> {
+    let mut pids: HashMap<_, u32, u8> =
+        HashMap::try_from(ebpf.map_mut("PIDS").context("no PIDS map")?)?;
+    for pid in s.pids {
+        pids.insert(pid, 1, 0).context("filling the pid filter")?;
+    }
+    let mut ports: HashMap<_, u16, u8> =
+        HashMap::try_from(ebpf.map_mut("PORTS").context("no PORTS map")?)?;
+    for port in s.ports {
+        ports
+            .insert(port, 1, 0)
+            .context("filling the port filter")?;
+    }
+    if let Some(dir) = s.cgroup {
+        let fd = File::open(dir).with_context(|| format!("--cgroup {}", dir.display()))?;
+        let mut cg = CgroupArray::try_from(ebpf.map_mut("CGROUP").context("no CGROUP map")?)?;
+        cg.set(0, fd.as_raw_fd(), 0)
+            .context("filling the cgroup filter")?;
+    }
+    Ok(())
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let p: &mut TracePoint = ebpf
         .program_mut(name)
-        .with_context(|| format!("program {name} is missing from the eBPF object"))?;
-    let info = match *hook {
-        Hook::Tracepoint(category, event) => {
-            let p: &mut TracePoint = prog.try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
-            p.attach(category, event)
-                .with_context(|| format!("attaching {name} to tracepoint {category}:{event}"))?;
-            p.info()?
-        }
-        Hook::CgroupSockAddr(_) => {
-            let p: &mut CgroupSockAddr = prog.try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
-            p.attach(cgroup_fd, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-            p.info()?
-        }
-        Hook::CgroupSock(_) => {
-            let p: &mut CgroupSock = prog.try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
-            p.attach(cgroup_fd, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-            p.info()?
-        }
+        .with_context(|| format!("program {name} is missing from the eBPF object"))?
+        .try_into()?;
+    if p.fd().is_err() {
+        p.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(())
+}
+
+fn attach(ebpf: &mut Ebpf, prog: &Program) -> Result<u32> {
+    load_program(ebpf, prog.name)?;
+    let p: &mut TracePoint = ebpf
+        .program_mut(prog.name)
+        .expect("loaded above")
+        .try_into()?;
+    p.attach(prog.category, prog.event).with_context(|| {
+        format!(
+            "attaching {} to tracepoint {}:{}",
+            prog.name, prog.category, prog.event
+        )
+    })?;
+    Ok(p.info()?.id())
+}
+
+/// `section/name`, as observer_start and observer check name a hook.
+fn label(p: &Program) -> String {
+    format!("tracepoint/{}/{}", p.category, p.event)
+}
+
+/// The programs for this run, in attach order: the syscall exits from the
+/// registers where this kernel can load them, else from the entry.
+fn plan(ebpf: &mut Ebpf, s: &Setup) -> Vec<&'static Program> {
+    let wanted = |p: &&Program| s.filter.events & p.serves != 0;
+    let from_regs = load_program(ebpf, FROM_REGS[0].name);
+    if let Err(e) = &from_regs {
+        log::info!(
+            "syscall arguments from the entry tracepoints: the registers cannot be read here ({e:#})"
+        );
+    }
+    let calls: &'static [Program] = if from_regs.is_ok() {
+        &FROM_REGS
+    } else {
+        &FROM_ENTRY
     };
-    Ok(info.id())
+    let timers: &'static [Program] = if s.time_wait.is_some() {
+        &TIMER_PROGRAMS
+    } else {
+        &[]
+    };
+    calls
+        .iter()
+        .chain(&STATE_PROGRAMS)
+        .chain(timers)
+        .filter(wanted)
+        .collect()
 }
 
-fn open_cgroup(cgroup: &Path) -> Result<File> {
-    File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))
-}
-
-/// Loads everything and attaches every program this kernel runs: the timer
-/// programs only with a `tw` configuration (`None`: TIME_WAIT is polled).
-pub fn load_and_attach(
-    cgroup: &Path,
-    offsets: &KernelOffsets,
-    tw: Option<&TimeWaitConfig>,
-    ring_bytes: u32,
-) -> Result<Attached> {
-    let mut ebpf = load(offsets, tw.unwrap_or(&TimeWaitConfig::OFF), ring_bytes)?;
-    let cgroup_fd = open_cgroup(cgroup)?;
-    let mut hooks = Vec::new();
-    let mut prog_ids = Vec::new();
-    let mut names = Vec::new();
-    if tw.is_some() {
+/// Loads everything and attaches every program this run and this kernel need.
+pub fn load_and_attach(s: &Setup) -> Result<Attached> {
+    let mut ebpf = load(s)?;
+    let sweep = s.time_wait.is_some() && s.filter.wants(event::TIME_WAIT);
+    if sweep {
         let p: &mut RawTracePoint = ebpf
             .program_mut(SWEEP)
             .with_context(|| format!("program {SWEEP} is missing from the eBPF object"))?
             .try_into()?;
         p.load().with_context(|| format!("loading {SWEEP}"))?;
     }
-    for (name, hook) in PROGRAMS
-        .iter()
-        .filter(|(name, _)| tw.is_some() || !timer_program(name))
-    {
-        let id = attach(&mut ebpf, name, hook, cgroup, &cgroup_fd)?;
-        log::info!("attached {} (prog id {id})", hook.label());
-        hooks.push(hook.label());
+    let mut hooks = Vec::new();
+    let mut prog_ids = Vec::new();
+    let mut names = Vec::new();
+    for prog in plan(&mut ebpf, s) {
+        let id = attach(&mut ebpf, prog)?;
+        log::info!("attached {} (prog id {id})", label(prog));
+        hooks.push(label(prog));
         prog_ids.push(id);
-        names.push(*name);
+        names.push(prog.name);
     }
     Ok(Attached {
         ebpf,
         hooks,
         prog_ids,
         names,
-        sweep: tw.is_some(),
+        sweep,
     })
 }
 
-/// Tries every hook on its own and reports each (for `observer check`); all
-/// are detached again when this returns.
-pub fn probe(
-    cgroup: &Path,
-    offsets: &KernelOffsets,
-    tw: Option<&TimeWaitConfig>,
-) -> Result<Vec<(String, Result<u32>)>> {
-    let mut ebpf = load(offsets, tw.unwrap_or(&TimeWaitConfig::OFF), 4096)?;
-    let cgroup_fd = open_cgroup(cgroup)?;
-    Ok(PROGRAMS
+/// Tries every hook on its own and reports each (for `observer check`):
+/// both ways of reading syscall arguments, and the timer where configured.
+/// All are detached again when this returns.
+pub fn probe(s: &Setup) -> Result<Vec<(String, Result<u32>)>> {
+    let mut ebpf = load(s)?;
+    let timers: &[Program] = if s.time_wait.is_some() {
+        &TIMER_PROGRAMS
+    } else {
+        &[]
+    };
+    Ok(FROM_REGS
         .iter()
-        .filter(|(name, _)| tw.is_some() || !timer_program(name))
-        .map(|(name, hook)| {
+        .chain(&FROM_ENTRY)
+        .chain(&STATE_PROGRAMS)
+        .chain(timers)
+        .map(|prog| {
             (
-                hook.label(),
-                attach(&mut ebpf, name, hook, cgroup, &cgroup_fd),
+                format!("{} ({})", label(prog), prog.name),
+                attach(&mut ebpf, prog),
             )
         })
         .collect())

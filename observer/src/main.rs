@@ -9,6 +9,7 @@ mod daemon;
 mod events;
 mod explain;
 mod filter;
+mod kallsyms;
 mod loader;
 mod mounts;
 mod names;

@@ -59,7 +59,9 @@ pub struct Stream {
     pub clock: Clock,
     pub totals: Totals,
     /// Records kept out of the output by the filters.
-    pub filtered: u64,
+    filtered: u64,
+    /// The kernel programs' count of records their filters kept out.
+    kernel_filtered: PerCpuArray<MapData, u64>,
     pub filter: Filter,
     pub cgroups: Cgroups,
     lost_seen: [u64; LOST_SLOTS as usize + 1],
@@ -79,6 +81,7 @@ impl Stream {
         filter: Filter,
         cgroups: Cgroups,
         lost: PerCpuArray<MapData, u64>,
+        kernel_filtered: PerCpuArray<MapData, u64>,
         time_wait: TimeWait,
     ) -> Stream {
         Stream {
@@ -86,6 +89,7 @@ impl Stream {
             clock,
             totals: Totals::default(),
             filtered: 0,
+            kernel_filtered,
             filter,
             cgroups,
             lost_seen: [0; LOST_SLOTS as usize + 1],
@@ -131,14 +135,14 @@ impl Stream {
             match decode(&item) {
                 Ok(Record::Bind(r)) => {
                     let mut event = Bind::from_record(&r, &self.clock);
-                    if let (Some(c), Some(ra), Some(rp)) = (
-                        event.sock_cookie,
+                    if let (Some(ino), Some(ra), Some(rp)) = (
+                        event.sock_ino,
                         event.options.reuseaddr,
                         event.options.reuseport,
                     ) {
                         self.explainer
                             .book
-                            .note_bind(c, ra, rp, event.pid, &event.comm);
+                            .note_bind_ino(ino, ra, rp, event.pid, &event.comm);
                     }
                     (event.cgroup, event.container_id) = self.cgroup_of(event.cgroup_id);
                     let facts = Facts {
@@ -337,6 +341,16 @@ impl Stream {
         Ok(())
     }
 
+    /// Records the filters kept out, in the kernel and here.
+    pub fn filtered(&self) -> u64 {
+        let kernel: u64 = self
+            .kernel_filtered
+            .get(&observer_common::FILTERED_SLOT, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0);
+        self.filtered + kernel
+    }
+
     /// Records lost so far, by cause.
     pub fn lost_by_cause(&self) -> LostByCause {
         LostByCause {
@@ -373,7 +387,7 @@ impl Stream {
             totals,
             lost: totals.lost,
             lost_by_cause: self.lost_by_cause(),
-            filtered: self.filtered,
+            filtered: self.filtered(),
             explain_coalesced: self.explainer.coalescer.coalesced,
             cpu_ms,
             rss_kb,

@@ -37,7 +37,8 @@ pub struct Op {
     pub reuseport: Option<bool>,
     /// 0 or the errno the kernel returned.
     pub errno: i32,
-    pub cookie: Option<u64>,
+    /// The socket's inode (`fstat`), its id in the observer's records.
+    pub ino: Option<u64>,
 }
 
 impl Op {
@@ -52,7 +53,7 @@ impl Op {
             "options": {"reuseaddr": self.reuseaddr, "reuseport": self.reuseport},
             "ret": -(self.errno as i64),
             "errno": errno_name(self.errno),
-            "sock_cookie": self.cookie,
+            "sock_ino": self.ino,
         })
     }
 }
@@ -151,6 +152,14 @@ pub fn sockaddr_in6(ip: Ipv6Addr, port: u16) -> Vec<u8> {
     sa
 }
 
+/// The inode of the file behind `fd` (a socket's, as `ss -e` shows it).
+pub fn fd_ino(fd: i32) -> u64 {
+    // SAFETY: fstat into a zeroed struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::fstat(fd, &mut st) }, 0, "fstat");
+    st.st_ino
+}
+
 fn errno_of(r: io::Result<()>) -> i32 {
     match r {
         Ok(()) => 0,
@@ -189,7 +198,7 @@ impl Workload {
             reuseaddr: None,
             reuseport: None,
             errno: 0,
-            cookie: None,
+            ino: None,
         }
     }
 
@@ -221,7 +230,7 @@ impl Workload {
         op.port = Some(addr.port());
         op.reuseaddr = Some(sock.reuse_address().unwrap());
         op.reuseport = Some(sock.reuse_port().unwrap());
-        op.cookie = Some(sock.cookie().unwrap());
+        op.ino = Some(fd_ino(sock.as_raw_fd()));
         op.errno = errno;
         if errno == 0 {
             op.bound_port = Some(sock.local_addr().unwrap().as_socket().unwrap().port());
@@ -287,6 +296,7 @@ impl Workload {
         let mut op = self.op(what, sock.as_raw_fd());
         op.family = Some("unix");
         op.addr = Some(format!("@{name}"));
+        op.ino = Some(fd_ino(sock.as_raw_fd()));
         self.ops.push(op);
         self.keep_unix.push(sock);
         0
@@ -303,7 +313,7 @@ impl Workload {
         if pid == 0 {
             // The child of a multi-threaded process: raw syscalls only, then _exit.
             unsafe {
-                let mut out = [-1i64; 3]; // errno, fd, cookie
+                let mut out = [-1i64; 3]; // errno, fd, inode
                 if libc::setgroups(0, std::ptr::null()) == 0
                     && libc::setgid(65534) == 0
                     && libc::setuid(65534) == 0
@@ -316,16 +326,9 @@ impl Workload {
                         *libc::__errno_location() as i64
                     };
                     out[1] = fd as i64;
-                    let mut cookie: u64 = 0;
-                    let mut len = 8 as libc::socklen_t;
-                    libc::getsockopt(
-                        fd,
-                        libc::SOL_SOCKET,
-                        libc::SO_COOKIE,
-                        (&mut cookie as *mut u64).cast(),
-                        &mut len,
-                    );
-                    out[2] = cookie as i64;
+                    let mut st: libc::stat = std::mem::zeroed();
+                    libc::fstat(fd, &mut st);
+                    out[2] = st.st_ino as i64;
                 }
                 libc::write(fds[1], out.as_ptr().cast(), 24);
                 libc::_exit(0);
@@ -355,7 +358,7 @@ impl Workload {
             reuseaddr: Some(false),
             reuseport: Some(false),
             errno: out[0] as i32,
-            cookie: Some(out[2] as u64),
+            ino: Some(out[2] as u64),
         });
         out[0] as i32
     }
@@ -533,24 +536,26 @@ fn bind_sequence(w: &mut Workload) {
         libc::ENOTSOCK,
     );
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    // The fd is a socket: the record has the socket's view too.
+    let socket_view = |w: &mut Workload| {
+        let op = w.ops.last_mut().unwrap();
+        op.proto = Some("tcp");
+        op.reuseaddr = Some(false);
+        op.reuseport = Some(false);
+        op.ino = Some(fd_ino(s.as_raw_fd()));
+    };
     expect(
         "short address",
         w.raw_bind("short address", s.as_raw_fd(), &sa, 4),
         libc::EINVAL,
     );
-    // An AF_INET socket given a sockaddr_in6: the bind4 hook runs, then inet_bind refuses.
+    socket_view(w);
+    // An AF_INET socket given a sockaddr_in6: inet_bind refuses; the record
+    // says what the caller asked for.
     let sa6 = sockaddr_in6(Ipv6Addr::LOCALHOST, P + 2);
     let r = w.raw_bind("wrong family", s.as_raw_fd(), &sa6, sa6.len());
     expect("wrong family", r, libc::EAFNOSUPPORT);
-    {
-        // The hook saw this one: its record has the socket's view too.
-        let op = w.ops.last_mut().unwrap();
-        op.proto = Some("tcp");
-        op.addr = None;
-        op.reuseaddr = Some(false);
-        op.reuseport = Some(false);
-        op.cookie = Some(s.cookie().unwrap());
-    }
+    socket_view(w);
     expect(
         "unix abstract",
         w.unix_bind(

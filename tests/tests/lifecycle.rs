@@ -6,20 +6,27 @@ use observer_tests::{
 };
 use serde_json::Value;
 
-const HOOKS: [&str; 13] = [
+/// The syscall exits, reading the arguments from the registers (5.15+).
+const HOOKS: [&str; 6] = [
     "tracepoint/syscalls/sys_exit_bind",
-    "cgroup/post_bind4",
-    "cgroup/post_bind6",
-    "cgroup/bind4",
-    "cgroup/bind6",
-    "tracepoint/syscalls/sys_enter_bind",
+    "tracepoint/syscalls/sys_exit_listen",
+    "tracepoint/syscalls/sys_exit_connect",
     "tracepoint/irq/softirq_exit",
     "tracepoint/irq/softirq_entry",
     "tracepoint/sock/inet_sock_set_state",
+];
+
+/// The same on a kernel whose registers cannot be read at the exit.
+const HOOKS_WITH_ENTRY: [&str; 9] = [
+    "tracepoint/syscalls/sys_exit_bind",
     "tracepoint/syscalls/sys_exit_listen",
     "tracepoint/syscalls/sys_exit_connect",
+    "tracepoint/syscalls/sys_enter_bind",
     "tracepoint/syscalls/sys_enter_listen",
     "tracepoint/syscalls/sys_enter_connect",
+    "tracepoint/irq/softirq_exit",
+    "tracepoint/irq/softirq_entry",
+    "tracepoint/sock/inet_sock_set_state",
 ];
 
 /// Attached too where the kernel's TIME_WAIT timer handler can be found.
@@ -57,7 +64,11 @@ fn check_start(start: &Value) -> Vec<u32> {
         .iter()
         .map(|h| h.as_str().unwrap())
         .collect();
-    let mut want = HOOKS.to_vec();
+    let mut want = if hooks.contains(&"tracepoint/syscalls/sys_enter_bind") {
+        HOOKS_WITH_ENTRY.to_vec()
+    } else {
+        HOOKS.to_vec()
+    };
     if kernel_has_tw_timer_handler() {
         want.extend(TIMER_HOOKS);
     }

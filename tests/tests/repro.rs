@@ -26,7 +26,7 @@ fn same(step: &Value, e: &Value) -> bool {
                     && e["proto"] == step["proto"]
                     && e["options"]["reuseaddr"] == step["reuseaddr"]
                     && e["options"]["reuseport"] == step["reuseport"]
-                    && e["sock_cookie"] == step["sock_cookie"]
+                    && e["sock_ino"] == step["sock_ino"]
             }
             "listen" => e["laddr"] == step["addr"] && e["lport"] == step["port"],
             "connect" => e["daddr"] == step["addr"] && e["dport"] == step["port"],

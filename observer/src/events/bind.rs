@@ -1,7 +1,5 @@
 //! Schema v1 records, built from kernel records and serialized as JSON Lines.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 use observer_common::{BindRecord, bind::flags};
 use serde::Serialize;
 
@@ -34,8 +32,13 @@ pub struct Bind {
     pub options: BindOptions,
     pub ret: i64,
     pub errno: Option<String>,
-    pub latency_ns: u64,
+    /// Time in the syscall, where its start was seen (kernels that need the
+    /// entry tracepoint); `null` otherwise.
+    pub latency_ns: Option<u64>,
+    /// The socket's cookie, where the kernel had given it one.
     pub sock_cookie: Option<u64>,
+    /// The socket's inode (`ss -e`'s `ino:`): always there for a socket.
+    pub sock_ino: Option<u64>,
     /// On EADDRINUSE: who holds the port, which rule fired, what would fix it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explain: Option<crate::explain::rules::Explain>,
@@ -46,8 +49,7 @@ pub struct Bind {
 pub struct BindOptions {
     pub reuseaddr: Option<bool>,
     pub reuseport: Option<bool>,
-    /// `bpf_getsockopt` in `cgroup/bind*` refuses IP_FREEBIND, IP_TRANSPARENT and
-    /// IP_BIND_ADDRESS_NO_PORT: these stay `null` until a hook can read them.
+    /// IP_FREEBIND, IP_TRANSPARENT, IP_BIND_ADDRESS_NO_PORT, from `inet_sock`'s bits.
     pub freebind: Option<bool>,
     pub transparent: Option<bool>,
     pub bind_address_no_port: Option<bool>,
@@ -56,69 +58,67 @@ pub struct BindOptions {
 
 impl Bind {
     pub fn from_record(r: &BindRecord, clock: &Clock) -> Bind {
-        let hooked = r.flags & flags::CGROUP_HOOK != 0;
-        let target = if hooked {
-            hook_target(r)
-        } else if r.flags & flags::SOCKADDR != 0 {
+        let socket = r.flags & flags::SOCKET != 0;
+        let inet = socket && matches!(i32::from(r.family), libc::AF_INET | libc::AF_INET6);
+        let target = if r.flags & flags::SOCKADDR != 0 {
             let len = (r.addrlen as usize).min(r.sockaddr.len());
-            sockaddr_target(&r.sockaddr[..len])
+            requested(&r.sockaddr[..len], inet.then_some(r.family))
         } else {
             Target::default()
         };
         let flag = |known: u32, set: u32| (r.flags & known != 0).then_some(r.flags & set != 0);
+        let t = &r.task;
         Bind {
             v: SCHEMA_VERSION,
             ts: clock.rfc3339(r.header.ktime_ns).to_string(),
             event: "bind",
-            pid: (r.pid_tgid >> 32) as u32,
-            tid: r.pid_tgid as u32,
-            comm: c_str(&r.comm),
-            uid: r.uid_gid as u32,
-            cgroup_id: r.cgroup_id,
+            pid: t.pid(),
+            tid: t.tid(),
+            comm: c_str(&t.comm),
+            uid: t.uid(),
+            cgroup_id: t.cgroup_id,
             cgroup: None,
             container_id: None,
-            netns: (r.netns != 0).then_some(r.netns),
+            netns: (t.netns != 0).then_some(t.netns),
             fd: r.fd,
             family: target.family.map(family_name),
-            proto: hooked.then(|| proto_name(r.sock_type, r.protocol)),
+            proto: inet.then(|| proto_name(r.sock_type, r.protocol)),
             addr: target.addr,
             port: target.port,
-            bound_port: (r.flags & flags::POST_BIND != 0).then_some(r.bound_port),
+            bound_port: (r.flags & flags::BOUND_PORT != 0).then_some(r.bound_port),
             options: BindOptions {
                 reuseaddr: flag(flags::REUSEADDR_KNOWN, flags::REUSEADDR),
                 reuseport: flag(flags::REUSEPORT_KNOWN, flags::REUSEPORT),
-                freebind: None,
-                transparent: None,
-                bind_address_no_port: None,
+                freebind: flag(flags::INET_FLAGS_KNOWN, flags::FREEBIND),
+                transparent: flag(flags::INET_FLAGS_KNOWN, flags::TRANSPARENT),
+                bind_address_no_port: flag(flags::INET_FLAGS_KNOWN, flags::BIND_ADDRESS_NO_PORT),
                 bound_dev_if: (r.flags & flags::BOUND_DEV_IF_KNOWN != 0).then_some(r.bound_dev_if),
             },
             ret: r.ret,
             errno: errno_of_ret(r.ret),
-            latency_ns: r.header.ktime_ns.saturating_sub(r.enter_ns),
-            sock_cookie: hooked.then_some(r.sock_cookie),
+            latency_ns: (r.flags & flags::ENTER != 0)
+                .then(|| r.header.ktime_ns.saturating_sub(r.enter_ns)),
+            sock_cookie: (socket && r.sock_cookie != 0).then_some(r.sock_cookie),
+            sock_ino: (socket && r.sock_ino != 0).then_some(r.sock_ino),
             explain: None,
         }
     }
 }
 
-/// The address as the cgroup hook saw it. The hook is chosen by the socket's
-/// family; a sockaddr of another family (EAFNOSUPPORT follows) has no address
-/// the hook could read, but its port sits at the same offset in both.
-fn hook_target(r: &BindRecord) -> Target {
-    let v6_hook = r.flags & flags::CGROUP_HOOK_V6 != 0;
-    let addr = match (i32::from(r.family), v6_hook) {
-        // AF_UNSPEC with INADDR_ANY is accepted as AF_INET by inet_bind.
-        (libc::AF_INET | libc::AF_UNSPEC, false) => {
-            Some(Ipv4Addr::from(<[u8; 4]>::try_from(&r.addr[..4]).unwrap()).to_string())
-        }
-        (libc::AF_INET6, true) => Some(Ipv6Addr::from(r.addr).to_string()),
-        _ => None,
-    };
-    Target {
-        family: Some(r.family),
-        addr,
-        port: Some(r.port),
+/// What the caller asked for, from its sockaddr. An inet socket accepts
+/// AF_UNSPEC with INADDR_ANY as AF_INET (`inet_bind`): read it as such.
+fn requested(sa: &[u8], inet_family: Option<u16>) -> Target {
+    let unspec = sa.len() >= 2 && u16::from_ne_bytes([sa[0], sa[1]]) == libc::AF_UNSPEC as u16;
+    if unspec && inet_family == Some(libc::AF_INET as u16) {
+        let mut as_inet = sa.to_vec();
+        as_inet[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        let t = sockaddr_target(&as_inet);
+        return Target {
+            family: Some(libc::AF_UNSPEC as u16),
+            ..t
+        };
     }
+    sockaddr_target(sa)
 }
 
 #[cfg(test)]
@@ -129,35 +129,44 @@ mod tests {
         Clock::with_offset(1_700_000_000_000_000_000)
     }
 
-    fn hooked_v4() -> BindRecord {
+    fn sockaddr_in(r: &mut BindRecord, ip: [u8; 4], port: u16) {
+        r.sockaddr[..2].copy_from_slice(&2u16.to_ne_bytes());
+        r.sockaddr[2..4].copy_from_slice(&port.to_be_bytes());
+        r.sockaddr[4..8].copy_from_slice(&ip);
+        r.addrlen = 16;
+        r.flags |= flags::SOCKADDR;
+    }
+
+    /// A failed TCP bind of 127.0.0.1:5700, as the exit program records it.
+    fn tcp_v4() -> BindRecord {
         let mut r = BindRecord::zeroed();
         r.header.ktime_ns = 2_000;
-        r.enter_ns = 1_500;
-        r.pid_tgid = (1234 << 32) | 1240;
-        r.uid_gid = (100 << 32) | 1000;
-        r.cgroup_id = 77;
-        r.netns = 4026531840;
+        r.task.pid_tgid = (1234 << 32) | 1240;
+        r.task.uid_gid = (100 << 32) | 1000;
+        r.task.cgroup_id = 77;
+        r.task.netns = 4026531840;
+        r.task.comm[..6].copy_from_slice(b"server");
         r.fd = 3;
         r.family = 2;
         r.sock_type = 1;
         r.protocol = 6;
-        r.port = 5700;
-        r.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        r.comm[..6].copy_from_slice(b"server");
         r.sock_cookie = 4096;
+        r.sock_ino = 55;
         r.ret = -98;
-        r.flags = flags::ENTER
-            | flags::CGROUP_HOOK
+        r.flags = flags::SOCKET
             | flags::REUSEADDR_KNOWN
             | flags::REUSEPORT_KNOWN
             | flags::REUSEPORT
-            | flags::BOUND_DEV_IF_KNOWN;
+            | flags::BOUND_DEV_IF_KNOWN
+            | flags::INET_FLAGS_KNOWN
+            | flags::FREEBIND;
+        sockaddr_in(&mut r, [127, 0, 0, 1], 5700);
         r
     }
 
     #[test]
     fn failed_tcp_bind_json_shape() {
-        let json = serde_json::to_value(Bind::from_record(&hooked_v4(), &clock())).unwrap();
+        let json = serde_json::to_value(Bind::from_record(&tcp_v4(), &clock())).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
@@ -165,58 +174,59 @@ mod tests {
                 "pid": 1234, "tid": 1240, "comm": "server", "uid": 1000, "cgroup_id": 77, "cgroup": null, "container_id": null,
                 "netns": 4026531840u32, "fd": 3, "family": "inet", "proto": "tcp",
                 "addr": "127.0.0.1", "port": 5700, "bound_port": null,
-                "options": {"reuseaddr": false, "reuseport": true, "freebind": null,
-                            "transparent": null, "bind_address_no_port": null, "bound_dev_if": 0},
-                "ret": -98, "errno": "EADDRINUSE", "latency_ns": 500, "sock_cookie": 4096
+                "options": {"reuseaddr": false, "reuseport": true, "freebind": true,
+                            "transparent": false, "bind_address_no_port": false, "bound_dev_if": 0},
+                "ret": -98, "errno": "EADDRINUSE", "latency_ns": null, "sock_cookie": 4096, "sock_ino": 55
             })
         );
     }
 
     #[test]
-    fn ephemeral_port_is_the_bound_port() {
-        let mut r = hooked_v4();
-        r.port = 0;
+    fn ephemeral_port_is_the_bound_port_and_latency_from_the_entry() {
+        let mut r = tcp_v4();
+        sockaddr_in(&mut r, [127, 0, 0, 1], 0);
         r.ret = 0;
         r.bound_port = 41000;
-        r.flags |= flags::POST_BIND;
+        r.enter_ns = 1_500;
+        r.flags |= flags::BOUND_PORT | flags::ENTER;
         let b = Bind::from_record(&r, &clock());
         assert_eq!(
-            (b.port, b.bound_port, b.errno),
-            (Some(0), Some(41000), None)
+            (b.port, b.bound_port, b.errno, b.latency_ns),
+            (Some(0), Some(41000), None, Some(500))
         );
     }
 
     #[test]
-    fn ipv6_from_hook() {
-        let mut r = hooked_v4();
-        r.family = 10;
-        r.flags |= flags::CGROUP_HOOK_V6;
-        r.addr = std::net::Ipv6Addr::LOCALHOST.octets();
-        assert_eq!(Bind::from_record(&r, &clock()).addr.as_deref(), Some("::1"));
-    }
-
-    #[test]
-    fn foreign_family_in_bind4_has_no_address() {
-        let mut r = hooked_v4();
-        r.family = 10; // a sockaddr_in6 passed to an AF_INET socket
+    fn what_the_caller_asked_for_whatever_the_socket() {
+        // A sockaddr_in6 passed to an AF_INET socket (EAFNOSUPPORT follows).
+        let mut r = tcp_v4();
+        r.sockaddr = [0; 128];
+        r.sockaddr[..2].copy_from_slice(&10u16.to_ne_bytes());
+        r.sockaddr[2..4].copy_from_slice(&5700u16.to_be_bytes());
+        r.sockaddr[8..24].copy_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+        r.addrlen = 28;
         r.ret = -97;
         let b = Bind::from_record(&r, &clock());
         assert_eq!(
-            (b.family.as_deref(), b.addr, b.port),
-            (Some("inet6"), None, Some(5700))
+            (b.family.as_deref(), b.addr.as_deref(), b.port),
+            (Some("inet6"), Some("::1"), Some(5700))
         );
         assert_eq!(b.errno.as_deref(), Some("EAFNOSUPPORT"));
+        // AF_UNSPEC on an inet socket reads as AF_INET, as inet_bind does.
+        let mut r = tcp_v4();
+        r.sockaddr[..2].copy_from_slice(&0u16.to_ne_bytes());
+        let b = Bind::from_record(&r, &clock());
+        assert_eq!(
+            (b.family.as_deref(), b.addr.as_deref()),
+            (Some("unspec"), Some("127.0.0.1"))
+        );
     }
 
     #[test]
-    fn unhooked_bind_has_unknown_options_and_raw_address() {
+    fn not_a_socket_has_unknown_options_and_the_raw_address() {
         let mut r = BindRecord::zeroed();
         r.ret = -9;
-        r.flags = flags::ENTER | flags::SOCKADDR;
-        r.addrlen = 16;
-        r.sockaddr[..2].copy_from_slice(&2u16.to_ne_bytes());
-        r.sockaddr[2..4].copy_from_slice(&8080u16.to_be_bytes());
-        r.sockaddr[4..8].copy_from_slice(&[10, 0, 0, 1]);
+        sockaddr_in(&mut r, [10, 0, 0, 1], 8080);
         let b = Bind::from_record(&r, &clock());
         assert_eq!(b.errno.as_deref(), Some("EBADF"));
         assert_eq!(
@@ -225,6 +235,9 @@ mod tests {
         );
         assert_eq!(b.proto, None);
         assert_eq!(b.options, BindOptions::default());
-        assert_eq!((b.sock_cookie, b.bound_port, b.netns), (None, None, None));
+        assert_eq!(
+            (b.sock_cookie, b.sock_ino, b.bound_port, b.netns),
+            (None, None, None, None)
+        );
     }
 }

@@ -87,7 +87,7 @@ fn code_record(event: &str, with_explain: bool) -> Value {
         }),
         "bind" => {
             let mut r = observer_common::BindRecord::zeroed();
-            r.flags = observer_common::bind::flags::CGROUP_HOOK;
+            r.flags = observer_common::bind::flags::SOCKET;
             let mut b = Bind::from_record(&r, &clock);
             b.explain = explain;
             serde_json::to_value(b)

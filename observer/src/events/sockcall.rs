@@ -37,7 +37,8 @@ pub struct SockCall {
     pub dport: Option<u16>,
     pub ret: i64,
     pub errno: Option<String>,
-    pub latency_ns: u64,
+    /// Time in the syscall, where its start was seen; `null` otherwise.
+    pub latency_ns: Option<u64>,
     /// On a listen() EADDRINUSE: who holds the port, which rule fired, what would fix it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explain: Option<crate::explain::rules::Explain>,
@@ -60,14 +61,14 @@ impl SockCall {
             } else {
                 "connect"
             },
-            pid: (r.pid_tgid >> 32) as u32,
-            tid: r.pid_tgid as u32,
-            comm: c_str(&r.comm),
-            uid: r.uid_gid as u32,
-            cgroup_id: r.cgroup_id,
+            pid: r.task.pid(),
+            tid: r.task.tid(),
+            comm: c_str(&r.task.comm),
+            uid: r.task.uid(),
+            cgroup_id: r.task.cgroup_id,
             cgroup: None,
             container_id: None,
-            netns: (r.netns != 0).then_some(r.netns),
+            netns: (r.task.netns != 0).then_some(r.task.netns),
             fd: r.fd,
             family: family.map(family_name),
             laddr: local.then(|| ip_from(r.family, &r.laddr).to_string()),
@@ -76,7 +77,8 @@ impl SockCall {
             dport: dest.port,
             ret: r.ret,
             errno: errno_of_ret(r.ret),
-            latency_ns: r.header.ktime_ns.saturating_sub(r.enter_ns),
+            latency_ns: (r.flags & flags::ENTER != 0)
+                .then(|| r.header.ktime_ns.saturating_sub(r.enter_ns)),
             explain: None,
         }
     }

@@ -20,8 +20,9 @@ use crate::{
     sock_diag::{Diag, IPPROTO_TCP, IPPROTO_UDP, InetSock},
 };
 
-/// Socket options (and the binding process) by socket cookie, as the observer
-/// saw them (bind events, TIME_WAIT sockets); oldest forgotten first beyond `CAP`.
+/// Socket options (and the binding process) by socket cookie or inode, as the
+/// observer saw them (bind events, TIME_WAIT sockets); oldest forgotten first
+/// beyond `CAP`.
 #[derive(Default)]
 pub struct OptionsBook {
     map: HashMap<u64, (bool, bool)>,
@@ -42,8 +43,34 @@ struct TwNote {
     closer: Option<(u32, String)>,
 }
 
+/// Inodes share the maps with cookies, marked by the top bit (cookies count up from 1).
+const INO: u64 = 1 << 63;
+
 impl OptionsBook {
     const CAP: usize = 1 << 14;
+
+    /// A bind the stream saw, by the socket's inode (its cookie is often unset).
+    pub fn note_bind_ino(
+        &mut self,
+        ino: u64,
+        reuseaddr: bool,
+        reuseport: bool,
+        pid: u32,
+        comm: &str,
+    ) {
+        self.note_bind(ino | INO, reuseaddr, reuseport, pid, comm);
+    }
+
+    /// What is known of a socket sock_diag reports: by cookie, else by inode.
+    fn find(&self, cookie: u64, inode: u32) -> Option<(bool, bool)> {
+        self.get(cookie)
+            .or_else(|| (inode != 0).then(|| self.get(u64::from(inode) | INO))?)
+    }
+
+    fn find_owner(&self, cookie: u64, inode: u32) -> Option<(u32, String)> {
+        self.owner(cookie)
+            .or_else(|| (inode != 0).then(|| self.owner(u64::from(inode) | INO))?)
+    }
 
     pub fn note(&mut self, cookie: u64, reuseaddr: bool, reuseport: bool) {
         if cookie == 0 {
@@ -123,6 +150,7 @@ impl OptionsBook {
     pub fn entries(&self) -> Vec<(u64, bool, bool)> {
         self.order
             .iter()
+            .filter(|c| **c & INO == 0)
             .filter_map(|c| self.map.get(c).map(|(a, p)| (*c, *a, *p)))
             .collect()
     }
@@ -268,14 +296,14 @@ fn holder(s: &InetSock, netns: u32, book: &OptionsBook, owners: &mut Owners, ask
         .flatten();
     // A TIME_WAIT socket has no owner: name the process that closed it.
     let owner = match (
-        book.owner(s.cookie),
+        book.find_owner(s.cookie, s.inode),
         time_wait.and_then(|n| n.closer.clone()),
     ) {
         (Some((pid, comm)), _) | (None, Some((pid, comm))) => Some((pid, comm, -1)),
         (None, None) => owners.get(s.inode),
     };
     let known = book
-        .get(s.cookie)
+        .find(s.cookie, s.inode)
         .or_else(|| time_wait.and_then(|n| n.reuse))
         .or_else(|| match (&owner, ask) {
             (Some((pid, _, fd)), Ask::Owner) if *fd >= 0 => options_of(*pid, *fd),
@@ -448,7 +476,7 @@ impl Explainer {
             .partition(|h| Some(h.inode) == own_inode);
         let (reuseaddr, reuseport) = mine
             .first()
-            .and_then(|h| self.book.get(h.sock_cookie))
+            .and_then(|h| self.book.find(h.sock_cookie, h.inode))
             .unwrap_or((false, false));
         let r = Request {
             reuseaddr,

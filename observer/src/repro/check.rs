@@ -24,7 +24,7 @@ pub fn matches(step: &Step, e: &Value) -> bool {
                     && e["proto"] == step.proto.as_str()
                     && e["options"]["reuseaddr"] == step.reuseaddr
                     && e["options"]["reuseport"] == step.reuseport
-                    && e["sock_cookie"] == step.sock_cookie
+                    && e["sock_ino"] == step.sock_ino
             }
             "listen" => e["laddr"] == step.addr.as_str() && e["lport"] == step.port,
             "connect" => e["daddr"] == step.addr.as_str() && e["dport"] == step.port,
@@ -82,6 +82,7 @@ mod tests {
             reuseaddr: true,
             reuseport: false,
             sock_cookie: 9,
+            sock_ino: 99,
             expected: errno.map(str::to_owned),
             errno: errno.map(str::to_owned),
             ok: true,
@@ -92,7 +93,7 @@ mod tests {
 
     fn bind_event() -> Value {
         json!({"event": "bind", "pid": 1, "tid": 2, "netns": 3, "fd": 4, "addr": "127.0.0.1", "port": 5700,
-               "proto": "tcp", "options": {"reuseaddr": true, "reuseport": false}, "errno": "EADDRINUSE", "sock_cookie": 9})
+               "proto": "tcp", "options": {"reuseaddr": true, "reuseport": false}, "errno": "EADDRINUSE", "sock_ino": 99})
     }
 
     #[test]
@@ -103,7 +104,7 @@ mod tests {
             ("tid", json!(3)),
             ("errno", Value::Null),
             ("port", json!(5701)),
-            ("sock_cookie", json!(10)),
+            ("sock_ino", json!(100)),
         ] {
             let mut e = bind_event();
             e[k] = v;

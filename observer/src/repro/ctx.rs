@@ -40,6 +40,8 @@ pub struct Step {
     pub reuseaddr: bool,
     pub reuseport: bool,
     pub sock_cookie: u64,
+    /// The socket's inode (its stable id: the stream's records carry it).
+    pub sock_ino: u64,
     /// The errno the kernel should answer (`null`: success).
     pub expected: Option<String>,
     /// The errno it answered.
@@ -72,6 +74,11 @@ pub fn thread_netns() -> u64 {
     std::fs::metadata("/proc/thread-self/ns/net")
         .map(|m| m.ino())
         .unwrap_or(0)
+}
+
+/// A socket's inode number (`fstat`), as `ss -e` shows it.
+pub fn socket_ino(s: &Socket) -> u64 {
+    nix::sys::stat::fstat(s).map_or(0, |st| st.st_ino)
 }
 
 /// Moves the calling thread into a new network namespace with loopback up.
@@ -226,6 +233,7 @@ impl Ctx {
             reuseaddr: s.reuse_address().unwrap_or(false),
             reuseport: s.reuse_port().unwrap_or(false),
             sock_cookie: s.cookie().unwrap_or(0),
+            sock_ino: socket_ino(s),
             expected: expected.map(str::to_owned),
             ok: errno.as_deref() == expected,
             errno,

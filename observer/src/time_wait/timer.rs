@@ -29,7 +29,7 @@ const MAX_PENDING: usize = 1 << 18;
 /// The kernel's layout and symbols the timer programs need, or why this
 /// kernel cannot give them (then the daemon polls sock_diag).
 pub fn discover(tw: &crate::btf_offsets::TimeWaitOffsets) -> Result<(TimeWaitConfig, u64), String> {
-    let handler = kallsyms("tw_timer_handler")?;
+    let handler = crate::kallsyms::address("tw_timer_handler")?;
     let start = tracefs::fields("timer", "timer_start")?;
     let expire = tracefs::fields("timer", "timer_expire_entry")?;
     let cancel = tracefs::fields("timer", "timer_cancel")?;
@@ -80,26 +80,6 @@ pub fn discover(tw: &crate::btf_offsets::TimeWaitOffsets) -> Result<(TimeWaitCon
         cancel_timer: field(&cancel, "timer_cancel", "timer")?,
     };
     Ok((config, hz))
-}
-
-/// A text symbol's address from /proc/kallsyms (0s there mean it is hidden).
-fn kallsyms(name: &str) -> Result<u64, String> {
-    let text =
-        std::fs::read_to_string("/proc/kallsyms").map_err(|e| format!("/proc/kallsyms: {e}"))?;
-    let addr = text
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (addr, _kind, sym) = (f.next()?, f.next()?, f.next()?);
-            (sym == name).then(|| u64::from_str_radix(addr, 16).ok())?
-        })
-        .ok_or_else(|| format!("no {name} in /proc/kallsyms"))?;
-    if addr == 0 {
-        return Err(format!(
-            "{name} is hidden in /proc/kallsyms (kernel.kptr_restrict)"
-        ));
-    }
-    Ok(addr)
 }
 
 /// The kernel's HZ, measured: jiffies in /proc/timer_list twice, 100 ms apart,

@@ -1,0 +1,88 @@
+//! The process side of every record, filled by one helper, and the filters
+//! that look at it (`observer run -p/--uid/--netns/--comm/--cgroup`).
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated},
+    macros::map,
+    maps::{CgroupArray, HashMap, PerCpuArray},
+};
+use observer_common::{
+    FILTERED_SLOT,
+    filter::{FilterConfig, on},
+    task::TaskHeader,
+};
+
+use crate::kernel::current_netns;
+
+/// Written by the daemon before load (see `FilterConfig`).
+#[unsafe(no_mangle)]
+pub static FILTER: FilterConfig = FilterConfig::NONE;
+
+pub fn filter() -> FilterConfig {
+    // SAFETY: a read of a static; volatile because the loader rewrites it.
+    unsafe { core::ptr::read_volatile(&FILTER) }
+}
+
+/// `-p`: the processes (tgids) to keep.
+#[map]
+pub static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// `-P`: the ports to keep.
+#[map]
+pub static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+
+/// `--cgroup`: slot 0 holds the cgroup whose tasks (and descendants') to keep.
+#[map]
+pub static CGROUP: CgroupArray = CgroupArray::with_max_entries(1, 0);
+
+/// Records the filters kept out, per CPU.
+#[map]
+pub static FILTERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+pub fn count_filtered() {
+    if let Some(n) = FILTERED.get_ptr_mut(FILTERED_SLOT) {
+        // SAFETY: a per-CPU slot; no other writer while this program runs here.
+        unsafe { *n += 1 };
+    }
+}
+
+/// The calling task, as records carry it.
+pub fn current_task() -> TaskHeader {
+    TaskHeader {
+        pid_tgid: bpf_get_current_pid_tgid(),
+        uid_gid: bpf_get_current_uid_gid(),
+        // SAFETY: a helper without arguments.
+        cgroup_id: unsafe { generated::bpf_get_current_cgroup_id() },
+        netns: current_netns(),
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    }
+}
+
+/// The process filters, on the calling task: `-p` first (the cheapest and
+/// the most selective), then uid, namespace, comm, cgroup.
+pub fn task_passes(f: &FilterConfig, t: &TaskHeader) -> bool {
+    if f.flags == 0 {
+        return true;
+    }
+    // SAFETY: the map lookup returns a pointer into the map, only tested for presence.
+    if f.has(on::PIDS) && unsafe { PIDS.get(&t.pid()) }.is_none() {
+        return false;
+    }
+    if f.has(on::UID) && t.uid() != f.uid {
+        return false;
+    }
+    if f.has(on::NETNS) && t.netns != f.netns {
+        return false;
+    }
+    if f.has(on::COMM) && t.comm != f.comm {
+        return false;
+    }
+    !f.has(on::CGROUP) || CGROUP.current_task_under_cgroup(0) == Ok(true)
+}
+
+/// `-P`: one of these ports (0 stands for "none") is among the kept ones.
+pub fn ports_pass(f: &FilterConfig, ports: [u16; 2]) -> bool {
+    // SAFETY: as in `task_passes`.
+    !f.has(on::PORTS) || ports.iter().any(|p| unsafe { PORTS.get(p) }.is_some())
+}

@@ -1,0 +1,38 @@
+//! Kernel symbol addresses from /proc/kallsyms (root sees them; zeros mean
+//! `kernel.kptr_restrict` hides them).
+
+use std::collections::HashMap;
+
+/// The addresses of `names`, read in one pass over /proc/kallsyms.
+pub fn lookup(names: &[&str]) -> Result<HashMap<String, u64>, String> {
+    let text =
+        std::fs::read_to_string("/proc/kallsyms").map_err(|e| format!("/proc/kallsyms: {e}"))?;
+    let mut found = HashMap::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(addr), Some(_kind), Some(sym)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if names.contains(&sym)
+            && !found.contains_key(sym)
+            && let Ok(a) = u64::from_str_radix(addr, 16)
+        {
+            found.insert(sym.to_owned(), a);
+            if found.len() == names.len() {
+                break;
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// One text or data symbol's address, refusing a hidden (zero) one.
+pub fn address(name: &str) -> Result<u64, String> {
+    match lookup(&[name])?.get(name) {
+        None => Err(format!("no {name} in /proc/kallsyms")),
+        Some(0) => Err(format!(
+            "{name} is hidden in /proc/kallsyms (kernel.kptr_restrict)"
+        )),
+        Some(&a) => Ok(a),
+    }
+}
