@@ -9,7 +9,7 @@
 
 use aya_ebpf::{helpers::generated, macros::tracepoint, programs::TracePointContext};
 use observer_common::{
-    BindRecord, LOST_RINGBUF,
+    BindRecord, Kind,
     bind::{SOCKADDR_MAX, flags},
     filter::on,
 };
@@ -17,7 +17,7 @@ use observer_common::{
 use crate::{
     args::{self, Args},
     kernel::{FdSocket, fd_socket, inet_bit, read, sock_cookie, sock_reuse},
-    maps::{EVENTS, count_lost, kernel_offsets, wake_flags},
+    maps::{kernel_offsets, reserve_zeroed, wake_flags},
     task::{count_filtered, current_task, filter, ports_pass, task_passes},
 };
 
@@ -68,11 +68,11 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
         count_filtered();
         return Ok(());
     }
-    let Some(mut slot) = EVENTS.reserve::<BindRecord>(0) else {
-        count_lost(LOST_RINGBUF);
+    let Some(mut slot) = reserve_zeroed::<BindRecord>(Kind::Bind) else {
         return Ok(());
     };
-    let r = slot.write(BindRecord::zeroed());
+    // SAFETY: zeroed above, a valid record.
+    let r = unsafe { slot.assume_init_mut() };
     // SAFETY: a helper without arguments.
     r.header.ktime_ns = unsafe { generated::bpf_ktime_get_ns() };
     r.task = task;

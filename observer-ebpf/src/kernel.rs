@@ -55,6 +55,7 @@ pub struct Tuple {
     pub daddr: [u8; 16],
 }
 
+#[inline(always)]
 pub fn sock_tuple(sk: u64) -> Option<Tuple> {
     let off = kernel_offsets();
     if !off.tuple_known() {

@@ -3,9 +3,11 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{PerCpuArray, RingBuf, ring_buf::RingBufEntry},
 };
-use observer_common::{LOST_SLOTS, config::KernelOffsets, time_wait::TimeWaitConfig};
+use observer_common::{
+    Header, Kind, LOST_RINGBUF, LOST_SLOTS, config::KernelOffsets, time_wait::TimeWaitConfig,
+};
 
 /// Every record goes through this one ring buffer (the daemon may resize it).
 #[map]
@@ -59,4 +61,24 @@ pub fn count_lost(slot: u32) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *n += 1 };
     }
+}
+
+/// A record of kind `kind` reserved in the ring buffer and zeroed where it
+/// lies: built on the stack and copied, a 256-byte record would take half of
+/// the 512 bytes of stack a chain of BPF calls may use. `T` starts with a
+/// `Header`. `None` (and counted) when the ring buffer is full.
+pub fn reserve_zeroed<T: 'static>(kind: Kind) -> Option<RingBufEntry<T>> {
+    let Some(mut slot) = EVENTS.reserve::<T>(0) else {
+        count_lost(LOST_RINGBUF);
+        return None;
+    };
+    let p = slot.as_mut_ptr();
+    // SAFETY: the slot is `size_of::<T>()` bytes of ring buffer this program
+    // owns until it submits; records are plain data, valid when all zero,
+    // and begin with a `Header`.
+    unsafe {
+        core::ptr::write_bytes(p, 0, 1);
+        (*p.cast::<Header>()).kind = kind as u32;
+    }
+    Some(slot)
 }

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{helpers::generated, macros::tracepoint, programs::TracePointContext};
 use observer_common::{
-    LOST_RINGBUF, SockCallRecord,
+    Kind, SockCallRecord,
     bind::SOCKADDR_MAX,
     filter::on,
     sockcall::{Call, flags},
@@ -14,7 +14,7 @@ use observer_common::{
 use crate::{
     args::{self, Args},
     kernel::{fd_socket, sock_local},
-    maps::{EVENTS, count_lost, wake_flags},
+    maps::{reserve_zeroed, wake_flags},
     task::{count_filtered, current_task, filter, ports_pass, task_passes},
 };
 
@@ -74,11 +74,12 @@ fn exit(ctx: &TracePointContext, call: Call, args: fn() -> Option<Args>) -> Resu
         count_filtered();
         return Ok(());
     }
-    let Some(mut entry) = EVENTS.reserve::<SockCallRecord>(0) else {
-        count_lost(LOST_RINGBUF);
+    let Some(mut entry) = reserve_zeroed::<SockCallRecord>(Kind::SockCall) else {
         return Ok(());
     };
-    let r = entry.write(SockCallRecord::zeroed(call));
+    // SAFETY: zeroed above, a valid record.
+    let r = unsafe { entry.assume_init_mut() };
+    r.call = call as u32;
     // SAFETY: a helper without arguments.
     r.header.ktime_ns = unsafe { generated::bpf_ktime_get_ns() };
     r.task = task;

@@ -29,7 +29,7 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use observer_common::{
-    LOST_RINGBUF, LOST_TIME_WAIT_MAP, TimeWaitRecord,
+    Kind, LOST_TIME_WAIT_MAP, TimeWaitRecord,
     filter::{event, on},
     tcp::state,
     time_wait::{TimeWaitConfig, flags, op},
@@ -37,7 +37,7 @@ use observer_common::{
 
 use crate::{
     kernel::{Tuple, read, sock_cookie, sock_netns, sock_reuse, sock_tuple},
-    maps::{EVENTS, count_lost, time_wait_config, wake_flags},
+    maps::{count_lost, reserve_zeroed, time_wait_config, wake_flags},
     task::{count_filtered, filter, ports_pass},
     tcp::in_timer_softirq,
 };
@@ -108,6 +108,7 @@ struct Slot {
 }
 
 /// `tw_rcv_nxt` and `tw_snd_nxt` of a timewait socket, together.
+#[inline(always)]
 fn seqs(c: &TimeWaitConfig, tw: u64) -> u64 {
     let rcv: u32 = read(tw, c.tw_rcv_nxt).unwrap_or(0);
     let snd: u32 = read(tw, c.tw_snd_nxt).unwrap_or(0);
@@ -228,6 +229,7 @@ fn try_start(ctx: &TracePointContext) -> Result<(), i64> {
 
 /// A socket known in FIN_WAIT2 that is now in TIME_WAIT without a timer
 /// event: say it entered, when its `expires` says, and remember it did.
+#[inline(always)]
 fn catch_up(c: &TimeWaitConfig, tw: u64, st: &mut TwState) {
     if st.substate == state::TIME_WAIT || read::<u8>(tw, c.tw_substate) != Some(state::TIME_WAIT) {
         return;
@@ -250,6 +252,7 @@ fn catch_up(c: &TimeWaitConfig, tw: u64, st: &mut TwState) {
 }
 
 /// When a TIME_WAIT timer that runs out at `expires` (jiffies) was armed.
+#[inline(always)]
 fn enter_time(c: &TimeWaitConfig, expires: u64) -> Option<u64> {
     let [jiffies, ktime] = *CLOCK.get(0)?;
     if jiffies == 0 || c.ns_per_jiffy == 0 {
@@ -262,7 +265,7 @@ fn enter_time(c: &TimeWaitConfig, expires: u64) -> Option<u64> {
 
 /// How many queued sockets one run of the sweep looks at (the verifier walks
 /// every iteration of the loop).
-const SWEEP_BATCH: u32 = 16;
+const SWEEP_BATCH: u32 = 4;
 
 /// Run by the daemon (BPF_PROG_TEST_RUN), never attached: the FIN_WAIT2-born
 /// sockets that moved to TIME_WAIT since the last run enter; those still in
@@ -315,6 +318,7 @@ pub fn obs_time_wait_sweep(_ctx: RawTracePointContext) -> i32 {
 }
 
 /// The state a cancel of `tw` on this CPU left, if that cancel was just now.
+#[inline(always)]
 fn take_slot(tw: u64, t: u64, seqs: u64) -> Option<TwState> {
     let slot = LAST_CANCEL.get_ptr_mut(0)?;
     // SAFETY: a per-CPU slot; no other program touches it while this one
@@ -446,6 +450,7 @@ fn try_expire(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
+#[inline(always)]
 fn flow_key(netns: u32, t: &Tuple) -> FlowKey {
     FlowKey {
         netns,
@@ -485,11 +490,11 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
         count_filtered();
         return;
     }
-    let Some(mut slot) = EVENTS.reserve::<TimeWaitRecord>(0) else {
-        count_lost(LOST_RINGBUF);
+    let Some(mut slot) = reserve_zeroed::<TimeWaitRecord>(Kind::TimeWait) else {
         return;
     };
-    let r = slot.write(TimeWaitRecord::zeroed());
+    // SAFETY: zeroed above, a valid record.
+    let r = unsafe { slot.assume_init_mut() };
     r.header.ktime_ns = e.at_ns;
     r.tw = tw;
     r.op = e.op;
@@ -538,11 +543,11 @@ pub fn note_new_connection(key: &FlowKey, t: u64) {
         return;
     };
     let _ = CANCELLED.remove(key);
-    let Some(mut slot) = EVENTS.reserve::<TimeWaitRecord>(0) else {
-        count_lost(LOST_RINGBUF);
+    let Some(mut slot) = reserve_zeroed::<TimeWaitRecord>(Kind::TimeWait) else {
         return;
     };
-    let r = slot.write(TimeWaitRecord::zeroed());
+    // SAFETY: zeroed above, a valid record.
+    let r = unsafe { slot.assume_init_mut() };
     r.header.ktime_ns = t;
     r.tw = tw;
     r.op = op::REUSED;

@@ -84,8 +84,8 @@ const TIMER_PROGRAMS: [Program; 3] = [
 
 /// Loaded beside the timer programs, never attached: the daemon runs it.
 const SWEEP: &str = "obs_time_wait_sweep";
-/// Runs of the sweep per call at most (each looks at 16 queued sockets).
-const SWEEP_RUNS: usize = 1024;
+/// Runs of the sweep per call at most (each looks at 4 queued sockets).
+const SWEEP_RUNS: usize = 4096;
 
 /// What to load and attach.
 pub struct Setup<'a> {

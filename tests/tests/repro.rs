@@ -169,3 +169,17 @@ fn repro_cli_lists_and_refuses_unknown_names() {
         assert!(err.contains("'nope'"), "{err}");
     }
 }
+
+/// `observer repro all` on its own (no observer): every answer as the tables
+/// say, the helpers included (their spec pipe may land on fd 3 already).
+#[test]
+fn repro_cli_runs_every_scenario() {
+    observer_tests::require_root!();
+    let out = Command::new(observer_bin())
+        .args(["repro", "all"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {}: {stderr}", out.status);
+    assert!(!stderr.contains("error:"), "{stderr}");
+}

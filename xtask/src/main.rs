@@ -7,6 +7,7 @@
 
 mod bench;
 mod setup;
+mod vm;
 
 use std::{
     ffi::OsString,
@@ -44,6 +45,18 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// The kernel tests on Debian's 6.1, 6.12 and 5.10 kernels, each booted under qemu.
+    VmTest {
+        /// Which kernel series to boot (5.10 is skipped by `all` when it cannot be fetched).
+        #[arg(long, value_enum, default_value = "all")]
+        kernel: vm::KernelArg,
+        /// Only check, repro and run --repro, and the bind, explain, repro and cli tests.
+        #[arg(long)]
+        quick: bool,
+        /// Test name filters, passed to each test binary.
+        #[arg(last = true)]
+        filter: Vec<OsString>,
+    },
 }
 
 fn main() {
@@ -64,6 +77,19 @@ fn run(cli: Cli) -> Result<()> {
             Err(cmd.exec()).with_context(|| format!("exec {}", bin.display()))
         }
         Cmd::Test { args } => test(&args),
+        Cmd::VmTest {
+            kernel,
+            quick,
+            filter,
+        } => {
+            let bin = build()?;
+            let opts = vm::Options {
+                kernel,
+                quick,
+                filter,
+            };
+            vm::run(&opts, &bin, &workspace_root())
+        }
         Cmd::Bench => {
             let bin = build()?;
             status(cargo().args([
@@ -98,7 +124,16 @@ fn cargo() -> Command {
     cmd
 }
 
+/// Runs a set-up or build step. Its stdout goes to our stderr: the stdout of
+/// `cargo xtask run` is the observer's records and nothing else (apt, dpkg and
+/// cargo print progress on stdout).
 pub(crate) fn status(cmd: &mut Command) -> Result<()> {
+    cmd.stdout(std::process::Stdio::from(std::io::stderr()));
+    status_keep_stdout(cmd)
+}
+
+/// Runs `cmd` with our stdout (tests, whose report is the point).
+pub(crate) fn status_keep_stdout(cmd: &mut Command) -> Result<()> {
     let st = cmd
         .status()
         .with_context(|| format!("running {:?}", cmd.get_program()))?;
@@ -171,7 +206,7 @@ fn test(args: &[OsString]) -> Result<()> {
     let root = workspace_root();
     let obj = root.join("target/bpf/bpfel-unknown-none/release/observer-ebpf");
     // Unit tests: no root, no kernel.
-    status(
+    status_keep_stdout(
         cargo()
             .args(["test", "--release", "--workspace"])
             .args(["--exclude", "observer-ebpf", "--exclude", "observer-tests"])
@@ -188,5 +223,50 @@ fn test(args: &[OsString]) -> Result<()> {
         .env("OBSERVER_EBPF_OBJ", &obj)
         .args(["--", "--test-threads=1"])
         .args(args);
-    status(&mut cmd).context("kernel tests")
+    status_keep_stdout(&mut cmd).context("kernel tests")?;
+    if args.is_empty() {
+        stdout_is_records_only()?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask run -- -d 1` with the set-up forced (apt and dpkg run again):
+/// every line on its stdout must be a record, from the first byte.
+fn stdout_is_records_only() -> Result<()> {
+    let exe = std::env::current_exe().context("finding the xtask binary")?;
+    let out = Command::new(exe)
+        .args(["run", "--", "-d", "1"])
+        .current_dir(workspace_root())
+        .env(setup::FORCE_ENV, "1")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .context("running `cargo xtask run -- -d 1`")?;
+    if !out.status.success() {
+        bail!(
+            "`cargo xtask run -- -d 1` with the set-up forced failed: {}",
+            out.status
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<String> = text
+        .lines()
+        .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(v) if v["event"].is_string() => Ok(v["event"].as_str().unwrap_or("").to_owned()),
+            _ => Err(anyhow::anyhow!(
+                "stdout of `cargo xtask run` has a line that is not a record: {l}"
+            )),
+        })
+        .collect::<Result<_>>()?;
+    if events.first().map(String::as_str) != Some("observer_start")
+        || events.last().map(String::as_str) != Some("observer_stop")
+    {
+        bail!(
+            "stdout of `cargo xtask run` does not run from observer_start to observer_stop: {events:?}"
+        );
+    }
+    eprintln!(
+        "xtask: stdout_is_records_only: `cargo xtask run -- -d 1` with the set-up forced wrote {} records and nothing else",
+        events.len()
+    );
+    Ok(())
 }

@@ -24,11 +24,19 @@ pub struct Tools {
     pub bpf_linker: PathBuf,
 }
 
+/// Set in the environment, it makes `ensure` run the whole set-up again
+/// (apt included): the test that stdout stays clean during set-up uses it.
+pub const FORCE_ENV: &str = "OBSERVER_FORCE_SETUP";
+
+fn forced() -> bool {
+    std::env::var_os(FORCE_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// What `build` needs: checks quickly, runs the full set-up only when something is missing.
 pub fn ensure() -> Result<Tools> {
     match ready() {
-        Some(tools) => Ok(tools),
-        None => setup(),
+        Some(tools) if !forced() => Ok(tools),
+        _ => setup(),
     }
 }
 
@@ -138,23 +146,44 @@ fn install_bpf_linker(major: u32) -> Result<()> {
     std::fs::write(stamp_path(), stamp(major)).context("writing the bpf-linker stamp")
 }
 
+/// What `cargo xtask vm-test` runs on the host: qemu, the guest's busybox,
+/// modprobe/depmod for the guest kernel's modules, cpio for its initramfs, and
+/// the decompressors for `.ko.xz` / `.ko.zst` modules.
+pub fn ensure_vm_packages() -> Result<()> {
+    ensure_packages(&[
+        "qemu-system-x86",
+        "busybox-static",
+        "kmod",
+        "cpio",
+        "xz-utils",
+        "zstd",
+    ])
+}
+
 /// Installs the Debian packages that are not installed yet; no apt call when all are.
+/// apt's stdout goes to our stderr: xtask's stdout is kept for what it reports.
 fn ensure_packages(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
-        .filter(|p| !package_installed(p))
+        .filter(|p| forced() || !package_installed(p))
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("xtask: installing {}", missing.join(" "));
-    status(as_root("apt-get").arg("update").arg("-q"))?;
+    status(
+        as_root("apt-get")
+            .arg("update")
+            .arg("-q")
+            .stdout(std::io::stderr()),
+    )?;
     status(
         as_root("apt-get")
             .args(["install", "-y", "-q"])
             .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::io::stderr()),
     )
     .with_context(|| format!("apt-get install {}", missing.join(" ")))
 }

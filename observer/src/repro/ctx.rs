@@ -380,8 +380,15 @@ impl Ctx {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                // The spec's pipe on the agreed descriptor (dup2 clears CLOEXEC).
-                if libc::dup2(read_fd, helper::SPEC_FD) < 0 {
+                // The spec's pipe on the agreed descriptor, inherited across
+                // exec: dup2 clears CLOEXEC, but does nothing when the pipe is
+                // on that descriptor already.
+                let placed = if read_fd == helper::SPEC_FD {
+                    libc::fcntl(read_fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(read_fd, helper::SPEC_FD)
+                };
+                if placed < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 // The helper dies with this thread, even if the observer is killed.
