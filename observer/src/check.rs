@@ -129,7 +129,19 @@ pub fn run() -> ExitCode {
         }
     };
     match Diag::open() {
-        Ok(_) => line(true, "sock_diag (NETLINK_SOCK_DIAG)", "opens"),
+        Ok(_) => {
+            line(true, "sock_diag (NETLINK_SOCK_DIAG)", "opens");
+            let listed = crate::sock_diag::lists_bound_only();
+            line(
+                true,
+                "sock_diag: bound, not listening TCP",
+                if listed {
+                    "listed"
+                } else {
+                    "not listed (before 6.3): explain uses the binds it saw, else says it cannot tell"
+                },
+            );
+        }
         Err(e) => {
             ok = false;
             line(false, "sock_diag (NETLINK_SOCK_DIAG)", &e.to_string());

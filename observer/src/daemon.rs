@@ -20,11 +20,12 @@ use crate::{
     cli::RunArgs,
     clock::Clock,
     events::{SCHEMA_VERSION, Start, Stop},
+    explain::worker::Worker,
     filter::Filter,
     loader, mounts,
     output::{Output, stdout_closed, stdout_closed_watch},
     repro::{self, ctx::Sink},
-    stream::{Stream, TimeWait},
+    stream::{Parts, Stream, TimeWait},
     time_wait,
 };
 
@@ -115,6 +116,8 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         .context("polling the ring buffer")?;
 
     let (tw_tx, mut tw_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Explanations come back here (at most the worker's queue is in flight).
+    let (explained_tx, mut explained_rx) = tokio::sync::mpsc::unbounded_channel();
     // The TIME_WAIT sockets there already: reported right after observer_start.
     let (source, preexisting) = match tw {
         Some((_, hz)) => {
@@ -127,15 +130,16 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
             Vec::new(),
         ),
     };
-    let mut s = Stream::new(
+    let mut s = Stream::new(Parts {
         out,
         clock,
         filter,
-        Cgroups::new(cgroup.clone()),
+        cgroups: Cgroups::new(cgroup.clone()),
         lost,
-        filtered,
-        source,
-    );
+        kernel_filtered: filtered,
+        time_wait: source,
+        explainer: Worker::spawn(explained_tx),
+    });
     s.out.emit(&Start {
         v: SCHEMA_VERSION,
         ts: s.now(),
@@ -223,6 +227,13 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
                 s.out.flush();
             }
             _ = stats.tick(), if args.stats.is_some() => s.stats(),
+            Some(f) = explained_rx.recv() => {
+                s.write_explained(f, true);
+                while let Ok(f) = explained_rx.try_recv() {
+                    s.write_explained(f, true);
+                }
+                s.out.flush();
+            }
             Some(o) = tw_rx.recv() => {
                 s.time_wait_record(o);
                 while let Ok(o) = tw_rx.try_recv() {
@@ -233,8 +244,15 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         }
     };
     let stop_by = Instant::now() + STOP_WITHIN;
-    // What is already in the ring buffer, within the time we have.
+    // What is already in the ring buffer, and its explanations, within the time we have.
     while s.drain(ring.get_mut()) && Instant::now() + STOP_WITHIN / 3 < stop_by {}
+    while s.explaining() > 0 {
+        let left = (stop_by - STOP_WITHIN / 3).saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, explained_rx.recv()).await {
+            Ok(Some(f)) => s.write_explained(f, true),
+            _ => break,
+        }
+    }
     s.poll_lost()?;
     let totals = s.totals();
     s.out.emit(&Stop {
@@ -246,7 +264,8 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         lost: totals.lost,
         lost_by_cause: s.lost_by_cause(),
         filtered: s.filtered(),
-        explain_coalesced: s.explainer.coalescer.coalesced,
+        explain_coalesced: s.explain_counts().0,
+        explain_skipped: s.explain_counts().1,
         programs: attached.program_stats(),
     });
     // To the writer now: it writes while the programs are detached.

@@ -62,6 +62,39 @@ pub fn state_mask(states: &[u8]) -> u32 {
         .fold(0, |m, &s| m | 1 << s)
 }
 
+/// Whether this kernel's sock_diag lists TCP sockets that are bound but not
+/// listening (Linux 6.3 added them): a socket bound to 127.0.0.1:0 here is
+/// looked for, once. Where that cannot be tried, the kernel's version says.
+pub fn lists_bound_only() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        probe_bound_only().unwrap_or_else(|e| {
+            log::debug!("probing sock_diag for bound-only sockets: {e}");
+            kernel_at_least(6, 3)
+        })
+    })
+}
+
+fn probe_bound_only() -> io::Result<bool> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    let port = s
+        .local_addr()?
+        .as_socket()
+        .map(|a| a.port())
+        .ok_or_else(|| io::Error::other("no local address"))?;
+    let found = Diag::open()?.sockets(IPPROTO_TCP, u32::MAX, Some(port))?;
+    Ok(!found.is_empty())
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut n = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    (n.next().unwrap_or(0), n.next().unwrap_or(0)) >= (major, minor)
+}
+
 /// A NETLINK_SOCK_DIAG socket opened in a given network namespace.
 pub struct Diag {
     sock: Socket,

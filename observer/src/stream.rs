@@ -14,7 +14,10 @@ use crate::{
     events::{
         Bind, Lost, LostByCause, SCHEMA_VERSION, SockCall, Stats, TcpState, Totals, reuse, tuple,
     },
-    explain::Explainer,
+    explain::{
+        Bound,
+        worker::{Failure, Worker},
+    },
     filter::{Facts, Filter},
     output::Output,
     time_wait::{
@@ -28,6 +31,19 @@ use crate::{
 const DRAIN_BATCH: usize = 4096;
 /// How often early TIME_WAIT ends are decided (they wait `timer::DECIDE_WITHIN`).
 const DECIDE_EVERY_NS: u64 = 100_000_000;
+
+/// What a stream is made of.
+pub struct Parts {
+    pub out: Output,
+    pub clock: Clock,
+    pub filter: Filter,
+    pub cgroups: Cgroups,
+    /// The kernel's per-CPU counters of lost and of filtered records.
+    pub lost: PerCpuArray<MapData, u64>,
+    pub kernel_filtered: PerCpuArray<MapData, u64>,
+    pub time_wait: TimeWait,
+    pub explainer: Worker,
+}
 
 /// Where TIME_WAIT records come from.
 pub enum TimeWait {
@@ -71,19 +87,23 @@ pub struct Stream {
     decided_ns: u64,
     /// bind/listen/connect records as written, while a `--repro` run needs them.
     pub kept: Option<Vec<serde_json::Value>>,
-    pub explainer: Explainer,
+    explainer: Worker,
+    /// Failures handed to the explainer and not back yet.
+    explaining: usize,
 }
 
 impl Stream {
-    pub fn new(
-        out: Output,
-        clock: Clock,
-        filter: Filter,
-        cgroups: Cgroups,
-        lost: PerCpuArray<MapData, u64>,
-        kernel_filtered: PerCpuArray<MapData, u64>,
-        time_wait: TimeWait,
-    ) -> Stream {
+    pub fn new(parts: Parts) -> Stream {
+        let Parts {
+            out,
+            clock,
+            filter,
+            cgroups,
+            lost,
+            kernel_filtered,
+            time_wait,
+            explainer,
+        } = parts;
         Stream {
             out,
             clock,
@@ -97,7 +117,8 @@ impl Stream {
             time_wait,
             decided_ns: 0,
             kept: None,
-            explainer: Explainer::new(),
+            explainer,
+            explaining: 0,
         }
     }
 
@@ -135,15 +156,7 @@ impl Stream {
             match decode(&item) {
                 Ok(Record::Bind(r)) => {
                     let mut event = Bind::from_record(&r, &self.clock);
-                    if let (Some(ino), Some(ra), Some(rp)) = (
-                        event.sock_ino,
-                        event.options.reuseaddr,
-                        event.options.reuseport,
-                    ) {
-                        self.explainer
-                            .book
-                            .note_bind_ino(ino, ra, rp, event.pid, &event.comm);
-                    }
+                    self.note_bind(&event);
                     (event.cgroup, event.container_id) = self.cgroup_of(event.cgroup_id);
                     let facts = Facts {
                         event: "bind",
@@ -160,11 +173,10 @@ impl Stream {
                         continue;
                     }
                     if event.ret == -i64::from(libc::EADDRINUSE) {
-                        event.explain = self.explainer.bind_failure(&event);
+                        self.explain(Failure::Bind(Box::new(event)));
+                    } else {
+                        self.write_bind(&event);
                     }
-                    self.totals.bind += 1;
-                    self.out.emit(&event);
-                    self.keep(&event);
                 }
                 Ok(Record::TcpState(r)) => {
                     let event = TcpState::from_record(&r, &self.clock);
@@ -221,14 +233,10 @@ impl Stream {
                         continue;
                     }
                     if event.event == "listen" && event.ret == -i64::from(libc::EADDRINUSE) {
-                        event.explain = self.explainer.listen_failure(&event);
+                        self.explain(Failure::Listen(Box::new(event)));
+                    } else {
+                        self.write_sockcall(&event);
                     }
-                    match event.event {
-                        "listen" => self.totals.listen += 1,
-                        _ => self.totals.connect += 1,
-                    }
-                    self.out.emit(&event);
-                    self.keep(&event);
                 }
                 Ok(Record::TimeWait(r)) => {
                     if let TimeWait::Timer(t) = &mut self.time_wait {
@@ -261,6 +269,79 @@ impl Stream {
         }
     }
 
+    /// What a bind tells the explainer: the socket's options and owner, and,
+    /// for a TCP socket that got a port, that it is bound there.
+    fn note_bind(&mut self, b: &Bind) {
+        let (Some(ino), Some(ra), Some(rp)) =
+            (b.sock_ino, b.options.reuseaddr, b.options.reuseport)
+        else {
+            return;
+        };
+        let mut book = self.explainer.book();
+        book.note_bind_ino(ino, ra, rp, b.pid, &b.comm);
+        if let (Some("tcp"), Some(port), Some(Ok(ip))) = (
+            b.proto.as_deref(),
+            b.bound_port,
+            b.addr.as_deref().map(str::parse::<std::net::IpAddr>),
+        ) && port != 0
+        {
+            book.note_bound(Bound {
+                netns: b.netns.unwrap_or(0),
+                local: std::net::SocketAddr::new(ip, port),
+                ino,
+                pid: b.pid,
+                fd: b.fd,
+                uid: b.uid,
+                comm: b.comm.clone(),
+                reuseaddr: ra,
+                reuseport: rp,
+            });
+        }
+    }
+
+    /// A failure to the explainer; written at once, unexplained, when it is
+    /// that far behind.
+    fn explain(&mut self, f: Failure) {
+        match self.explainer.submit(f) {
+            Ok(()) => self.explaining += 1,
+            Err(f) => {
+                self.explainer.skipped += 1;
+                self.write_explained(f, false);
+            }
+        }
+    }
+
+    /// A failure back from the explainer (or skipped: `returned` false).
+    pub fn write_explained(&mut self, f: Failure, returned: bool) {
+        if returned {
+            self.explaining = self.explaining.saturating_sub(1);
+        }
+        match f {
+            Failure::Bind(b) => self.write_bind(&b),
+            Failure::Listen(c) => self.write_sockcall(&c),
+        }
+    }
+
+    /// Failures the explainer has and has not given back.
+    pub fn explaining(&self) -> usize {
+        self.explaining
+    }
+
+    fn write_bind(&mut self, b: &Bind) {
+        self.totals.bind += 1;
+        self.out.emit(b);
+        self.keep(b);
+    }
+
+    fn write_sockcall(&mut self, c: &SockCall) {
+        match c.event {
+            "listen" => self.totals.listen += 1,
+            _ => self.totals.connect += 1,
+        }
+        self.out.emit(c);
+        self.keep(c);
+    }
+
     fn keep<T: Serialize>(&mut self, event: &T) {
         if let Some(kept) = &mut self.kept {
             kept.push(serde_json::to_value(event).expect("records serialize"));
@@ -270,7 +351,7 @@ impl Stream {
     pub fn time_wait_record(&mut self, o: time_wait::Out) {
         match o {
             time_wait::Out::Enter(e) => {
-                self.explainer.book.note_time_wait(&e);
+                self.explainer.book().note_time_wait(&e);
                 let facts = Facts {
                     event: "time_wait_enter",
                     pid: e.pid,
@@ -341,6 +422,11 @@ impl Stream {
         Ok(())
     }
 
+    /// Failures explained from an earlier lookup, and written unexplained.
+    pub fn explain_counts(&self) -> (u64, u64) {
+        (self.explainer.coalesced(), self.explainer.skipped)
+    }
+
     /// Records the filters kept out, in the kernel and here.
     pub fn filtered(&self) -> u64 {
         let kernel: u64 = self
@@ -388,7 +474,8 @@ impl Stream {
             lost: totals.lost,
             lost_by_cause: self.lost_by_cause(),
             filtered: self.filtered(),
-            explain_coalesced: self.explainer.coalescer.coalesced,
+            explain_coalesced: self.explainer.coalesced(),
+            explain_skipped: self.explainer.skipped,
             cpu_ms,
             rss_kb,
         };

@@ -147,6 +147,9 @@ pub struct Stats {
     /// Records the filters kept out of the output.
     pub filtered: u64,
     pub explain_coalesced: u64,
+    /// EADDRINUSE failures written without an explanation: the explainer was
+    /// 1024 lookups behind.
+    pub explain_skipped: u64,
     /// The daemon's own CPU time (user + system) and resident memory.
     pub cpu_ms: u64,
     pub rss_kb: u64,
@@ -167,6 +170,7 @@ pub struct Stop {
     /// EADDRINUSE failures explained from a lookup made for an earlier failure on
     /// the same port less than 100 ms before (a storm costs one lookup per port).
     pub explain_coalesced: u64,
+    pub explain_skipped: u64,
     /// Per program: runs and time in the kernel (zero unless kernel.bpf_stats_enabled=1).
     pub programs: Vec<crate::loader::ProgramStats>,
 }

@@ -125,6 +125,7 @@ fn code_record(event: &str, with_explain: bool) -> Value {
             lost_by_cause: LostByCause::default(),
             filtered: 0,
             explain_coalesced: 0,
+            explain_skipped: 0,
             cpu_ms: 0,
             rss_kb: 0,
         }),
@@ -138,6 +139,7 @@ fn code_record(event: &str, with_explain: bool) -> Value {
             lost_by_cause: LostByCause::default(),
             filtered: 0,
             explain_coalesced: 0,
+            explain_skipped: 0,
             programs: vec![ProgramStats {
                 hook: String::new(),
                 id: 1,

@@ -140,7 +140,8 @@ struct Verdict<'a> {
     addr: String,
     port: u16,
     proto: &'static str,
-    would_succeed: bool,
+    /// `null`: this kernel cannot tell (see `observer check`).
+    would_succeed: Option<bool>,
     errno: Option<&'static str>,
     rule: Option<rules::Rule>,
     hint: Option<&'a str>,
@@ -182,11 +183,13 @@ pub fn explain(args: ExplainArgs) -> Result<ExitCode> {
         ..rules::Request::new(proto, args.addr.ip, args.addr.port)
     };
     let e = rules::verdict(&r, &env, &on_port);
+    // Nothing in the way, on a kernel that cannot show every socket: say so.
+    let unknown = e.is_none() && !args.udp && !crate::sock_diag::lists_bound_only();
     let v = Verdict {
         addr: args.addr.ip.to_string(),
         port: r.port,
         proto: if args.udp { "udp" } else { "tcp" },
-        would_succeed: e.is_none(),
+        would_succeed: (!unknown).then_some(e.is_none()),
         errno: e.as_ref().map(|e| e.rule.errno()),
         rule: e.as_ref().map(|e| e.rule),
         hint: e.as_ref().map(|e| e.hint.as_str()),
@@ -205,18 +208,26 @@ pub fn explain(args: ExplainArgs) -> Result<ExitCode> {
         if !e.blockers.is_empty() {
             print_table(&e.blockers);
         }
+    } else if unknown {
+        println!(
+            "bind {} cannot be judged here: no socket on port {} conflicts that this kernel can show, but its sock_diag cannot list sockets bound and not listening (Linux 6.3 can)",
+            args.addr, r.port
+        );
     } else {
         println!(
             "bind {} would succeed: no socket on port {} conflicts",
             args.addr, r.port
         );
     }
-    Ok(if e.is_none() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    Ok(match (&e, unknown) {
+        (Some(_), _) => ExitCode::FAILURE,
+        (None, true) => ExitCode::from(UNKNOWN),
+        (None, false) => ExitCode::SUCCESS,
     })
 }
+
+/// `observer explain`'s exit status when this kernel cannot tell.
+pub const UNKNOWN: u8 = 3;
 
 pub fn who(args: WhoArgs) -> Result<ExitCode> {
     let mut diag = args.ns.diag()?;
@@ -235,6 +246,11 @@ pub fn who(args: WhoArgs) -> Result<ExitCode> {
         }
     } else {
         print_table(&on_port);
+    }
+    if !crate::sock_diag::lists_bound_only() {
+        eprintln!(
+            "observer: note: this kernel's sock_diag cannot list TCP sockets bound and not listening (Linux 6.3 can): they are not shown"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

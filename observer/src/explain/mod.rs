@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod env;
 pub mod rules;
+pub mod worker;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -32,7 +33,65 @@ pub struct OptionsBook {
     /// is often unset): inherited options and who closed them.
     time_wait: HashMap<TwKey, TwNote>,
     tw_order: VecDeque<TwKey>,
+    /// TCP sockets the stream saw bound to a port, oldest first: where
+    /// sock_diag cannot list sockets bound but not listening (before 6.3),
+    /// the blockers it cannot show.
+    bound: VecDeque<Bound>,
 }
+
+/// A TCP socket a bind record showed bound, and whose it was.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bound {
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub ino: u64,
+    pub pid: u32,
+    pub fd: i32,
+    pub uid: u32,
+    pub comm: String,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+}
+
+impl Bound {
+    /// The socket is still open in its process (its fd still names it).
+    pub fn alive(&self) -> bool {
+        std::fs::read_link(format!("/proc/{}/fd/{}", self.pid, self.fd))
+            .is_ok_and(|l| l.to_string_lossy() == format!("socket:[{}]", self.ino))
+    }
+
+    /// As a blocker: the state sock_diag would show (`BOUND`).
+    pub fn holder(&self) -> Holder {
+        Holder {
+            proto: "tcp",
+            state: "BOUND",
+            addr: self.local.ip().to_string(),
+            port: self.local.port(),
+            raddr: if self.local.is_ipv4() {
+                "0.0.0.0"
+            } else {
+                "::"
+            }
+            .into(),
+            rport: 0,
+            uid: self.uid,
+            reuseaddr: Some(self.reuseaddr),
+            reuseport: Some(self.reuseport),
+            v6only: None,
+            expires_ms: None,
+            pid: Some(self.pid),
+            comm: Some(self.comm.clone()),
+            sock_cookie: 0,
+            inode: self.ino as u32,
+            local: self.local,
+            state_num: BOUND_STATE,
+            proto_num: IPPROTO_TCP,
+        }
+    }
+}
+
+/// inet_diag's pseudo-state for a socket bound and neither listening nor connected.
+pub const BOUND_STATE: u8 = 13;
 
 /// A connection: network namespace, local end, remote end.
 type TwKey = (u32, SocketAddr, SocketAddr);
@@ -129,6 +188,23 @@ impl OptionsBook {
                 self.time_wait.remove(&old);
             }
         }
+    }
+
+    /// A TCP socket bound (kept for kernels whose sock_diag cannot list it).
+    pub fn note_bound(&mut self, b: Bound) {
+        self.bound.push_back(b);
+        if self.bound.len() > Self::CAP {
+            self.bound.pop_front();
+        }
+    }
+
+    /// The sockets seen bound on this port in this namespace.
+    pub fn bound_on(&self, netns: u32, port: u16) -> Vec<Bound> {
+        self.bound
+            .iter()
+            .filter(|b| b.netns == netns && b.local.port() == port)
+            .cloned()
+            .collect()
     }
 
     fn time_wait_note(&self, netns: u32, s: &InetSock) -> Option<&TwNote> {
@@ -254,21 +330,26 @@ pub fn holders(
     owners: &mut Owners,
     ask: Ask,
 ) -> io::Result<Vec<Holder>> {
+    let socks = on_port(diag, port)?;
+    let known: Vec<Known> = socks.iter().map(|s| book.known(netns, s)).collect();
+    Ok(socks
+        .iter()
+        .zip(known)
+        .map(|(s, k)| holder(s, k, owners, ask))
+        .collect())
+}
+
+/// Every TCP (any state) and UDP socket on local port `port`.
+fn on_port(diag: &mut Diag, port: u16) -> io::Result<Vec<InetSock>> {
     let started = Instant::now();
     let mut socks = diag.sockets(IPPROTO_TCP, u32::MAX, Some(port))?;
     socks.extend(diag.sockets(IPPROTO_UDP, u32::MAX, Some(port))?);
-    let dumped = started.elapsed();
-    let holders = socks
-        .iter()
-        .map(|s| holder(s, netns, book, owners, ask))
-        .collect();
     log::debug!(
-        "port {port}: {} sockets; sock_diag {:?}, owners and options {:?}",
+        "port {port}: {} sockets in {:?}",
         socks.len(),
-        dumped,
-        started.elapsed() - dumped
+        started.elapsed()
     );
-    Ok(holders)
+    Ok(socks)
 }
 
 /// SO_REUSEADDR and SO_REUSEPORT of another process's socket, through a
@@ -290,25 +371,39 @@ fn options_of(pid: u32, fd: i32) -> Option<(bool, bool)> {
     Some((sock.reuse_address().ok()?, sock.reuse_port().ok()?))
 }
 
-fn holder(s: &InetSock, netns: u32, book: &OptionsBook, owners: &mut Owners, ask: Ask) -> Holder {
-    let time_wait = (s.state == observer_common::tcp::state::TIME_WAIT)
-        .then(|| book.time_wait_note(netns, s))
-        .flatten();
-    // A TIME_WAIT socket has no owner: name the process that closed it.
-    let owner = match (
-        book.find_owner(s.cookie, s.inode),
-        time_wait.and_then(|n| n.closer.clone()),
-    ) {
-        (Some((pid, comm)), _) | (None, Some((pid, comm))) => Some((pid, comm, -1)),
-        (None, None) => owners.get(s.inode),
+/// What the book knows of a socket sock_diag reported: taken under the
+/// book's lock, which is then let go before anything slow (a /proc walk).
+pub struct Known {
+    owner: Option<(u32, String)>,
+    options: Option<(bool, bool)>,
+}
+
+impl OptionsBook {
+    fn known(&self, netns: u32, s: &InetSock) -> Known {
+        let time_wait = (s.state == observer_common::tcp::state::TIME_WAIT)
+            .then(|| self.time_wait_note(netns, s))
+            .flatten();
+        Known {
+            // A TIME_WAIT socket has no owner: name the process that closed it.
+            owner: self
+                .find_owner(s.cookie, s.inode)
+                .or_else(|| time_wait.and_then(|n| n.closer.clone())),
+            options: self
+                .find(s.cookie, s.inode)
+                .or_else(|| time_wait.and_then(|n| n.reuse)),
+        }
+    }
+}
+
+fn holder(s: &InetSock, known: Known, owners: &mut Owners, ask: Ask) -> Holder {
+    let owner = match known.owner {
+        Some((pid, comm)) => Some((pid, comm, -1)),
+        None => owners.get(s.inode),
     };
-    let known = book
-        .find(s.cookie, s.inode)
-        .or_else(|| time_wait.and_then(|n| n.reuse))
-        .or_else(|| match (&owner, ask) {
-            (Some((pid, _, fd)), Ask::Owner) if *fd >= 0 => options_of(*pid, *fd),
-            _ => None,
-        });
+    let options = known.options.or_else(|| match (&owner, ask) {
+        (Some((pid, _, fd)), Ask::Owner) if *fd >= 0 => options_of(*pid, *fd),
+        _ => None,
+    });
     let local = SocketAddr::new(s.src.ip().to_canonical(), s.src.port());
     Holder {
         proto: if s.proto == IPPROTO_UDP { "udp" } else { "tcp" },
@@ -318,8 +413,8 @@ fn holder(s: &InetSock, netns: u32, book: &OptionsBook, owners: &mut Owners, ask
         raddr: s.dst.ip().to_canonical().to_string(),
         rport: s.dst.port(),
         uid: s.uid,
-        reuseaddr: known.map(|k| k.0),
-        reuseport: known.map(|k| k.1),
+        reuseaddr: options.map(|k| k.0),
+        reuseport: options.map(|k| k.1),
         v6only: s.v6only,
         expires_ms: (s.state == observer_common::tcp::state::TIME_WAIT).then_some(s.expires_ms),
         pid: owner.as_ref().map(|o| o.0),
@@ -371,120 +466,6 @@ impl Coalescer {
         let h = lookup()?;
         self.recent.insert(key, (now, h.clone()));
         Ok(h)
-    }
-}
-
-/// The stream's explainer: options seen so far, owners, one sock_diag socket
-/// for the daemon's own namespace, and the storm limiter.
-pub struct Explainer {
-    pub book: OptionsBook,
-    owners: Owners,
-    pub coalescer: Coalescer,
-    own_netns: Option<u32>,
-    own: Option<Diag>,
-}
-
-impl Explainer {
-    pub fn new() -> Self {
-        Explainer {
-            book: OptionsBook::default(),
-            // A stream must not stall on /proc walks: at most one per 10 s.
-            owners: Owners::every(Duration::from_secs(10)),
-            coalescer: Coalescer::new(),
-            own_netns: crate::netns::own(),
-            own: None,
-        }
-    }
-
-    /// The sockets on `port` in namespace `netns` (found through `tid`), coalesced.
-    fn holders(&mut self, netns: u32, tid: u32, proto: u8, port: u16) -> io::Result<Vec<Holder>> {
-        let Explainer {
-            book,
-            owners,
-            coalescer,
-            own_netns,
-            own,
-        } = self;
-        coalescer.holders((netns, proto, port), || {
-            if Some(netns) == *own_netns || netns == 0 {
-                if own.is_none() {
-                    *own = Some(Diag::open()?);
-                }
-                holders(
-                    own.as_mut().expect("opened"),
-                    netns,
-                    port,
-                    book,
-                    owners,
-                    Ask::BookOnly,
-                )
-            } else {
-                let file = crate::netns::open(netns, Some(tid)).ok_or_else(|| {
-                    io::Error::other(format!("network namespace {netns} is gone"))
-                })?;
-                holders(
-                    &mut Diag::open_in(&file)?,
-                    netns,
-                    port,
-                    book,
-                    owners,
-                    Ask::BookOnly,
-                )
-            }
-        })
-    }
-
-    /// `explain` for a bind that failed with EADDRINUSE; `None` when it cannot be
-    /// looked up (not TCP/UDP, or the namespace is gone).
-    pub fn bind_failure(&mut self, b: &crate::events::Bind) -> Option<rules::Explain> {
-        let proto = match b.proto.as_deref()? {
-            "tcp" => rules::TCP,
-            "udp" => rules::UDP,
-            _ => return None,
-        };
-        let r = Request {
-            reuseaddr: b.options.reuseaddr.unwrap_or(false),
-            reuseport: b.options.reuseport.unwrap_or(false),
-            // v6only: not readable from the bind hook: the system default.
-            uid: b.uid,
-            ..Request::new(proto, b.addr.as_deref()?.parse().ok()?, b.port?)
-        };
-        Some(
-            match self.holders(b.netns.unwrap_or(0), b.tid, proto, r.port) {
-                Ok(on_port) => failure(&r, &on_port),
-                Err(e) => rules::lookup_failed(r.port, &e),
-            },
-        )
-    }
-
-    /// `explain` for a listen() that failed with EADDRINUSE. The failing socket
-    /// is itself bound on the port: it is recognised by its inode and left out.
-    pub fn listen_failure(&mut self, c: &crate::events::SockCall) -> Option<rules::Explain> {
-        let port = c.lport?;
-        let own_inode: Option<u32> = std::fs::read_link(format!("/proc/{}/fd/{}", c.pid, c.fd))
-            .ok()
-            .and_then(|l| {
-                let l = l.to_string_lossy().into_owned();
-                l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-            });
-        let on_port = match self.holders(c.netns.unwrap_or(0), c.tid, rules::TCP, port) {
-            Ok(on_port) => on_port,
-            Err(e) => return Some(rules::lookup_failed(port, &e)),
-        };
-        let (mine, others): (Vec<Holder>, Vec<Holder>) = on_port
-            .into_iter()
-            .partition(|h| Some(h.inode) == own_inode);
-        let (reuseaddr, reuseport) = mine
-            .first()
-            .and_then(|h| self.book.find(h.sock_cookie, h.inode))
-            .unwrap_or((false, false));
-        let r = Request {
-            reuseaddr,
-            reuseport,
-            uid: c.uid,
-            ..Request::new(rules::TCP, c.laddr.as_deref()?.parse().ok()?, port)
-        };
-        Some(failure(&r, &others))
     }
 }
 

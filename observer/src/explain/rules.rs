@@ -104,6 +104,9 @@ pub enum Rule {
     LinkLocalNeedsScope,
     /// EACCES: a port below `ip_unprivileged_port_start` without CAP_NET_BIND_SERVICE.
     PrivilegedPort,
+    /// Nothing found, on a kernel whose sock_diag cannot list sockets that are
+    /// bound but not listening (before 6.3): one of those may hold the port.
+    BoundOnlyUnlisted,
 }
 
 impl Rule {
@@ -121,7 +124,8 @@ impl Rule {
             | Rule::ReuseportMissing
             | Rule::ReuseportUidMismatch
             | Rule::UdpConflict
-            | Rule::NoBlocker => "EADDRINUSE",
+            | Rule::NoBlocker
+            | Rule::BoundOnlyUnlisted => "EADDRINUSE",
         }
     }
 }
@@ -365,6 +369,17 @@ pub fn no_blocker(port: u16) -> Explain {
         rule: Rule::NoBlocker,
         hint: format!(
             "no socket holds port {port} now: whatever did was released between the failure and the lookup"
+        ),
+        blockers: Vec::new(),
+    }
+}
+
+/// Nothing found where the kernel cannot show sockets bound but not listening.
+pub fn bound_only_unlisted(port: u16) -> Explain {
+    Explain {
+        rule: Rule::BoundOnlyUnlisted,
+        hint: format!(
+            "no socket on port {port} can be seen, and this kernel's sock_diag cannot list sockets that are bound but not listening (Linux 6.3 can): one of those, bound before the observer ran or already closed, likely held it"
         ),
         blockers: Vec::new(),
     }

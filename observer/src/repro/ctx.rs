@@ -288,6 +288,19 @@ impl Ctx {
         {
             (h.reuseaddr, h.reuseport) = self.time_wait_reuse.unzip();
         }
+        // What this kernel's sock_diag cannot list (bound, not listening),
+        // the scenario knows of its own sockets, as the stream of its binds.
+        if !crate::sock_diag::lists_bound_only() {
+            let unlisted: Vec<rules::Holder> = self
+                .sockets
+                .iter()
+                .filter(|(other, _)| other.as_str() != name)
+                .filter_map(|(_, s)| self.bound_only(s))
+                .filter(|b| !holders.iter().any(|h| u64::from(h.inode) == b.ino))
+                .map(|b| b.holder())
+                .collect();
+            holders.extend(unlisted);
+        }
         let proto = if s.r#type().ok()? == Type::DGRAM {
             rules::UDP
         } else {
@@ -310,6 +323,25 @@ impl Ctx {
         Some(match rules::verdict(&r, &env, &holders) {
             Some(e) => (e.rule.errno().to_owned(), Some(e.rule)),
             None => ("ok".to_owned(), None),
+        })
+    }
+
+    /// One of this scenario's TCP sockets, if it is bound and not listening.
+    fn bound_only(&self, s: &Socket) -> Option<explain::Bound> {
+        if s.r#type().ok()? != Type::STREAM || s.is_listener().ok()? {
+            return None;
+        }
+        let local = s.local_addr().ok()?.as_socket()?;
+        (local.port() != 0).then(|| explain::Bound {
+            netns: 0,
+            local,
+            ino: socket_ino(s),
+            pid: std::process::id(),
+            fd: s.as_raw_fd(),
+            uid: nix::unistd::geteuid().as_raw(),
+            comm: String::new(),
+            reuseaddr: s.reuse_address().unwrap_or(false),
+            reuseport: s.reuse_port().unwrap_or(false),
         })
     }
 

@@ -1,0 +1,242 @@
+//! The stream's explanations, on a thread of their own: a lookup is a
+//! sock_diag dump and, now and then, a walk of /proc that takes half a second
+//! on a host with 100,000 sockets; on the event loop it would hold up every
+//! record behind it. A failing record goes to the worker (a bounded queue)
+//! and comes back explained; other records do not wait for it.
+
+use std::{
+    io,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+    time::Duration,
+};
+
+use super::{
+    Ask, Bound, Coalescer, Known, OptionsBook, Owners, failure, holder, on_port,
+    rules::{self, Holder, Request},
+};
+use crate::{
+    events::{Bind, SockCall},
+    sock_diag::{Diag, lists_bound_only},
+};
+
+/// Failures waiting for a lookup, at most: beyond it a failure is written
+/// without its explanation (and counted in `explain_skipped`).
+const QUEUE: usize = 1024;
+
+/// A record that failed with EADDRINUSE, on its way to be explained.
+pub enum Failure {
+    Bind(Box<Bind>),
+    Listen(Box<SockCall>),
+}
+
+/// The event loop's handle.
+pub struct Worker {
+    tx: SyncSender<Failure>,
+    /// What the stream saw (binds, TIME_WAIT sockets): shared with the
+    /// worker, locked briefly on both sides.
+    pub book: Arc<Mutex<OptionsBook>>,
+    coalesced: Arc<AtomicU64>,
+    /// Failures written without an explanation: the queue was full.
+    pub skipped: u64,
+}
+
+impl Worker {
+    /// Starts the worker; explained records come back on `done`.
+    pub fn spawn(done: tokio::sync::mpsc::UnboundedSender<Failure>) -> Worker {
+        let (tx, rx) = sync_channel(QUEUE);
+        let book = Arc::new(Mutex::new(OptionsBook::default()));
+        let coalesced = Arc::new(AtomicU64::new(0));
+        let explainer = Explainer::new(book.clone(), coalesced.clone());
+        std::thread::Builder::new()
+            .name("explain".into())
+            .spawn(move || explainer.serve(rx, done))
+            .expect("spawning the explain thread");
+        Worker {
+            tx,
+            book,
+            coalesced,
+            skipped: 0,
+        }
+    }
+
+    /// Hands a failure over; gives it back when the queue is full.
+    pub fn submit(&mut self, f: Failure) -> Result<(), Failure> {
+        self.tx.try_send(f).map_err(|e| match e {
+            TrySendError::Full(f) | TrySendError::Disconnected(f) => f,
+        })
+    }
+
+    /// Failures explained from an earlier lookup on the same port.
+    pub fn coalesced(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
+    }
+
+    /// Locks the book (a poisoned lock only means the worker died mid-note).
+    pub fn book(&self) -> std::sync::MutexGuard<'_, OptionsBook> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The worker's side: owners, sock_diag sockets, the storm limiter.
+struct Explainer {
+    book: Arc<Mutex<OptionsBook>>,
+    owners: Owners,
+    coalescer: Coalescer,
+    coalesced: Arc<AtomicU64>,
+    own_netns: Option<u32>,
+    own: Option<Diag>,
+    /// This kernel's sock_diag lists sockets bound but not listening.
+    lists_bound: bool,
+}
+
+impl Explainer {
+    fn new(book: Arc<Mutex<OptionsBook>>, coalesced: Arc<AtomicU64>) -> Explainer {
+        Explainer {
+            book,
+            // A walk of /proc reads every descriptor of every process: at most one per 10 s.
+            owners: Owners::every(Duration::from_secs(10)),
+            coalescer: Coalescer::new(),
+            coalesced,
+            own_netns: crate::netns::own(),
+            own: None,
+            lists_bound: lists_bound_only(),
+        }
+    }
+
+    fn serve(mut self, rx: Receiver<Failure>, done: tokio::sync::mpsc::UnboundedSender<Failure>) {
+        while let Ok(mut f) = rx.recv() {
+            match &mut f {
+                Failure::Bind(b) => b.explain = self.bind_failure(b),
+                Failure::Listen(c) => c.explain = self.listen_failure(c),
+            }
+            self.coalesced
+                .store(self.coalescer.coalesced, Ordering::Relaxed);
+            if done.send(f).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, OptionsBook> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sockets on `port` in namespace `netns` (found through `tid`),
+    /// coalesced; with the ones the stream saw bound where sock_diag cannot
+    /// list them.
+    fn holders(&mut self, netns: u32, tid: u32, proto: u8, port: u16) -> io::Result<Vec<Holder>> {
+        let key = (netns, proto, port);
+        let Explainer {
+            book,
+            owners,
+            coalescer,
+            own_netns,
+            own,
+            lists_bound,
+            ..
+        } = self;
+        coalescer.holders(key, || {
+            let socks = if Some(netns) == *own_netns || netns == 0 {
+                if own.is_none() {
+                    *own = Some(Diag::open()?);
+                }
+                on_port(own.as_mut().expect("opened"), port)?
+            } else {
+                let file = crate::netns::open(netns, Some(tid)).ok_or_else(|| {
+                    io::Error::other(format!("network namespace {netns} is gone"))
+                })?;
+                on_port(&mut Diag::open_in(&file)?, port)?
+            };
+            // The book under its lock, briefly; owners (a /proc walk) after.
+            let (known, bound): (Vec<Known>, Vec<Bound>) = {
+                let b = book.lock().unwrap_or_else(|p| p.into_inner());
+                let known = socks.iter().map(|s| b.known(netns, s)).collect();
+                let bound = if *lists_bound {
+                    Vec::new()
+                } else {
+                    b.bound_on(netns, port)
+                };
+                (known, bound)
+            };
+            let mut holders: Vec<Holder> = socks
+                .iter()
+                .zip(known)
+                .map(|(s, k)| holder(s, k, owners, Ask::BookOnly))
+                .collect();
+            let unlisted: Vec<Holder> = bound
+                .iter()
+                .filter(|b| !holders.iter().any(|h| u64::from(h.inode) == b.ino))
+                .filter(|b| b.alive())
+                .map(Bound::holder)
+                .collect();
+            holders.extend(unlisted);
+            Ok(holders)
+        })
+    }
+
+    /// The verdict on what was found: the rule, or why nothing was.
+    fn verdict(&self, r: &Request, holders: &[Holder]) -> rules::Explain {
+        if !self.lists_bound && rules::explain(r, holders).is_none() {
+            return rules::bound_only_unlisted(r.port);
+        }
+        failure(r, holders)
+    }
+
+    /// `explain` for a bind that failed with EADDRINUSE; `None` when it cannot be
+    /// looked up (not TCP/UDP).
+    fn bind_failure(&mut self, b: &Bind) -> Option<rules::Explain> {
+        let proto = match b.proto.as_deref()? {
+            "tcp" => rules::TCP,
+            "udp" => rules::UDP,
+            _ => return None,
+        };
+        let r = Request {
+            reuseaddr: b.options.reuseaddr.unwrap_or(false),
+            reuseport: b.options.reuseport.unwrap_or(false),
+            // v6only: not read by the bind program: the system default.
+            uid: b.uid,
+            ..Request::new(proto, b.addr.as_deref()?.parse().ok()?, b.port?)
+        };
+        Some(
+            match self.holders(b.netns.unwrap_or(0), b.tid, proto, r.port) {
+                // The failing socket is bound to nothing: it is not among them.
+                Ok(on_port) => self.verdict(&r, &on_port),
+                Err(e) => rules::lookup_failed(r.port, &e),
+            },
+        )
+    }
+
+    /// `explain` for a listen() that failed with EADDRINUSE. The failing socket
+    /// is itself bound on the port: it is recognised by its inode and left out.
+    fn listen_failure(&mut self, c: &SockCall) -> Option<rules::Explain> {
+        let port = c.lport?;
+        let own_inode: Option<u32> = std::fs::read_link(format!("/proc/{}/fd/{}", c.pid, c.fd))
+            .ok()
+            .and_then(|l| {
+                let l = l.to_string_lossy().into_owned();
+                l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            });
+        let on_port = match self.holders(c.netns.unwrap_or(0), c.tid, rules::TCP, port) {
+            Ok(on_port) => on_port,
+            Err(e) => return Some(rules::lookup_failed(port, &e)),
+        };
+        let (mine, others): (Vec<Holder>, Vec<Holder>) = on_port
+            .into_iter()
+            .partition(|h| Some(h.inode) == own_inode);
+        let (reuseaddr, reuseport) = mine
+            .first()
+            .and_then(|h| self.book().find(h.sock_cookie, h.inode))
+            .unwrap_or((false, false));
+        let r = Request {
+            reuseaddr,
+            reuseport,
+            uid: c.uid,
+            ..Request::new(rules::TCP, c.laddr.as_deref()?.parse().ok()?, port)
+        };
+        Some(self.verdict(&r, &others))
+    }
+}
