@@ -159,13 +159,28 @@ pub fn run() -> ExitCode {
             ring_bytes: 4096,
         }) {
             Ok(hooks) => {
-                for (label, r) in hooks {
-                    match r {
-                        Ok(id) => line(true, &label, &format!("loads and attaches (prog id {id})")),
+                // A syscall is served if one of its two ways loads.
+                let served = |call: u32| {
+                    hooks
+                        .iter()
+                        .any(|h| h.call == Some(call) && h.result.is_ok())
+                };
+                for h in &hooks {
+                    match &h.result {
+                        Ok(id) => line(
+                            true,
+                            &h.label,
+                            &format!("loads and attaches (prog id {id})"),
+                        ),
+                        Err(e) if h.call.is_some_and(served) => println!(
+                            "-    {:<40} not on this kernel, the other way is used ({})",
+                            h.label,
+                            format!("{e:#}").lines().next().unwrap_or("")
+                        ),
                         Err(e) => {
                             ok = false;
                             let e = format!("{e:#}");
-                            line(false, &label, e.lines().next().unwrap_or(""));
+                            line(false, &h.label, e.lines().next().unwrap_or(""));
                         }
                     }
                 }

@@ -10,6 +10,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{CgroupArray, HashMap},
     programs::{RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint},
+    util::KernelVersion,
 };
 use observer_common::{
     config::{KERNEL_OFFSETS_SYMBOL, KernelOffsets},
@@ -166,7 +167,22 @@ fn load(s: &Setup) -> Result<Ebpf> {
     if OBJECT.is_empty() {
         bail!("this binary was built without its eBPF programs: build it with `cargo xtask build`");
     }
-    let mut ebpf = EbpfLoader::new()
+    // Before 6.1 the verifier warns (a kernel WARN, with a stack trace, that
+    // taints the kernel) when a tracing program uses a map that allocates at
+    // run time: there the TIME_WAIT map is preallocated, and smaller.
+    let old_kernel = KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 1, 0));
+    let patched;
+    let object = if old_kernel {
+        patched = preallocated(OBJECT, "TW")?;
+        &patched[..]
+    } else {
+        OBJECT
+    };
+    let mut loader = EbpfLoader::new();
+    if old_kernel {
+        loader.map_max_entries("TW", TIME_WAIT_PREALLOCATED);
+    }
+    let mut ebpf = loader
         // No CO-RE relocations in our programs: skip parsing the kernel's BTF again.
         .btf(None)
         .override_global(KERNEL_OFFSETS_SYMBOL, s.offsets, true)
@@ -177,10 +193,45 @@ fn load(s: &Setup) -> Result<Ebpf> {
         )
         .override_global(FILTER_SYMBOL, s.filter, true)
         .map_max_entries("EVENTS", s.ring_bytes)
-        .load(OBJECT)
+        .load(object)
         .context("loading the eBPF object into the kernel")?;
     fill_filter_maps(&mut ebpf, s)?;
     Ok(ebpf)
+}
+
+/// Timewait sockets the kernel map holds where it must be preallocated
+/// (about 20 MiB of kernel memory; the kernel's own default cap,
+/// `tcp_max_tw_buckets`, is 262,144 per namespace on most hosts).
+pub const TIME_WAIT_PREALLOCATED: u32 = 1 << 18;
+
+/// The object with map `name` defined without `BPF_F_NO_PREALLOC`. aya keeps
+/// a map's flags as the object says; its definition (`struct bpf_map_def`
+/// in the `maps` section: type, key size, value size, max entries, flags, …)
+/// is patched in a copy.
+fn preallocated(object: &[u8], name: &str) -> Result<Vec<u8>> {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    const FLAGS_AT: u64 = 16;
+    let file = object::File::parse(object).context("parsing the eBPF object")?;
+    let sym = file
+        .symbols()
+        .find(|s| s.name() == Ok(name))
+        .with_context(|| format!("no map {name} in the eBPF object"))?;
+    let section = file.section_by_index(
+        sym.section_index()
+            .with_context(|| format!("map {name} has no section"))?,
+    )?;
+    let (start, _) = section
+        .file_range()
+        .with_context(|| format!("map {name}'s section has no data"))?;
+    let at = usize::try_from(start + sym.address() + FLAGS_AT)?;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let mut out = object.to_vec();
+    let flags = out
+        .get_mut(at..at + 4)
+        .with_context(|| format!("map {name}'s definition is outside the object"))?;
+    let old = u32::from_le_bytes(flags.try_into()?);
+    flags.copy_from_slice(&(old & !BPF_F_NO_PREALLOC).to_le_bytes());
+    Ok(out)
 }
 
 fn fill_filter_maps(ebpf: &mut Ebpf, s: &Setup) -> Result<()> {
@@ -294,10 +345,19 @@ pub fn load_and_attach(s: &Setup) -> Result<Attached> {
     })
 }
 
+/// One hook tried by `probe`.
+pub struct Probed {
+    pub label: String,
+    pub result: Result<u32>,
+    /// For the syscall programs, the call they serve: of its two ways (from
+    /// the registers, from the entry) one is enough.
+    pub call: Option<u32>,
+}
+
 /// Tries every hook on its own and reports each (for `observer check`):
 /// both ways of reading syscall arguments, and the timer where configured.
 /// All are detached again when this returns.
-pub fn probe(s: &Setup) -> Result<Vec<(String, Result<u32>)>> {
+pub fn probe(s: &Setup) -> Result<Vec<Probed>> {
     let mut ebpf = load(s)?;
     let timers: &[Program] = if s.time_wait.is_some() {
         &TIMER_PROGRAMS
@@ -309,11 +369,30 @@ pub fn probe(s: &Setup) -> Result<Vec<(String, Result<u32>)>> {
         .chain(&FROM_ENTRY)
         .chain(&STATE_PROGRAMS)
         .chain(timers)
-        .map(|prog| {
-            (
-                format!("{} ({})", label(prog), prog.name),
-                attach(&mut ebpf, prog),
-            )
+        .map(|prog| Probed {
+            label: format!("{} ({})", label(prog), prog.name),
+            result: attach(&mut ebpf, prog),
+            call: (prog.category == "syscalls").then_some(prog.serves),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_time_wait_map_can_be_made_preallocated() {
+        if OBJECT.is_empty() {
+            return; // built without eBPF (plain `cargo test`): nothing to patch
+        }
+        let patched = preallocated(OBJECT, "TW").unwrap();
+        let changed: Vec<usize> = (0..OBJECT.len())
+            .filter(|&i| OBJECT[i] != patched[i])
+            .collect();
+        // One bit of one byte: BPF_F_NO_PREALLOC in TW's map_flags.
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert_eq!(OBJECT[changed[0]] ^ patched[changed[0]], 1);
+        assert!(preallocated(OBJECT, "NO_SUCH_MAP").is_err());
+    }
 }
