@@ -195,24 +195,39 @@ fn time_wait_lifecycle_and_a_burst_of_a_hundred_thousand() {
     let server_side = |v: &&Value| {
         is(v, "tcp_state", ns) && port(v, "sport") == SERVER && port(v, "dport") == REUSED_CLIENT
     };
-    let mine: Vec<&Value> = states.iter().filter(server_side).collect();
-    let fin1 = mine
+    let fin1 = states
         .iter()
-        .find(|v| v["new"] == "FIN_WAIT1")
+        .position(|v| server_side(&v) && v["new"] == "FIN_WAIT1")
         .expect("FIN_WAIT1 of the server side");
-    let sk = &fin1["sk"];
-    let mut path: Vec<(&str, &str)> = mine
+    let sk = &states[fin1]["sk"];
+    // A socket's id is its kernel address, which earlier and later sockets
+    // may have had too: this one's history runs from its birth (SYN_RECV) to
+    // its CLOSE. Its birth is matched by address alone: some kernels (6.1)
+    // set a child's state before its addresses, and report the listener's
+    // ends (the peer's port 0) for LISTEN -> SYN_RECV.
+    let same: Vec<(usize, &Value)> = states
         .iter()
-        .filter(|v| v["sk"] == *sk)
-        .map(|v| (v["old"].as_str().unwrap(), v["new"].as_str().unwrap()))
+        .enumerate()
+        .filter(|(_, v)| is(v, "tcp_state", ns) && v["sk"] == *sk)
         .collect();
-    // A socket's id is its kernel address: the memory may serve a later socket
-    // (here, the reconnection on the same tuple) once this one reached CLOSE.
-    let close = path
+    let birth = same
         .iter()
-        .position(|&(_, new)| new == "CLOSE")
-        .expect("CLOSE");
-    path.truncate(close + 1);
+        .rposition(|&(i, v)| i < fin1 && v["new"] == "SYN_RECV")
+        .expect("SYN_RECV of the server side");
+    let close = birth
+        + same[birth..]
+            .iter()
+            .position(|(_, v)| v["new"] == "CLOSE")
+            .expect("CLOSE");
+    let history = &same[birth..=close];
+    for (_, v) in &history[1..] {
+        assert!(server_side(v), "{v}");
+    }
+    let fin1 = &states[fin1];
+    let path: Vec<(&str, &str)> = history
+        .iter()
+        .map(|(_, v)| (v["old"].as_str().unwrap(), v["new"].as_str().unwrap()))
+        .collect();
     assert_eq!(
         path,
         [

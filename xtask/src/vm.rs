@@ -942,7 +942,12 @@ fn qemu(kernel: &Kernel, initrd: &Path, out: &Path) -> Result<Command> {
     }
     let log = fs::File::create(out.join("qemu.log")).context("creating qemu.log")?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
+    // thread=single: with one host thread per vCPU, a vCPU can run a stale
+    // translation of kernel text another vCPU just live-patched (static keys
+    // flip as tracepoints attach and detach) and the guest oopses on a
+    // leftover int3 in handle_softirqs (seen on 6.1 and 6.12). Two vCPUs
+    // taking turns on one thread see every patch at once.
+    cmd.args(["-machine", "q35", "-accel", "tcg,thread=single", "-cpu", "max"])
         .args(["-m", "2048", "-smp", "2"])
         .args(["-display", "none", "-monitor", "none", "-nic", "none"])
         .arg("-no-reboot")

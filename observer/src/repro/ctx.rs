@@ -120,7 +120,8 @@ pub struct Ctx {
     /// Options of the sockets this scenario made, by cookie (helpers' included),
     /// for the explain engine's predictions.
     pub book: crate::explain::OptionsBook,
-    /// What TIME_WAIT sockets inherited (the scenario knows its old server's options).
+    /// What the old server's accepted connections inherited, in TIME_WAIT or
+    /// still closing (the scenario knows its old server's options).
     pub time_wait_reuse: Option<(bool, bool)>,
 }
 
@@ -282,9 +283,11 @@ impl Ctx {
             explain::Ask::BookOnly,
         )
         .ok()?;
+        // Connections still closing (FIN_WAIT2 on a slow machine) hold the
+        // port as their TIME_WAIT successors will, with the same options.
         for h in holders
             .iter_mut()
-            .filter(|h| h.state == "TIME_WAIT" && h.reuseaddr.is_none())
+            .filter(|h| !matches!(h.state, "LISTEN" | "BOUND") && h.reuseaddr.is_none())
         {
             (h.reuseaddr, h.reuseport) = self.time_wait_reuse.unzip();
         }
