@@ -13,6 +13,13 @@ mod task;
 mod tcp;
 mod time_wait;
 
+/// Does nothing: the benchmark attaches it where the observer's programs go,
+/// to measure what a hook costs before any work is done (the floor).
+#[aya_ebpf::macros::tracepoint]
+pub fn obs_floor(_ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

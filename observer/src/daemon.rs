@@ -67,6 +67,8 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let clock = Clock::new();
+    let began = Instant::now();
+    let phase = |what: &str| log::debug!("startup: {what} at {:?}", began.elapsed());
     // The output first: a path that cannot be used is a configuration error,
     // said before anything is loaded.
     let out = Output::open(args.output.as_deref(), args.format, clock)
@@ -81,6 +83,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     }
     let cgroup = mounts::cgroup2_mount()?;
     let (offsets, tw_offsets) = btf_offsets::read();
+    phase("BTF read");
     // TIME_WAIT from the kernel's timer where its handler can be found.
     let tw = match time_wait::timer::discover(&tw_offsets) {
         Ok(found) => Some(found),
@@ -89,6 +92,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
             None
         }
     };
+    phase("TIME_WAIT timer found");
     let kernel_filter = filter.kernel();
     let mut attached = loader::load_and_attach(&loader::Setup {
         offsets: &offsets,
@@ -99,6 +103,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         cgroup: args.cgroup.as_ref().map(|c| c.dir.as_path()),
         ring_bytes: args.ring_buffer,
     })?;
+    phase("programs loaded and attached");
     // Parsing and loading the object allocates and frees megabytes: return them.
     // SAFETY: malloc_trim only returns free memory to the system.
     unsafe { libc::malloc_trim(0) };
@@ -130,6 +135,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
             Vec::new(),
         ),
     };
+    phase("TIME_WAIT snapshot taken");
     let mut s = Stream::new(Parts {
         out,
         clock,
@@ -156,6 +162,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         s.time_wait_record(o);
     }
     s.out.flush();
+    phase("observer_start written");
 
     // --repro: the scenarios run beside the stream; their events are kept to check.
     let (repro_tx, mut repro_rx) = tokio::sync::oneshot::channel();

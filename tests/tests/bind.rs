@@ -154,3 +154,86 @@ fn a_full_ring_buffer_is_reported_as_lost() {
         "observer_stop.lost sums the lost records"
     );
 }
+
+/// setsockopt(fd, level, name, 1).
+fn set_flag(fd: i32, level: i32, name: i32) {
+    let one: libc::c_int = 1;
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn freebind_transparent_and_bind_address_no_port_are_read() {
+    require_root!();
+    use std::os::fd::AsRawFd;
+    // (what, address, options set): each bind's record must say true for
+    // exactly the options set on its socket, false for the others.
+    const FREEBIND: &str = "freebind";
+    const TRANSPARENT: &str = "transparent";
+    const NO_PORT: &str = "bind_address_no_port";
+    let plan: &[(&str, &str, &[&str])] = &[
+        ("none set", "127.0.0.1:0", &[]),
+        // Not a local address: only IP_FREEBIND lets this bind succeed.
+        ("freebind v4", "192.0.2.99:9000", &[FREEBIND]),
+        ("freebind v6", "[2001:db8::99]:9000", &[FREEBIND]),
+        ("transparent", "127.0.0.1:0", &[TRANSPARENT]),
+        ("transparent v6", "[::1]:0", &[TRANSPARENT]),
+        ("no port", "127.0.0.1:0", &[NO_PORT]),
+        (
+            "all three",
+            "192.0.2.98:0",
+            &[FREEBIND, TRANSPARENT, NO_PORT],
+        ),
+    ];
+    let (obs, _) = Observer::start(&["--events", "bind"]);
+    let (pid, ops) = std::thread::spawn(move || {
+        observer_tests::workload::enter_private_netns();
+        let mut w = observer_tests::workload::Workload::default();
+        let mut ops = Vec::new();
+        for &(what, addr, set) in plan {
+            let addr: std::net::SocketAddr = addr.parse().unwrap();
+            let s = observer_tests::workload::Workload::socket(&addr, false, false, false).unwrap();
+            let fd = s.as_raw_fd();
+            let v6 = addr.is_ipv6();
+            for &o in set {
+                let (level, name) = match (o, v6) {
+                    (FREEBIND, false) => (libc::IPPROTO_IP, libc::IP_FREEBIND),
+                    (FREEBIND, true) => (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND),
+                    (TRANSPARENT, false) => (libc::IPPROTO_IP, libc::IP_TRANSPARENT),
+                    (TRANSPARENT, true) => (libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT),
+                    _ => (libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT),
+                };
+                set_flag(fd, level, name);
+            }
+            assert_eq!(w.bind(what, s, addr, false), 0, "{what}");
+            ops.push((w.ops.last().unwrap().clone(), set));
+        }
+        (std::process::id(), ops)
+    })
+    .join()
+    .unwrap();
+    let done = obs.stop();
+    assert!(done.status.success(), "{}", done.stderr);
+    let binds = done.binds_of(&[pid]);
+    for (op, set) in ops {
+        let mut expected = op.expected();
+        for o in [FREEBIND, TRANSPARENT, NO_PORT] {
+            expected["options"][o] = serde_json::json!(set.contains(&o));
+        }
+        let found: Vec<&Value> = binds.iter().filter(|e| matches(e, &expected)).collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "{}: want {expected}\nrecords: {binds:#?}",
+            op.what
+        );
+    }
+}

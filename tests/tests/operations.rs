@@ -82,6 +82,89 @@ fn filters_keep_only_what_matches() {
     );
 }
 
+/// UDP binds with SO_REUSEPORT (all succeed) in a private namespace: `n` to
+/// each port; returns our pid.
+fn reuseport_binds(ports: &'static [u16], n: usize) -> u32 {
+    std::thread::spawn(move || {
+        enter_private_netns();
+        let mut w = Workload::default();
+        for &port in ports {
+            let a = SocketAddr::from(([127, 0, 0, 1], port));
+            for _ in 0..n {
+                let s = Workload::socket(&a, false, false, true).unwrap();
+                assert_eq!(w.bind("reuseport", s, a, false), 0);
+            }
+        }
+        std::process::id()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The sum of `lost` records' counts, and observer_stop.filtered.
+fn lost_and_filtered(done: &observer_tests::observer::Finished) -> (u64, u64) {
+    let records = done.records();
+    let lost = records
+        .iter()
+        .filter(|r| r["event"] == "lost")
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum();
+    let stop = records.last().unwrap();
+    assert_eq!(stop["event"], "observer_stop", "{stop}");
+    assert_eq!(
+        stop["lost"], lost,
+        "observer_stop.lost sums the lost records"
+    );
+    (lost, stop["filtered"].as_u64().unwrap())
+}
+
+#[test]
+fn kernel_filters_drop_before_the_ring_buffer() {
+    require_root!();
+    // One page of ring buffer and a stopped reader: anything the kernel
+    // programs do not drop themselves would be lost.
+    const N: usize = 400;
+    let stopped = |args: &[&str], ports: &'static [u16]| {
+        let mut all = vec!["--ring-buffer", "4096"];
+        all.extend_from_slice(args);
+        let (obs, _) = Observer::start(&all);
+        obs.signal(libc::SIGSTOP);
+        let pid = reuseport_binds(ports, N);
+        obs.signal(libc::SIGCONT);
+        let done = obs.stop();
+        assert!(done.status.success(), "{}", done.stderr);
+        (pid, done)
+    };
+
+    // Filtered to pid 1, which binds nothing here: none of our binds is
+    // delivered or lost, each is counted as filtered.
+    let (pid, done) = stopped(&["-p", "1"], &[5731]);
+    assert!(done.binds_of(&[pid]).is_empty());
+    let (lost, filtered) = lost_and_filtered(&done);
+    assert_eq!(lost, 0, "a filtered-out process cannot cost lost records");
+    assert!(
+        filtered >= N as u64,
+        "filtered {filtered} < {N} binds dropped"
+    );
+
+    // Filtered to one port: its binds are each delivered or counted lost,
+    // exactly; the other port's are filtered and never reach the ring.
+    let (pid, done) = stopped(&["-P", "5733", "--events", "bind"], &[5733, 5734]);
+    let mine = done.binds_of(&[pid]);
+    assert!(mine.iter().all(|e| e["port"] == 5733), "{mine:#?}");
+    let (lost, filtered) = lost_and_filtered(&done);
+    assert!(mine.len() < N, "one page cannot hold {N} records");
+    assert_eq!(
+        mine.len() as u64 + lost,
+        N as u64,
+        "delivered + lost must be exactly the binds that match"
+    );
+    assert!(
+        filtered >= N as u64,
+        "filtered {filtered} < {N} binds dropped"
+    );
+}
+
 #[test]
 fn two_observers_each_see_everything() {
     require_root!();

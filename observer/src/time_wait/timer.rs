@@ -82,27 +82,46 @@ pub fn discover(tw: &crate::btf_offsets::TimeWaitOffsets) -> Result<(TimeWaitCon
     Ok((config, hz))
 }
 
-/// The kernel's HZ, measured: jiffies in /proc/timer_list twice, 100 ms apart,
-/// rounded to the nearest value Linux is built with.
+/// The kernel's HZ. jiffies start at `INITIAL_JIFFIES` (2^32 - 300 HZ) at
+/// boot, so one reading of /proc/timer_list beside the monotonic clock gives
+/// it; near 300 s of uptime, or if the estimate is not a value Linux is built
+/// with, two readings 100 ms apart do.
 fn kernel_hz() -> Result<u64, String> {
-    let sample = || -> Result<(u64, u64), String> {
-        let text = std::fs::read_to_string("/proc/timer_list")
-            .map_err(|e| format!("/proc/timer_list: {e}"))?;
-        let num = |prefix: &str| {
-            text.lines()
-                .find_map(|l| l.trim().strip_prefix(prefix))
-                .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
-        };
-        match (num("now at "), num("jiffies:")) {
-            (Some(ns), Some(j)) => Ok((ns, j)),
-            _ => Err("/proc/timer_list has no `now at` or `jiffies:`".into()),
-        }
-    };
-    let (ns0, j0) = sample()?;
+    let (ns0, j0) = timer_list_sample()?;
+    if let Some(hz) = hz_from_boot(ns0, j0) {
+        return Ok(hz);
+    }
     std::thread::sleep(Duration::from_millis(100));
-    let (ns1, j1) = sample()?;
-    let measured = (j1 - j0) as f64 * 1e9 / (ns1.saturating_sub(ns0)).max(1) as f64;
+    let (ns1, j1) = timer_list_sample()?;
+    let measured = j1.saturating_sub(j0) as f64 * 1e9 / (ns1.saturating_sub(ns0)).max(1) as f64;
     Ok(nearest_hz(measured))
+}
+
+/// `now at` (monotonic ns) and `jiffies:` from /proc/timer_list.
+fn timer_list_sample() -> Result<(u64, u64), String> {
+    let text = std::fs::read_to_string("/proc/timer_list")
+        .map_err(|e| format!("/proc/timer_list: {e}"))?;
+    let num = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    match (num("now at "), num("jiffies:")) {
+        (Some(ns), Some(j)) => Ok((ns, j)),
+        _ => Err("/proc/timer_list has no `now at` or `jiffies:`".into()),
+    }
+}
+
+/// HZ from one reading, when uptime is far enough from 300 s for the boot's
+/// own second of slack not to matter and the result is within 2 % of a real HZ.
+fn hz_from_boot(now_ns: u64, jiffies: u64) -> Option<u64> {
+    let since_wrap = now_ns as f64 / 1e9 - 300.0;
+    if since_wrap.abs() < 60.0 {
+        return None;
+    }
+    let estimate = (jiffies as f64 - 4_294_967_296.0) / since_wrap;
+    let hz = nearest_hz(estimate);
+    ((estimate - hz as f64).abs() <= hz as f64 * 0.02).then_some(hz)
 }
 
 fn nearest_hz(measured: f64) -> u64 {
@@ -480,5 +499,23 @@ mod tests {
         assert_eq!(nearest_hz(249.2), 250);
         assert_eq!(nearest_hz(990.0), 1000);
         assert_eq!(nearest_hz(101.0), 100);
+    }
+
+    #[test]
+    fn hz_from_one_reading() {
+        // This host at 6405.8 s of uptime, HZ=250.
+        assert_eq!(hz_from_boot(6_405_840_718_091, 4_296_493_741), Some(250));
+        // Ten seconds after boot at HZ=1000: jiffies still below 2^32.
+        assert_eq!(
+            hz_from_boot(10_000_000_000, 4_294_967_296 - 290_000),
+            Some(1000)
+        );
+        // Too close to the wrap to tell.
+        assert_eq!(hz_from_boot(310_000_000_000, 4_294_967_296 + 2_500), None);
+        // A clock that does not fit any HZ (suspend, say): measure instead.
+        assert_eq!(
+            hz_from_boot(6_405_840_718_091, 4_294_967_296 + 1_400_000),
+            None
+        );
     }
 }

@@ -3,6 +3,10 @@
 //!
 //!   bindloop udp|tcp SECS [COUNT]   socket + bind(127.0.0.1:0) + close
 //!   bindloop churn SECS             connect + accept + close, over loopback
+//!   bindloop storm SECS             socket + bind(a port a listener holds) + close: every
+//!                                   bind fails with EADDRINUSE
+//!   bindloop hold N                 N idle TCP listeners in a network namespace of its
+//!                                   own; prints `ready` and holds them until stdin closes
 //!   bindloop twchurn SECS [COUNT]   the same, the server closing first (its socket goes to
 //!                                   TIME_WAIT), on 2 threads, in a network namespace of its
 //!                                   own; also prints `tw=N` (TIME_WAIT sockets there after
@@ -55,6 +59,21 @@ fn main() {
                 drop(a);
                 ops += 1;
             }
+        }
+        "storm" => {
+            let holder = TcpListener::bind(any).expect("listen");
+            let held = holder.local_addr().unwrap();
+            while ops < count && (!ops.is_multiple_of(256) || start.elapsed() < deadline) {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+                let e = s.bind(&held.into()).expect_err("the port is held");
+                assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{e}");
+                drop(s);
+                ops += 1;
+            }
+        }
+        "hold" => {
+            hold_idle_sockets(secs as usize);
+            return;
         }
         "twchurn" => {
             let (made, tw, netns) = time_wait_churn(deadline, count);
@@ -159,4 +178,30 @@ fn lo_up() {
         assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr), 0);
         libc::close(fd);
     }
+}
+
+/// `n` idle TCP listeners (over 127.0.0.0/8 and every port) in a network
+/// namespace of this process's own, until stdin closes.
+fn hold_idle_sockets(n: usize) {
+    // SAFETY: unshare acts on this (single-threaded) process.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+    lo_up();
+    let limit = libc::rlimit {
+        rlim_cur: n as u64 + 1024,
+        rlim_max: n as u64 + 1024,
+    };
+    // SAFETY: a plain setrlimit.
+    assert_eq!(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) },
+        0,
+        "RLIMIT_NOFILE"
+    );
+    let held: Vec<TcpListener> = (0..n)
+        .map(|i| {
+            let ip = Ipv4Addr::new(127, 0, 1 + (i / 60_000) as u8, 1);
+            TcpListener::bind((ip, 1024 + (i % 60_000) as u16)).expect("listen")
+        })
+        .collect();
+    println!("ready {}", held.len());
+    let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
 }
