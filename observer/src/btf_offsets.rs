@@ -2,7 +2,7 @@
 //! (Rust eBPF has no CO-RE relocations). A member that cannot be found leaves its
 //! offsets 0, and the eBPF side then reports the fields that need it as unknown.
 
-use btf_rs::{Btf, Type};
+use crate::btf::Btf;
 use observer_common::config::KernelOffsets;
 
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -23,9 +23,7 @@ pub fn read() -> (KernelOffsets, TimeWaitOffsets) {
     let btf = match Btf::from_file(VMLINUX_BTF) {
         Ok(btf) => btf,
         Err(e) => {
-            log::warn!(
-                "no kernel BTF ({VMLINUX_BTF}: {e}): netns and socket addresses will be null"
-            );
+            log::warn!("no kernel BTF ({e}): netns and socket addresses will be null");
             return (KernelOffsets::ZERO, TimeWaitOffsets::default());
         }
     };
@@ -40,11 +38,6 @@ pub fn read() -> (KernelOffsets, TimeWaitOffsets) {
         tw_snd_nxt: member_offset(&btf, "sock_common", "skc_tw_snd_nxt"),
     };
     log::debug!("kernel offsets from BTF: {k:?}, {tw:?}");
-    drop(btf);
-    // Parsing the kernel's BTF takes tens of MB of small allocations: give
-    // them back to the system rather than keep them as the daemon's RSS.
-    // SAFETY: malloc_trim only returns free memory to the system.
-    unsafe { libc::malloc_trim(0) };
     (k, tw)
 }
 
@@ -151,63 +144,18 @@ fn inet_bits(btf: &Btf) -> [u32; 3] {
     ];
     let at = |bit: u32| (bit / 8) << 8 | (bit % 8);
     if let Some(flags) = member_bit_offset(btf, "inet_sock", "inet_flags") {
-        let values = enum_values(btf, &NAMES.map(|(_, e)| e));
+        let values = btf.enum_values(&NAMES.map(|(_, e)| e));
         return NAMES.map(|(_, e)| values.get(e).map_or(0, |&v| at(flags + v)));
     }
     NAMES.map(|(m, _)| member_bit_offset(btf, "inet_sock", m).map_or(0, at))
 }
 
-/// The values of these enumerators (in the kernel's anonymous enums).
-fn enum_values(btf: &Btf, names: &[&str]) -> std::collections::HashMap<String, u32> {
-    let mut found = std::collections::HashMap::new();
-    for id in btf.resolve_ids_by_name("").unwrap_or_default() {
-        let Ok(Type::Enum(e)) = btf.resolve_type_by_id(id) else {
-            continue;
-        };
-        for m in &e.members {
-            let name = btf.resolve_name(m).unwrap_or_default();
-            if names.contains(&name.as_str()) {
-                found.insert(name, m.val());
-            }
-        }
-        if found.len() == names.len() {
-            break;
-        }
-    }
-    found
-}
-
 /// Byte offset of `member` in struct `ty`, looking into anonymous structs and unions.
 fn member_offset(btf: &Btf, ty: &str, member: &str) -> Option<u32> {
-    member_bit_offset(btf, ty, member).map(|bits| bits / 8)
+    btf.member_offset(ty, member)
 }
 
 /// Bit offset of `member` (a bitfield, or any member) in struct `ty`.
 fn member_bit_offset(btf: &Btf, ty: &str, member: &str) -> Option<u32> {
-    btf.resolve_types_by_name(ty)
-        .ok()?
-        .iter()
-        .find_map(|t| match t {
-            Type::Struct(s) => find_in(btf, s, member),
-            _ => None,
-        })
-}
-
-fn find_in(btf: &Btf, s: &btf_rs::Struct, member: &str) -> Option<u32> {
-    s.members.iter().find_map(|m| {
-        let name = btf.resolve_name(m).unwrap_or_default();
-        if name == member {
-            return Some(m.bit_offset());
-        }
-        if !name.is_empty() {
-            return None;
-        }
-        // Anonymous struct or union: its members are members of the outer struct.
-        match btf.resolve_chained_type(m).ok()? {
-            Type::Struct(inner) | Type::Union(inner) => {
-                find_in(btf, &inner, member).map(|o| o + m.bit_offset())
-            }
-            _ => None,
-        }
-    })
+    btf.member_bit_offset(ty, member)
 }

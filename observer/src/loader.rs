@@ -267,6 +267,44 @@ fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Verifying the programs is most of the start-up: they are loaded on two
+/// threads (the kernel verifies programs of one process side by side).
+fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
+    let mut progs: Vec<(&str, &mut aya::programs::Program)> = ebpf
+        .programs_mut()
+        .filter(|(name, _)| names.contains(name))
+        .collect();
+    if let Some(missing) = names
+        .iter()
+        .find(|n| !progs.iter().any(|(have, _)| have == *n))
+    {
+        bail!("program {missing} is missing from the eBPF object");
+    }
+    let half = progs.len() / 2;
+    let (a, b) = progs.split_at_mut(half);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| load_each(a));
+        let here = load_each(b);
+        other
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("a loader thread panicked")))
+            .and(here)
+    })
+}
+
+fn load_each(progs: &mut [(&str, &mut aya::programs::Program)]) -> Result<()> {
+    use aya::programs::Program as P;
+    for (name, p) in progs {
+        let loaded = match p {
+            P::TracePoint(tp) if tp.fd().is_err() => tp.load(),
+            P::RawTracePoint(rtp) if rtp.fd().is_err() => rtp.load(),
+            _ => Ok(()),
+        };
+        loaded.with_context(|| format!("loading {name}"))?;
+    }
+    Ok(())
+}
+
 fn attach(ebpf: &mut Ebpf, prog: &Program) -> Result<u32> {
     load_program(ebpf, prog.name)?;
     let p: &mut TracePoint = ebpf
@@ -287,49 +325,52 @@ fn label(p: &Program) -> String {
     format!("tracepoint/{}/{}", p.category, p.event)
 }
 
-/// The programs for this run, in attach order: the syscall exits from the
-/// registers where this kernel can load them, else from the entry.
-fn plan(ebpf: &mut Ebpf, s: &Setup) -> Vec<&'static Program> {
+/// The programs for this run, in attach order, loaded: the syscall exits
+/// from the registers where this kernel can load them, else from the entry.
+fn plan(ebpf: &mut Ebpf, s: &Setup, sweep: bool) -> Result<Vec<&'static Program>> {
     let wanted = |p: &&Program| s.filter.events & p.serves != 0;
-    let from_regs = load_program(ebpf, FROM_REGS[0].name);
-    if let Err(e) = &from_regs {
-        log::info!(
-            "syscall arguments from the entry tracepoints: the registers cannot be read here ({e:#})"
-        );
-    }
-    let calls: &'static [Program] = if from_regs.is_ok() {
-        &FROM_REGS
-    } else {
-        &FROM_ENTRY
-    };
     let timers: &'static [Program] = if s.time_wait.is_some() {
         &TIMER_PROGRAMS
     } else {
         &[]
     };
-    calls
-        .iter()
-        .chain(&STATE_PROGRAMS)
-        .chain(timers)
-        .filter(wanted)
-        .collect()
+    let names = |progs: &[&Program]| progs.iter().map(|p| p.name).collect::<Vec<_>>();
+    let rest: Vec<&'static Program> = STATE_PROGRAMS.iter().chain(timers).filter(wanted).collect();
+    let mut others = names(&rest);
+    if sweep {
+        others.push(SWEEP);
+    }
+    let from_regs: Vec<&'static Program> = FROM_REGS.iter().filter(wanted).collect();
+    let mut all = names(&from_regs);
+    all.extend(&others);
+    let calls = match load_all(ebpf, &all) {
+        Ok(()) => from_regs,
+        Err(e) => {
+            // If the others load, it was the registers: only old kernels.
+            load_all(ebpf, &others)?;
+            log::info!(
+                "syscall arguments from the entry tracepoints: the registers cannot be read here ({e:#})"
+            );
+            let from_entry: Vec<&'static Program> = FROM_ENTRY.iter().filter(wanted).collect();
+            load_all(ebpf, &names(&from_entry))?;
+            from_entry
+        }
+    };
+    Ok(calls.into_iter().chain(rest).collect())
 }
 
 /// Loads everything and attaches every program this run and this kernel need.
 pub fn load_and_attach(s: &Setup) -> Result<Attached> {
+    let began = std::time::Instant::now();
     let mut ebpf = load(s)?;
+    log::debug!("startup: object and maps loaded in {:?}", began.elapsed());
     let sweep = s.time_wait.is_some() && s.filter.wants(event::TIME_WAIT);
-    if sweep {
-        let p: &mut RawTracePoint = ebpf
-            .program_mut(SWEEP)
-            .with_context(|| format!("program {SWEEP} is missing from the eBPF object"))?
-            .try_into()?;
-        p.load().with_context(|| format!("loading {SWEEP}"))?;
-    }
     let mut hooks = Vec::new();
     let mut prog_ids = Vec::new();
     let mut names = Vec::new();
-    for prog in plan(&mut ebpf, s) {
+    let order = plan(&mut ebpf, s, sweep)?;
+    log::debug!("startup: programs verified in {:?}", began.elapsed());
+    for prog in order {
         let id = attach(&mut ebpf, prog)?;
         log::info!("attached {} (prog id {id})", label(prog));
         hooks.push(label(prog));

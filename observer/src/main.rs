@@ -1,5 +1,6 @@
 //! `observer`: watches every socket bind() on the host and streams JSON Lines.
 
+mod btf;
 mod btf_offsets;
 mod cgroups;
 mod check;
