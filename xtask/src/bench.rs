@@ -1,12 +1,16 @@
-//! `cargo xtask bench`: what the observer costs the host, as ratios taken in one
-//! run, interleaved (bare, observed, bpftrace, strace, …; median of each), side
-//! by side with the tools people use instead. Writes target/bench/results.json.
+//! `cargo xtask bench`: what the observer costs the host, as ratios taken in
+//! one run, interleaved (median of each), beside the floor (the same hooks
+//! with programs that do nothing) and the tools people use instead
+//! (bpftrace, strace). Writes target/bench/results.json.
 
 use std::{
+    collections::{HashMap, HashSet},
     fs,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read, Write},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -15,32 +19,48 @@ use serde_json::{Value, json};
 
 const ROUNDS: usize = 5;
 const LOOP_SECS: &str = "2";
+/// TIME_WAIT churn: rounds of this many seconds, bare and observed.
+const CHURN_ROUNDS: usize = 3;
+const CHURN_SECS: &str = "10";
+
+pub struct Tools<'a> {
+    pub observer: &'a Path,
+    pub bindloop: &'a Path,
+    pub floor: &'a Path,
+    /// The eBPF object the observer embeds (the floor loads it too).
+    pub object: &'a Path,
+}
 
 struct Bench {
     observer: PathBuf,
     bindloop: PathBuf,
+    floor: PathBuf,
+    object: PathBuf,
     dir: PathBuf,
+    /// The hooks the observer attaches here (the floor attaches the same).
+    hooks: Vec<String>,
 }
 
 /// One run of the load generator: its own count, rate and pid.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Run {
     ops: u64,
     rate: f64,
     pid: u32,
 }
 
+fn field<'a>(stdout: &'a str, k: &str) -> Result<&'a str> {
+    stdout
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix(k))
+        .with_context(|| format!("no {k} in bindloop's output: {stdout}"))
+}
+
 fn parse_run(stdout: &str) -> Result<Run> {
-    let field = |k: &str| {
-        stdout
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix(k))
-            .with_context(|| format!("no {k} in bindloop's output: {stdout}"))
-    };
     Ok(Run {
-        ops: field("ops=")?.parse()?,
-        rate: field("rate=")?.parse()?,
-        pid: field("pid=")?.parse()?,
+        ops: field(stdout, "ops=")?.parse()?,
+        rate: field(stdout, "rate=")?.parse()?,
+        pid: field(stdout, "pid=")?.parse()?,
     })
 }
 
@@ -49,22 +69,116 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
-fn lines(path: &Path) -> Vec<Value> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+/// What an observer wrote to its stdout, tallied as it streamed: a 2 s loop
+/// writes hundreds of MB, of which nothing is kept but counts.
+#[derive(Default, Debug)]
+struct Tally {
+    /// Records by (event, pid; 0 when null).
+    by_pid: HashMap<(String, u64), u64>,
+    /// Records by (event, netns).
+    by_netns: HashMap<(String, u64), u64>,
+    /// `time_wait_enter` records whose (sk, ts) came before, by netns.
+    duplicate_enters: HashMap<u64, u64>,
+    start: Value,
+    stop: Value,
+}
+
+impl Tally {
+    fn of_pid(&self, event: &str, pid: u32) -> u64 {
+        self.by_pid
+            .get(&(event.to_owned(), pid.into()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn in_netns(&self, event: &str, netns: u64) -> u64 {
+        self.by_netns
+            .get(&(event.to_owned(), netns))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn lost(&self) -> u64 {
+        self.stop["lost"].as_u64().unwrap_or(0)
+    }
+}
+
+/// The text of `"key":VALUE`'s value in a record line (its first occurrence:
+/// the top-level field, which comes before any nested one).
+fn raw<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("\"{key}\":");
+    let rest = &line[line.find(&pat)? + pat.len()..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"'))
+}
+
+/// Reads an observer's stdout to its end; says on `started` when
+/// `observer_start` has come.
+fn tally(out: impl Read, started: mpsc::Sender<()>) -> Tally {
+    let mut t = Tally::default();
+    let mut enters = HashSet::new();
+    for line in BufReader::with_capacity(1 << 20, out).lines() {
+        let Ok(line) = line else { break };
+        let Some(event) = raw(&line, "event") else {
+            continue;
+        };
+        match event {
+            "observer_start" => {
+                t.start = serde_json::from_str(&line).unwrap_or_default();
+                let _ = started.send(());
+            }
+            "observer_stop" => t.stop = serde_json::from_str(&line).unwrap_or_default(),
+            _ => {}
+        }
+        let pid = raw(&line, "pid").and_then(|p| p.parse().ok()).unwrap_or(0);
+        *t.by_pid.entry((event.to_owned(), pid)).or_default() += 1;
+        if let Some(ns) = raw(&line, "netns").and_then(|n| n.parse().ok()) {
+            *t.by_netns.entry((event.to_owned(), ns)).or_default() += 1;
+            if event == "time_wait_enter" {
+                let sk = raw(&line, "sk").unwrap_or("").to_owned();
+                let ts = raw(&line, "ts").unwrap_or("").to_owned();
+                if !enters.insert((ns, sk, ts)) {
+                    *t.duplicate_enters.entry(ns).or_default() += 1;
+                }
+            }
+        }
+    }
+    t
+}
+
+/// A running observer, its stdout tallied on a thread.
+struct Observed {
+    child: Child,
+    reader: JoinHandle<Tally>,
+}
+
+impl Observed {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGINT, then everything it wrote.
+    fn stop(mut self) -> Result<Tally> {
+        interrupt(&self.child);
+        self.child.wait()?;
+        self.reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the tally thread panicked"))
+    }
 }
 
 fn interrupt(child: &Child) {
+    // SAFETY: a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
 }
 
-/// A tool watching the load: started before, stopped after.
+/// What watches the load: started before, stopped after.
 enum Watcher {
     None,
-    Observer,
+    /// The observer with these extra arguments.
+    Observer(&'static [&'static str]),
+    /// Empty programs on the observer's hooks.
+    Floor,
     Bpftrace,
     Strace,
 }
@@ -72,6 +186,7 @@ enum Watcher {
 /// What an observed run saw.
 #[derive(Default, Debug)]
 struct Seen {
+    /// Records of the run's kind from the load's pid.
     events: u64,
     lost: u64,
     cpu_ms: u64,
@@ -79,7 +194,13 @@ struct Seen {
 }
 
 impl Bench {
-    fn bindloop(&self, mode: &str, count: Option<u64>, strace_out: Option<&Path>) -> Result<Run> {
+    fn bindloop(
+        &self,
+        mode: &str,
+        secs: &str,
+        count: Option<u64>,
+        strace_out: Option<&Path>,
+    ) -> Result<Run> {
         let mut cmd = match strace_out {
             Some(out) => {
                 let mut c = Command::new("strace");
@@ -90,7 +211,7 @@ impl Bench {
             }
             None => Command::new(&self.bindloop),
         };
-        cmd.args([mode, LOOP_SECS]);
+        cmd.args([mode, secs]);
         if let Some(n) = count {
             cmd.arg(n.to_string());
         }
@@ -104,25 +225,42 @@ impl Bench {
         parse_run(&String::from_utf8_lossy(&out.stdout))
     }
 
-    /// Starts the observer writing JSON to `out`; returns when it has attached.
-    fn start_observer(&self, out: &Path, extra: &[&str]) -> Result<Child> {
-        let _ = fs::remove_file(out);
-        let child = Command::new(&self.observer)
-            .args(["run", "--output"])
-            .arg(out)
+    /// Starts the observer writing JSON Lines to a pipe; returns when it has attached.
+    fn start_observer(&self, extra: &[&str]) -> Result<Observed> {
+        let mut child = Command::new(&self.observer)
+            .arg("run")
             .args(extra)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .context("starting the observer")?;
-        let started = Instant::now();
-        while !fs::read_to_string(out)
-            .unwrap_or_default()
-            .contains("observer_start")
-        {
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("the observer did not start");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let out = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || tally(out, tx));
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            bail!("the observer did not start");
+        }
+        Ok(Observed { child, reader })
+    }
+
+    /// The empty programs on the observer's hooks; returns when attached.
+    fn start_floor(&self) -> Result<Child> {
+        let hooks: Vec<String> = self
+            .hooks
+            .iter()
+            .filter_map(|h| h.strip_prefix("tracepoint/"))
+            .map(|h| h.replacen('/', ":", 1))
+            .collect();
+        let mut child = Command::new(&self.floor)
+            .arg(&self.object)
+            .args(&hooks)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the floor")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        if !line.starts_with("attached") {
+            bail!("the floor did not attach: {line}");
         }
         Ok(child)
     }
@@ -135,49 +273,53 @@ impl Bench {
             .split_whitespace()
             .filter_map(|x| x.parse().ok())
             .collect();
+        // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
         f.get(10)
             .zip(f.get(11))
             .map_or(0, |(u, s)| (u + s) * 1000 / hz.max(1))
     }
 
-    fn watched(&self, watcher: &Watcher, mode: &str) -> Result<(Run, Seen)> {
+    fn rss_kb(pid: u32) -> u64 {
+        fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// One run of `mode` under `watcher`; `kind` names the records to count.
+    fn watched(&self, watcher: &Watcher, mode: &str, kind: &str) -> Result<(Run, Seen)> {
         let out = self.dir.join("watch.out");
         match watcher {
-            Watcher::None => Ok((self.bindloop(mode, None, None)?, Seen::default())),
-            Watcher::Strace => Ok((self.bindloop(mode, None, Some(&out))?, Seen::default())),
-            Watcher::Observer => {
-                let mut obs = self.start_observer(&out, &[])?;
-                let cpu0 = Self::cpu_ms(obs.id());
-                let run = self.bindloop(mode, None, None)?;
-                let cpu_ms = Self::cpu_ms(obs.id()) - cpu0;
-                std::thread::sleep(Duration::from_millis(200));
-                interrupt(&obs);
-                obs.wait()?;
-                let records = lines(&out);
-                let kind = if mode == "churn" { "tcp_state" } else { "bind" };
-                let events = records
-                    .iter()
-                    .filter(|r| r["event"] == kind && r["pid"] == run.pid)
-                    .count() as u64;
-                let lost = records
-                    .iter()
-                    .filter(|r| r["event"] == "lost")
-                    .map(|r| r["count"].as_u64().unwrap_or(0))
-                    .sum();
-                let stop = records
-                    .iter()
-                    .rev()
-                    .find(|r| r["event"] == "observer_stop")
-                    .cloned()
-                    .unwrap_or_default();
+            Watcher::None => Ok((self.bindloop(mode, LOOP_SECS, None, None)?, Seen::default())),
+            Watcher::Strace => Ok((
+                self.bindloop(mode, LOOP_SECS, None, Some(&out))?,
+                Seen::default(),
+            )),
+            Watcher::Floor => {
+                let floor = self.start_floor()?;
+                let run = self.bindloop(mode, LOOP_SECS, None, None);
+                interrupt(&floor);
+                let _ = floor.wait_with_output();
+                Ok((run?, Seen::default()))
+            }
+            Watcher::Observer(extra) => {
+                let obs = self.start_observer(extra)?;
+                let cpu0 = Self::cpu_ms(obs.pid());
+                let run = self.bindloop(mode, LOOP_SECS, None, None)?;
+                let cpu_ms = Self::cpu_ms(obs.pid()) - cpu0;
+                // Explanations of the last failures are still on their way.
+                std::thread::sleep(Duration::from_millis(300));
+                let t = obs.stop()?;
                 Ok((
                     run,
                     Seen {
-                        events,
-                        lost,
+                        events: t.of_pid(kind, run.pid),
+                        lost: t.lost(),
                         cpu_ms,
-                        stop,
+                        stop: t.stop,
                     },
                 ))
             }
@@ -204,12 +346,80 @@ impl Bench {
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                let run = self.bindloop(mode, None, None)?;
+                let run = self.bindloop(mode, LOOP_SECS, None, None)?;
                 interrupt(&bt);
                 bt.wait()?;
                 Ok((run, Seen::default()))
             }
         }
+    }
+
+    /// Rounds of `mode` under each watcher, interleaved: medians, ratios to
+    /// bare, and for the (first) observer completeness, losses and CPU.
+    fn compare(
+        &self,
+        mode: &str,
+        kind: &str,
+        rounds: usize,
+        watchers: &[(&str, Watcher)],
+    ) -> Result<Value> {
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); watchers.len()];
+        let (mut events, mut made, mut lost, mut cpu, mut coalesced) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        for round in 0..rounds {
+            eprintln!("bench: {mode} round {}/{rounds}", round + 1);
+            for (i, (name, w)) in watchers.iter().enumerate() {
+                let (run, seen) = self.watched(w, mode, kind)?;
+                rates[i].push(run.rate);
+                if *name == "observer" {
+                    events += seen.events;
+                    made += run.ops;
+                    lost += seen.lost;
+                    cpu += seen.cpu_ms;
+                    coalesced += seen.stop["explain_coalesced"].as_u64().unwrap_or(0);
+                }
+            }
+        }
+        let bare = median(rates[0].clone());
+        let mut m = json!({"bare_rate": bare});
+        for ((name, _), r) in watchers.iter().zip(&rates) {
+            let med = median(r.clone());
+            m[format!("{name}_rate")] = json!(med);
+            m[format!("{name}_ratio")] = json!(med / bare);
+        }
+        m["events"] = json!(events);
+        m["calls"] = json!(made);
+        m["completeness"] = json!(events as f64 / made.max(1) as f64);
+        m["lost"] = json!(lost);
+        m["explain_coalesced"] = json!(coalesced);
+        let secs: f64 = LOOP_SECS.parse()?;
+        m["daemon_cpu_ms_per_s"] = json!(cpu as f64 / (rounds as f64 * secs));
+        Ok(m)
+    }
+
+    /// In-kernel cost per program during one observed run of `mode`
+    /// (kernel.bpf_stats_enabled=1 while it runs).
+    fn program_costs(&self, mode: &str, kind: &str) -> Result<Value> {
+        let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
+        let before = fs::read_to_string(stats).unwrap_or_else(|_| "0".into());
+        fs::write(stats, "1").context("enabling kernel.bpf_stats_enabled")?;
+        let measured = self.watched(&Watcher::Observer(&[]), mode, kind);
+        fs::write(stats, before.trim())?;
+        let (run, seen) = measured?;
+        let programs: Vec<Value> = seen.stop["programs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let runs = p["run_count"].as_u64().unwrap_or(0);
+                let ns = p["run_time_ns"].as_u64().unwrap_or(0);
+                json!({"hook": p["hook"], "runs": runs,
+                       "ns_per_run": if runs > 0 { ns as f64 / runs as f64 } else { 0.0 },
+                       "ns_per_call": ns as f64 / run.ops.max(1) as f64})
+            })
+            .collect();
+        Ok(json!(programs))
     }
 }
 
@@ -252,209 +462,314 @@ fn peers() -> Vec<(&'static str, Watcher)> {
     out
 }
 
-pub fn run(observer: &Path, bindloop: &Path, root: &Path) -> Result<()> {
-    let dir = root.join("target/bench");
-    fs::create_dir_all(&dir)?;
-    let b = Bench {
-        observer: observer.into(),
-        bindloop: bindloop.into(),
-        dir: dir.clone(),
-    };
-    let peers = peers();
-    let mut results = json!({"rounds": ROUNDS, "loop_secs": LOOP_SECS.parse::<f64>()?});
+/// A bindloop that holds something (a namespace, sockets) until released.
+struct Held {
+    child: Child,
+    /// Its first line of output.
+    said: String,
+}
 
-    // 1 + 2: bind throughput with and without watchers, and completeness.
-    for mode in ["udp", "tcp"] {
-        let mut rates: Vec<(&str, Vec<f64>)> = vec![("bare", vec![]), ("observer", vec![])];
-        rates.extend(peers.iter().map(|(n, _)| (*n, vec![])));
-        let (mut events, mut made, mut lost, mut cpu) = (0u64, 0u64, 0u64, 0u64);
-        for round in 0..ROUNDS {
-            eprintln!("bench: {mode} round {}/{ROUNDS}", round + 1);
-            let watchers: Vec<(&str, &Watcher)> =
-                [("bare", &Watcher::None), ("observer", &Watcher::Observer)]
-                    .into_iter()
-                    .chain(peers.iter().map(|(n, w)| (*n, w)))
-                    .collect();
-            for (name, w) in watchers {
-                let (run, seen) = b.watched(w, mode)?;
-                rates
-                    .iter_mut()
-                    .find(|(n, _)| *n == name)
-                    .unwrap()
-                    .1
-                    .push(run.rate);
-                if name == "observer" {
-                    (events, made, lost, cpu) = (
-                        events + seen.events,
-                        made + run.ops,
-                        lost + seen.lost,
-                        cpu + seen.cpu_ms,
-                    );
-                }
-            }
-        }
-        let bare = median(rates[0].1.clone());
-        let mut m = json!({"bare_rate": bare});
-        for (name, r) in &rates {
-            let med = median(r.clone());
-            m[format!("{name}_rate")] = json!(med);
-            m[format!("{name}_ratio")] = json!(med / bare);
-        }
-        m["events"] = json!(events);
-        m["binds"] = json!(made);
-        m["completeness"] = json!(events as f64 / made as f64);
-        m["lost"] = json!(lost);
-        m["daemon_cpu_ms_per_s"] = json!(cpu as f64 / (ROUNDS as f64 * 2.0));
-        results[mode] = m;
+impl Held {
+    fn start(bindloop: &Path, args: &[&str]) -> Result<Held> {
+        let mut child = Command::new(bindloop)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting bindloop")?;
+        let mut said = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut said)?;
+        Ok(Held { child, said })
     }
 
-    // 3: in-kernel cost per program, with kernel.bpf_stats_enabled=1 for one observed run.
-    let stats_path = Path::new("/proc/sys/kernel/bpf_stats_enabled");
-    let before = fs::read_to_string(stats_path).unwrap_or_else(|_| "0".into());
-    fs::write(stats_path, "1").context("enabling kernel.bpf_stats_enabled")?;
-    let measured = b.watched(&Watcher::Observer, "udp");
-    fs::write(stats_path, before.trim())?;
-    let (_, seen) = measured?;
-    let programs: Vec<Value> = seen.stop["programs"]
+    fn release(mut self) -> Result<()> {
+        drop(self.child.stdin.take());
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+/// The TIME_WAIT churn: bare and observed rounds in namespaces of their own,
+/// the observer's records against the workload's own count and the kernel's.
+fn time_wait_churn(b: &Bench) -> Result<Value> {
+    let (mut bare, mut obs, mut cpu, mut rss) = (vec![], vec![], 0u64, 0u64);
+    let (mut enters, mut closes, mut in_kernel, mut exits, mut lost, mut dups) = (0, 0, 0, 0, 0, 0);
+    for round in 0..CHURN_ROUNDS {
+        eprintln!("bench: TIME_WAIT churn round {}/{CHURN_ROUNDS}", round + 1);
+        let held = Held::start(&b.bindloop, &["twchurn", CHURN_SECS])?;
+        bare.push(parse_run(&held.said)?.rate);
+        held.release()?;
+        let o = b.start_observer(&["--events", "time_wait"])?;
+        let cpu0 = Bench::cpu_ms(o.pid());
+        let held = Held::start(&b.bindloop, &["twchurn", CHURN_SECS])?;
+        let cpu_ms = Bench::cpu_ms(o.pid()) - cpu0;
+        let run = parse_run(&held.said)?;
+        let netns: u64 = field(&held.said, "netns=")?.parse()?;
+        let tw: u64 = field(&held.said, "tw=")?.parse()?;
+        rss = rss.max(Bench::rss_kb(o.pid()));
+        // The last early ends are decided within 0.5 s.
+        std::thread::sleep(Duration::from_millis(1500));
+        let t = o.stop()?;
+        held.release()?;
+        dups += t.duplicate_enters.get(&netns).copied().unwrap_or(0);
+        obs.push(run.rate);
+        enters += t.in_netns("time_wait_enter", netns);
+        exits += t.in_netns("time_wait_exit", netns);
+        closes += run.ops;
+        in_kernel += tw;
+        lost += t.lost();
+        cpu += cpu_ms;
+    }
+    let secs: f64 = CHURN_SECS.parse()?;
+    let (bare, obs) = (median(bare), median(obs));
+    Ok(
+        json!({"bare_rate": bare, "observer_rate": obs, "observer_ratio": obs / bare,
+        "server_closes": closes, "time_wait_enter": enters, "time_wait_exit": exits,
+        "kernel_time_wait_after": in_kernel, "open_by_the_stream": enters - exits,
+        "duplicates": dups, "lost": lost,
+        "daemon_cpu_ms_per_s": cpu as f64 / (CHURN_ROUNDS as f64 * secs), "daemon_rss_kb": rss}),
+    )
+}
+
+/// The daemon's RSS with 600,000 TIME_WAIT sockets open.
+fn time_wait_rss(b: &Bench) -> Result<Value> {
+    eprintln!("bench: 600,000 TIME_WAIT sockets");
+    let o = b.start_observer(&["--events", "time_wait", "--stats", "1"])?;
+    let held = Held::start(&b.bindloop, &["twchurn", "120", "600000"])?;
+    let tw: u64 = field(&held.said, "tw=")?.parse()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = Bench::rss_kb(o.pid());
+    let lost = o.stop()?.lost();
+    held.release()?;
+    Ok(json!({"time_wait_open": tw, "daemon_rss_kb": rss, "lost": lost}))
+}
+
+pub fn run(t: Tools, root: &Path) -> Result<()> {
+    let dir = root.join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let mut b = Bench {
+        observer: t.observer.into(),
+        bindloop: t.bindloop.into(),
+        floor: t.floor.into(),
+        object: t.object.into(),
+        dir: dir.clone(),
+        hooks: Vec::new(),
+    };
+    // The observer's hooks here, for the floor.
+    b.hooks = b.start_observer(&[])?.stop()?.start["hooks"]
         .as_array()
         .cloned()
         .unwrap_or_default()
-        .into_iter()
-        .map(|p| {
-            let runs = p["run_count"].as_u64().unwrap_or(0);
-            let ns = p["run_time_ns"].as_u64().unwrap_or(0);
-            json!({"hook": p["hook"], "runs": runs, "ns_per_run": if runs > 0 { ns as f64 / runs as f64 } else { 0.0 }})
-        })
+        .iter()
+        .filter_map(|h| h.as_str().map(str::to_owned))
         .collect();
-    results["programs"] = json!(programs);
+    let peers = peers();
+    let mut results =
+        json!({"rounds": ROUNDS, "loop_secs": LOOP_SECS.parse::<f64>()?, "hooks": b.hooks});
 
-    // 5: startup (exec to observer_start, median of 10) and RSS after 1 M events.
+    // 1: the bind loop, bare, observed, at the floor, filtered to another
+    // process, and the peers.
+    for mode in ["udp", "tcp"] {
+        let mut watchers = vec![
+            ("bare", Watcher::None),
+            ("observer", Watcher::Observer(&[])),
+            ("floor", Watcher::Floor),
+            ("filtered", Watcher::Observer(&["-p", "1"])),
+        ];
+        watchers.extend(peers.iter().map(|(n, w)| {
+            (
+                *n,
+                match w {
+                    Watcher::Bpftrace => Watcher::Bpftrace,
+                    _ => Watcher::Strace,
+                },
+            )
+        }));
+        results[mode] = b.compare(mode, "bind", ROUNDS, &watchers)?;
+    }
+
+    // 2: a failure storm: every bind EADDRINUSE on one port.
+    let storm = [
+        ("bare", Watcher::None),
+        ("observer", Watcher::Observer(&[])),
+        ("floor", Watcher::Floor),
+    ];
+    results["storm"] = b.compare("storm", "bind", ROUNDS, &storm)?;
+    // ... with 100,000 idle sockets in another namespace (lookups cost more).
+    eprintln!("bench: 100,000 idle sockets");
+    let idle = Held::start(&b.bindloop, &["hold", "100000"])?;
+    let busy = b.compare("storm", "bind", 3, &storm[..2]);
+    idle.release()?;
+    results["storm_100k_idle"] = busy?;
+
+    // 3: in-kernel cost per program.
+    results["programs"] = json!({
+        "bind": b.program_costs("udp", "bind")?,
+        "storm": b.program_costs("storm", "bind")?,
+    });
+
+    // 4: startup (exec to observer_start, median of 10) and RSS after 10 M events.
     let mut startups = vec![];
     for _ in 0..10 {
         let t = Instant::now();
-        let mut c = Command::new(observer)
+        let mut c = Command::new(&b.observer)
             .args(["run"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
         let mut first = String::new();
-        BufReader::new(c.stdout.take().unwrap()).read_line(&mut first)?;
+        BufReader::new(c.stdout.take().expect("piped")).read_line(&mut first)?;
         startups.push(t.elapsed().as_secs_f64() * 1000.0);
         interrupt(&c);
         c.wait()?;
     }
-    let out = dir.join("rss.out");
-    let mut o = b.start_observer(&out, &["--stats", "1"])?;
+    results["startup_ms_median"] = json!(median(startups));
+    let o = b.start_observer(&[])?;
     let mut events = 0u64;
-    while events < 1_000_000 {
-        events += b.bindloop("udp", Some(1_000_000 - events), None)?.ops;
+    while events < 10_000_000 {
+        events += b
+            .bindloop("udp", "60", Some(10_000_000 - events), None)?
+            .ops;
     }
     std::thread::sleep(Duration::from_millis(2500));
-    let rss = Bench::rss_kb(o.id());
-    interrupt(&o);
-    o.wait()?;
-    let records = lines(&out);
-    let rss_lost: u64 = records
-        .iter()
-        .filter(|r| r["event"] == "lost")
-        .map(|r| r["count"].as_u64().unwrap_or(0))
-        .sum();
-    results["startup_ms_median"] = json!(median(startups));
-    results["rss_kb_after_1m_events"] = json!(rss);
-    results["lost_in_1m_events"] = json!(rss_lost);
+    let rss = Bench::rss_kb(o.pid());
+    results["rss_kb_after_10m_events"] = json!(rss);
+    results["lost_in_10m_events"] = json!(o.stop()?.lost());
 
-    // 4: TCP churn, last: it leaves tens of thousands of TIME_WAIT sockets that
-    // a new observer would report and track, which would weigh on 5.
-    let (mut bare, mut obs, mut cpu) = (vec![], vec![], 0u64);
-    for round in 0..ROUNDS {
-        eprintln!("bench: churn round {}/{ROUNDS}", round + 1);
-        bare.push(b.watched(&Watcher::None, "churn")?.0.rate);
-        let (run, seen) = b.watched(&Watcher::Observer, "churn")?;
-        obs.push(run.rate);
-        cpu += seen.cpu_ms;
-    }
-    let (bare, obs) = (median(bare), median(obs));
-    results["churn"] = json!({"bare_rate": bare, "observer_rate": obs, "observer_ratio": obs / bare,
-        "daemon_cpu_ms_per_s": cpu as f64 / (ROUNDS as f64 * 2.0)});
+    // 5: TIME_WAIT: churn, its in-kernel cost, and RSS with 600,000 open.
+    results["time_wait_churn"] = time_wait_churn(&b)?;
+    results["time_wait_600k"] = time_wait_rss(&b)?;
 
     let path = dir.join("results.json");
     fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    print_table(&results, &peers.iter().map(|(n, _)| *n).collect::<Vec<_>>());
+    print_table(
+        &results,
+        &peers.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        &mut std::io::stdout(),
+    )?;
     eprintln!("bench: wrote {}", path.display());
     Ok(())
 }
 
-impl Bench {
-    fn rss_kb(pid: u32) -> u64 {
-        fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-fn print_table(r: &Value, peers: &[&str]) {
+fn print_table(r: &Value, peers: &[&str], w: &mut impl Write) -> std::io::Result<()> {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
-    println!(
-        "{:<34} {:>12} {:>12}",
-        "bind throughput (ratio to bare)", "UDP", "TCP"
-    );
-    println!(
-        "{:<34} {:>12.0} {:>12.0}",
-        "bare binds/s (median)",
+    writeln!(
+        w,
+        "{:<44} {:>10} {:>10} {:>10}",
+        "ratio to bare (median)", "UDP", "TCP", "storm"
+    )?;
+    writeln!(
+        w,
+        "{:<44} {:>10.0} {:>10.0} {:>10.0}",
+        "bare calls/s",
         f(&r["udp"]["bare_rate"]),
-        f(&r["tcp"]["bare_rate"])
-    );
-    for name in std::iter::once(&"observer").chain(peers) {
+        f(&r["tcp"]["bare_rate"]),
+        f(&r["storm"]["bare_rate"])
+    )?;
+    for (name, what) in [
+        ("observer", "observer (target >= 0.90; storm >= 0.85)"),
+        ("floor", "floor: the same hooks, empty programs"),
+        ("filtered", "observer -p 1 (target >= 0.97)"),
+    ] {
         let k = format!("{name}_ratio");
-        println!(
-            "{:<34} {:>12.3} {:>12.3}",
-            format!("{name} (target >= 0.90 for observer)"),
+        writeln!(
+            w,
+            "{:<44} {:>10.3} {:>10.3} {:>10.3}",
+            what,
+            f(&r["udp"][&k]),
+            f(&r["tcp"][&k]),
+            f(&r["storm"][&k])
+        )?;
+    }
+    for name in peers {
+        let k = format!("{name}_ratio");
+        writeln!(
+            w,
+            "{:<44} {:>10.3} {:>10.3}",
+            name,
             f(&r["udp"][&k]),
             f(&r["tcp"][&k])
-        );
+        )?;
     }
-    println!(
-        "{:<34} {:>12.4} {:>12.4}",
-        "completeness (events / binds)",
+    writeln!(
+        w,
+        "{:<44} {:>10.4} {:>10.4} {:>10.4}",
+        "completeness (records / calls)",
         f(&r["udp"]["completeness"]),
-        f(&r["tcp"]["completeness"])
-    );
-    println!(
-        "{:<34} {:>12} {:>12}",
-        "lost (target 0)", r["udp"]["lost"], r["tcp"]["lost"]
-    );
-    println!(
-        "{:<34} {:>12.0} {:>12.0}",
+        f(&r["tcp"]["completeness"]),
+        f(&r["storm"]["completeness"])
+    )?;
+    writeln!(
+        w,
+        "{:<44} {:>10} {:>10} {:>10}",
+        "lost (target 0)", r["udp"]["lost"], r["tcp"]["lost"], r["storm"]["lost"]
+    )?;
+    writeln!(
+        w,
+        "{:<44} {:>10.0} {:>10.0} {:>10.0}",
         "daemon CPU ms per s",
         f(&r["udp"]["daemon_cpu_ms_per_s"]),
-        f(&r["tcp"]["daemon_cpu_ms_per_s"])
-    );
-    println!(
-        "\n{:<40} {:>10} {:>12}",
-        "program (in-kernel cost)", "runs", "ns/run"
-    );
-    for p in r["programs"].as_array().into_iter().flatten() {
-        println!(
-            "{:<40} {:>10} {:>12.0}",
-            p["hook"].as_str().unwrap_or(""),
-            p["runs"],
-            f(&p["ns_per_run"])
-        );
+        f(&r["tcp"]["daemon_cpu_ms_per_s"]),
+        f(&r["storm"]["daemon_cpu_ms_per_s"])
+    )?;
+    let s = &r["storm_100k_idle"];
+    writeln!(
+        w,
+        "storm with 100,000 idle sockets elsewhere: observer {:.3} of bare ({:.0}/s), completeness {:.4}, lost {}, explanations coalesced {}",
+        f(&s["observer_ratio"]),
+        f(&s["bare_rate"]),
+        f(&s["completeness"]),
+        s["lost"],
+        s["explain_coalesced"]
+    )?;
+    for (phase, title) in [("bind", "UDP bind loop"), ("storm", "failure storm")] {
+        writeln!(
+            w,
+            "\nin-kernel cost, {title}{:>22} {:>10} {:>10}",
+            "runs", "ns/run", "ns/call"
+        )?;
+        for p in r["programs"][phase].as_array().into_iter().flatten() {
+            writeln!(
+                w,
+                "  {:<48} {:>10} {:>10.0} {:>10.0}",
+                p["hook"].as_str().unwrap_or(""),
+                p["runs"],
+                f(&p["ns_per_run"]),
+                f(&p["ns_per_call"])
+            )?;
+        }
     }
-    println!(
-        "\nTCP churn: bare {:.0} conn/s, observed {:.0} conn/s, ratio {:.3}, daemon CPU {:.0} ms/s",
-        f(&r["churn"]["bare_rate"]),
-        f(&r["churn"]["observer_rate"]),
-        f(&r["churn"]["observer_ratio"]),
-        f(&r["churn"]["daemon_cpu_ms_per_s"])
-    );
-    println!(
-        "startup {:.0} ms (median of 10, target < 200); RSS after 1 M events {} kB (target < 30720), lost {}",
+    let c = &r["time_wait_churn"];
+    writeln!(
+        w,
+        "\nTIME_WAIT churn (server closes first, --events time_wait): bare {:.0} conn/s, observed {:.0} conn/s, ratio {:.3} (target >= 0.95)",
+        f(&c["bare_rate"]),
+        f(&c["observer_rate"]),
+        f(&c["observer_ratio"])
+    )?;
+    writeln!(
+        w,
+        "  server-side closes {}, time_wait_enter {}, duplicates {}, lost {}; open by the stream {} = the kernel's count {}; daemon CPU {:.0} ms/s, RSS {} kB",
+        c["server_closes"],
+        c["time_wait_enter"],
+        c["duplicates"],
+        c["lost"],
+        c["open_by_the_stream"],
+        c["kernel_time_wait_after"],
+        f(&c["daemon_cpu_ms_per_s"]),
+        c["daemon_rss_kb"]
+    )?;
+    let t = &r["time_wait_600k"];
+    writeln!(
+        w,
+        "  with {} TIME_WAIT sockets open: daemon RSS {} kB (target < 40960), lost {}",
+        t["time_wait_open"], t["daemon_rss_kb"], t["lost"]
+    )?;
+    writeln!(
+        w,
+        "startup {:.0} ms (median of 10, target < 100); RSS after 10 M events {} kB (target < 20480), lost {}",
         f(&r["startup_ms_median"]),
-        r["rss_kb_after_1m_events"],
-        r["lost_in_1m_events"]
-    );
+        r["rss_kb_after_10m_events"],
+        r["lost_in_10m_events"]
+    )
 }

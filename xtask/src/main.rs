@@ -99,13 +99,22 @@ fn run(cli: Cli) -> Result<()> {
                 "observer-tests",
                 "--bin",
                 "bindloop",
+                "--bin",
+                "floor",
             ]))
-            .context("building the load generator")?;
+            .context("building the load generator and the floor loader")?;
             if !is_root() {
                 bail!("the benchmark loads BPF programs: run it as root");
             }
             let root = workspace_root();
-            bench::run(&bin, &root.join("target/release/bindloop"), &root)
+            let release = root.join("target/release");
+            let tools = bench::Tools {
+                observer: &bin,
+                bindloop: &release.join("bindloop"),
+                floor: &release.join("floor"),
+                object: &root.join("target/bpf/bpfel-unknown-none/release/observer-ebpf"),
+            };
+            bench::run(tools, &root)
         }
     }
 }
