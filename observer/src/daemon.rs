@@ -20,7 +20,7 @@ use crate::{
     cli::RunArgs,
     clock::Clock,
     events::{SCHEMA_VERSION, Start, Stop},
-    explain::worker::Worker,
+    explain::worker::{self, Worker},
     filter::Filter,
     loader, mounts,
     output::{Output, stdout_closed, stdout_closed_watch},
@@ -121,8 +121,8 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         .context("polling the ring buffer")?;
 
     let (tw_tx, mut tw_rx) = tokio::sync::mpsc::unbounded_channel();
-    // Explanations come back here (at most the worker's queue is in flight).
-    let (explained_tx, mut explained_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Explanations come back here, a bounded queue like the one to the worker.
+    let (explained_tx, mut explained_rx) = tokio::sync::mpsc::channel(worker::QUEUE);
     // The TIME_WAIT sockets there already: reported right after observer_start.
     let (source, preexisting) = match tw {
         Some((_, hz)) => {
@@ -220,6 +220,15 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
                 break "repro";
             }
             _ = sighup.recv() => s.out.reopen(),
+            // Before the ring buffer: under a storm it is always ready, and
+            // explained failures (at most the queue's length) must not starve.
+            Some(f) = explained_rx.recv() => {
+                s.write_explained(f, true);
+                while let Ok(f) = explained_rx.try_recv() {
+                    s.write_explained(f, true);
+                }
+                s.out.flush();
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 if !s.drain(guard.get_inner_mut()) {
@@ -234,13 +243,6 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
                 s.out.flush();
             }
             _ = stats.tick(), if args.stats.is_some() => s.stats(),
-            Some(f) = explained_rx.recv() => {
-                s.write_explained(f, true);
-                while let Ok(f) = explained_rx.try_recv() {
-                    s.write_explained(f, true);
-                }
-                s.out.flush();
-            }
             Some(o) = tw_rx.recv() => {
                 s.time_wait_record(o);
                 while let Ok(o) = tw_rx.try_recv() {

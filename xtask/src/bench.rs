@@ -598,6 +598,9 @@ pub fn run(t: Tools, root: &Path) -> Result<()> {
     // ... with 100,000 idle sockets in another namespace (lookups cost more).
     eprintln!("bench: 100,000 idle sockets");
     let idle = Held::start(&b.bindloop, &["hold", "100000"])?;
+    if !idle.said.starts_with("ready") {
+        bail!("bindloop could not hold 100,000 sockets: {}", idle.said);
+    }
     let busy = b.compare("storm", "bind", 3, &storm[..2]);
     idle.release()?;
     results["storm_100k_idle"] = busy?;

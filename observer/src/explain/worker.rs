@@ -25,7 +25,7 @@ use crate::{
 
 /// Failures waiting for a lookup, at most: beyond it a failure is written
 /// without its explanation (and counted in `explain_skipped`).
-const QUEUE: usize = 1024;
+pub const QUEUE: usize = 1024;
 
 /// A record that failed with EADDRINUSE, on its way to be explained.
 pub enum Failure {
@@ -46,7 +46,7 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the worker; explained records come back on `done`.
-    pub fn spawn(done: tokio::sync::mpsc::UnboundedSender<Failure>) -> Worker {
+    pub fn spawn(done: tokio::sync::mpsc::Sender<Failure>) -> Worker {
         let (tx, rx) = sync_channel(QUEUE);
         let book = Arc::new(Mutex::new(OptionsBook::default()));
         let coalesced = Arc::new(AtomicU64::new(0));
@@ -107,7 +107,7 @@ impl Explainer {
         }
     }
 
-    fn serve(mut self, rx: Receiver<Failure>, done: tokio::sync::mpsc::UnboundedSender<Failure>) {
+    fn serve(mut self, rx: Receiver<Failure>, done: tokio::sync::mpsc::Sender<Failure>) {
         while let Ok(mut f) = rx.recv() {
             match &mut f {
                 Failure::Bind(b) => b.explain = self.bind_failure(b),
@@ -115,7 +115,9 @@ impl Explainer {
             }
             self.coalesced
                 .store(self.coalescer.coalesced, Ordering::Relaxed);
-            if done.send(f).is_err() {
+            // Waits while the event loop is behind: the queue in front then
+            // fills, and further failures go out unexplained (counted).
+            if done.blocking_send(f).is_err() {
                 return;
             }
         }

@@ -33,6 +33,10 @@ pub enum Format {
     Text,
 }
 
+/// A batch is handed to the writer when it reaches this size (else at the end
+/// of each drain): a burst must not make one batch larger than the queue.
+const BATCH_BYTES: usize = 256 << 10;
+
 /// Bytes handed to the writer and not yet written, at most: beyond it (the
 /// reader stalls, the disk hangs) records are dropped and counted, so that the
 /// daemon's memory does not follow a stuck output.
@@ -120,6 +124,9 @@ impl Output {
         self.batch.extend_from_slice(&render(self.format, record));
         self.batch_lines += 1;
         self.rendered += 1;
+        if self.batch.len() >= BATCH_BYTES {
+            self.flush();
+        }
     }
 
     /// Hands the batch to the writer, or drops and counts it when the writer

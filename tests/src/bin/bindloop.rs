@@ -181,27 +181,61 @@ fn lo_up() {
 }
 
 /// `n` idle TCP listeners (over 127.0.0.0/8 and every port) in a network
-/// namespace of this process's own, until stdin closes.
+/// namespace of this process's own, until stdin closes. As many children as
+/// the descriptor limit needs hold them (raising the hard limit needs
+/// CAP_SYS_RESOURCE, which a container may not give).
 fn hold_idle_sockets(n: usize) {
     // SAFETY: unshare acts on this (single-threaded) process.
     assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
     lo_up();
-    let limit = libc::rlimit {
-        rlim_cur: n as u64 + 1024,
-        rlim_max: n as u64 + 1024,
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: a plain setrlimit.
-    assert_eq!(
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) },
-        0,
-        "RLIMIT_NOFILE"
-    );
-    let held: Vec<TcpListener> = (0..n)
-        .map(|i| {
-            let ip = Ipv4Addr::new(127, 0, 1 + (i / 60_000) as u8, 1);
-            TcpListener::bind((ip, 1024 + (i % 60_000) as u16)).expect("listen")
-        })
-        .collect();
-    println!("ready {}", held.len());
+    // SAFETY: plain getrlimit/setrlimit on this process.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    let per = (limit.rlim_cur as usize).saturating_sub(64).max(1);
+    let mut ready = [0i32; 2];
+    // SAFETY: a pipe for the children to say they hold their share.
+    assert_eq!(unsafe { libc::pipe(ready.as_mut_ptr()) }, 0);
+    let mut children = Vec::new();
+    for first in (0..n).step_by(per) {
+        // SAFETY: this process is single-threaded; the child binds and waits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let _held: Vec<TcpListener> = (first..n.min(first + per))
+                .map(|i| {
+                    let ip = Ipv4Addr::new(127, 0, 1 + (i / 60_000) as u8, 1);
+                    TcpListener::bind((ip, 1024 + (i % 60_000) as u16)).expect("listen")
+                })
+                .collect();
+            // SAFETY: one byte to the parent, then wait to be killed.
+            unsafe {
+                libc::write(ready[1], [1u8].as_ptr().cast(), 1);
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        children.push(pid);
+    }
+    for _ in &children {
+        let mut b = [0u8; 1];
+        // SAFETY: reading one byte per child from our pipe.
+        assert_eq!(unsafe { libc::read(ready[0], b.as_mut_ptr().cast(), 1) }, 1);
+    }
+    println!("ready {n}");
     let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
+    for pid in children {
+        // SAFETY: our own children.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
 }
