@@ -16,9 +16,12 @@ use observer_common::{
 
 use crate::{
     args::{self, Args},
-    kernel::{FdSocket, fd_socket, inet_bit, read, sock_cookie, sock_reuse},
+    kernel::{
+        Common, FdSocket, Window, fd_socket, inet_bit, inet_flags, sock_common, sock_cookie,
+        sock_reuse_in,
+    },
     maps::{kernel_offsets, reserve_zeroed, wake_flags},
-    task::{count_filtered, current_task, filter, ports_pass, task_passes},
+    task::{count_filtered, filter, passing_task, ports_pass},
 };
 
 // The result's offset in `syscalls:sys_exit_*` records.
@@ -51,14 +54,16 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
         count_filtered();
         return Ok(());
     }
-    let task = current_task();
-    if !task_passes(&f, &task) {
+    let Some(task) = passing_task(&f) else {
         count_filtered();
         return Ok(());
-    }
+    };
     let (fd, uaddr, addrlen) = (a.a[0] as i32, a.a[1], a.a[2] as u32);
-    let sock = fd_socket(fd);
-    let bound_port = sock.as_ref().and_then(|s| bound_port(s.sk, ret));
+    let sock = fd_socket(fd).map(|s| {
+        let common = sock_common(s.sk);
+        (s, common)
+    });
+    let bound_port = sock.as_ref().and_then(|(_, c)| bound_port(c, ret));
     if f.has(on::PORTS)
         && !ports_pass(
             &f,
@@ -97,19 +102,19 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
             r.flags |= flags::SOCKADDR;
         }
     }
-    if let Some(s) = sock {
-        socket_fields(r, &s, bound_port);
+    if let Some((s, common)) = sock {
+        socket_fields(r, &s, &common, bound_port);
     }
     slot.submit(wake_flags(size_of::<BindRecord>(), ret < 0));
     Ok(())
 }
 
 /// The port an inet socket has after a successful bind.
-fn bound_port(sk: u64, ret: i64) -> Option<u16> {
+fn bound_port(common: &Common, ret: i64) -> Option<u16> {
     if ret != 0 {
         return None;
     }
-    read(sk, kernel_offsets().skc_num)
+    common.get(kernel_offsets().skc_num)
 }
 
 /// The port in the caller's sockaddr (`sin_port` and `sin6_port` sit at the
@@ -135,13 +140,15 @@ fn requested_port(uaddr: u64, addrlen: u32) -> u16 {
 }
 
 /// What the socket says: family, type, protocol, options, its ids.
-fn socket_fields(r: &mut BindRecord, s: &FdSocket, bound_port: Option<u16>) {
+fn socket_fields(r: &mut BindRecord, s: &FdSocket, c: &Common, bound_port: Option<u16>) {
     let off = kernel_offsets();
     r.sock_ino = s.ino;
     r.sock_cookie = sock_cookie(s.sk);
-    r.family = read(s.sk, off.skc_family).unwrap_or(0);
-    r.sock_type = read(s.sk, off.sk_type).unwrap_or(0);
-    r.protocol = read(s.sk, off.sk_protocol).unwrap_or(0);
+    r.family = c.get(off.skc_family).unwrap_or(0);
+    // `sk_type` and `sk_protocol` are neighbours.
+    let tp = Window::<1>::new(s.sk, off.sk_type.min(off.sk_protocol));
+    r.sock_type = tp.get(off.sk_type).unwrap_or(0);
+    r.protocol = tp.get(off.sk_protocol).unwrap_or(0);
     r.flags |= flags::SOCKET;
     if r.family != AF_INET && r.family != AF_INET6 {
         return; // options and ports belong to inet sockets
@@ -150,22 +157,23 @@ fn socket_fields(r: &mut BindRecord, s: &FdSocket, bound_port: Option<u16>) {
         r.bound_port = p;
         r.flags |= flags::BOUND_PORT;
     }
-    if let Some((reuseaddr, reuseport)) = sock_reuse(s.sk) {
+    if let Some((reuseaddr, reuseport)) = sock_reuse_in(c) {
         r.flags |= flags::REUSEADDR_KNOWN
             | flags::REUSEPORT_KNOWN
             | if reuseaddr { flags::REUSEADDR } else { 0 }
             | if reuseport { flags::REUSEPORT } else { 0 };
     }
     if off.skc_bound_dev_if != 0
-        && let Some(dev) = read::<u32>(s.sk, off.skc_bound_dev_if)
+        && let Some(dev) = c.get::<u32>(off.skc_bound_dev_if)
     {
         r.bound_dev_if = dev;
         r.flags |= flags::BOUND_DEV_IF_KNOWN;
     }
+    let inet = inet_flags(s.sk);
     if let (Some(fb), Some(tr), Some(np)) = (
-        inet_bit(s.sk, off.inet_freebind),
-        inet_bit(s.sk, off.inet_transparent),
-        inet_bit(s.sk, off.inet_bind_address_no_port),
+        inet_bit(&inet, off.inet_freebind),
+        inet_bit(&inet, off.inet_transparent),
+        inet_bit(&inet, off.inet_bind_address_no_port),
     ) {
         r.flags |= flags::INET_FLAGS_KNOWN
             | if fb { flags::FREEBIND } else { 0 }

@@ -13,6 +13,7 @@ const S_IFSOCK: u16 = 0o140000;
 
 /// Reads a `T` at `base + off` in kernel memory; `None` for a null base or a
 /// failed read.
+#[inline(always)]
 pub fn read<T>(base: u64, off: u32) -> Option<T> {
     if base == 0 {
         return None;
@@ -20,6 +21,64 @@ pub fn read<T>(base: u64, off: u32) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly on
     // one it cannot read; the result is a plain value copied out.
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
+}
+
+/// `N` 8-byte words of kernel memory at `base + lo`, copied with one helper call:
+/// several members of one struct for the price of one read (each read is a
+/// helper call of some 30 ns, the larger part of a bind's cost).
+pub struct Window<const N: usize> {
+    base: u64,
+    lo: u32,
+    /// Zeroed, then copied into: the verifier wants every byte written.
+    /// (8-byte words: zeroing bytes would call the builtin `memset` loop.)
+    bytes: [u64; N],
+    copied: bool,
+}
+
+impl<const N: usize> Window<N> {
+    #[inline(always)]
+    pub fn new(base: u64, lo: u32) -> Self {
+        let mut bytes = core::mem::MaybeUninit::<[u64; N]>::uninit();
+        // SAFETY: N words of our own stack, zeroed word by word (see `zero`).
+        let mut bytes = unsafe {
+            crate::maps::zero(bytes.as_mut_ptr().cast(), N * 8);
+            bytes.assume_init()
+        };
+        // SAFETY: a checked kernel read into the array, of its length.
+        let copied = base != 0
+            && unsafe {
+                generated::bpf_probe_read_kernel(
+                    bytes.as_mut_ptr().cast(),
+                    (N * 8) as u32,
+                    (base + lo as u64) as *const core::ffi::c_void,
+                )
+            } == 0;
+        Window {
+            base,
+            lo,
+            bytes,
+            copied,
+        }
+    }
+
+    /// The `T` at `base + off`: from the copy where it lies inside (the
+    /// offsets are the kernel's, so on another kernel it may not), else read
+    /// on its own.
+    #[inline(always)]
+    pub fn get<T: Copy>(&self, off: u32) -> Option<T> {
+        if self.copied
+            && off >= self.lo
+            && (off - self.lo) as usize + core::mem::size_of::<T>() <= N * 8
+        {
+            let at = (off - self.lo) as usize;
+            // SAFETY: `at + size_of::<T>()` is within the array, checked above;
+            // the read is unaligned-safe and T is plain data.
+            return Some(unsafe {
+                core::ptr::read_unaligned(self.bytes.as_ptr().cast::<u8>().add(at).cast::<T>())
+            });
+        }
+        read(self.base, off)
+    }
 }
 
 /// Inode of the current task's network namespace (`task->nsproxy->net_ns->ns.inum`); 0 if unknown.
@@ -98,6 +157,7 @@ pub struct FdSocket {
     pub ino: u64,
 }
 
+#[inline(always)]
 pub fn fd_socket(fd: i32) -> Option<FdSocket> {
     let off = kernel_offsets();
     if !off.fd_sock_known() || fd < 0 {
@@ -107,21 +167,42 @@ pub fn fd_socket(fd: i32) -> Option<FdSocket> {
     let task = unsafe { generated::bpf_get_current_task() };
     let files: u64 = read(task, off.task_files)?;
     let fdt: u64 = read(files, off.files_fdt)?;
-    let max_fds: u32 = read(fdt, off.fdt_max_fds)?;
+    let table = Window::<2>::new(fdt, off.fdt_max_fds.min(off.fdt_fd));
+    let max_fds: u32 = table.get(off.fdt_max_fds)?;
     if fd as u32 >= max_fds {
         return None;
     }
-    let fds: u64 = read(fdt, off.fdt_fd)?;
+    let fds: u64 = table.get(off.fdt_fd)?;
     let file: u64 = read(fds, fd as u32 * 8)?;
-    let inode: u64 = read(file, off.file_f_inode)?;
+    let f = Window::<2>::new(file, off.file_f_inode.min(off.file_private_data));
+    let inode: u64 = f.get(off.file_f_inode)?;
     let mode: u16 = read(inode, off.inode_i_mode)?;
     if mode & S_IFMT != S_IFSOCK {
         return None;
     }
     let ino: u64 = read(inode, off.inode_i_ino).unwrap_or(0);
-    let socket: u64 = read(file, off.file_private_data)?;
+    let socket: u64 = f.get(off.file_private_data)?;
     let sk: u64 = read(socket, off.socket_sk)?;
     Some(FdSocket { sk, ino })
+}
+
+/// The members of `sock_common` a bind record needs (port, family, reuse
+/// bits, bound device: 14 to 24 on 6.18), copied with one read.
+pub type Common = Window<2>;
+
+#[inline(always)]
+pub fn sock_common(sk: u64) -> Common {
+    let off = kernel_offsets();
+    let lo = off
+        .skc_num
+        .min(off.skc_family)
+        .min(off.skc_reuse_bits >> 16)
+        .min(if off.skc_bound_dev_if == 0 {
+            u32::MAX
+        } else {
+            off.skc_bound_dev_if
+        });
+    Window::new(sk, lo)
 }
 
 /// The local end of an inet socket: family, port (host order) and address
@@ -148,23 +229,42 @@ pub fn sock_local(sk: u64) -> Option<Local> {
     Some(Local { family, port, addr })
 }
 
-/// One bit of `inet_sock` (`byte << 8 | bit`, see `KernelOffsets`).
-pub fn inet_bit(sk: u64, at: u32) -> Option<bool> {
+/// One bit of `inet_sock` (`byte << 8 | bit`, see `KernelOffsets`), from a
+/// window over the flag bytes (see `inet_flags`).
+#[inline(always)]
+pub fn inet_bit(flags: &Window<1>, at: u32) -> Option<bool> {
     if at == 0 {
         return None;
     }
-    let byte: u8 = read(sk, at >> 8)?;
+    let byte: u8 = flags.get(at >> 8)?;
     Some(byte >> (at & 7) & 1 != 0)
+}
+
+/// The bytes of `inet_sock` that hold IP_FREEBIND, IP_TRANSPARENT and
+/// IP_BIND_ADDRESS_NO_PORT (one or two adjacent bytes on every kernel).
+#[inline(always)]
+pub fn inet_flags(sk: u64) -> Window<1> {
+    let off = kernel_offsets();
+    let lo = (off.inet_freebind >> 8)
+        .min(off.inet_transparent >> 8)
+        .min(off.inet_bind_address_no_port >> 8);
+    Window::new(sk, lo)
 }
 
 /// SO_REUSEADDR and SO_REUSEPORT of a socket (its `skc_reuse`, `skc_reuseport`
 /// bitfields), if their place is known.
+#[inline(always)]
 pub fn sock_reuse(sk: u64) -> Option<(bool, bool)> {
+    sock_reuse_in(&Window::<1>::new(sk, kernel_offsets().skc_reuse_bits >> 16))
+}
+
+#[inline(always)]
+pub fn sock_reuse_in<const N: usize>(common: &Window<N>) -> Option<(bool, bool)> {
     let bits = kernel_offsets().skc_reuse_bits;
     if bits == 0 {
         return None;
     }
-    let byte: u8 = read(sk, bits >> 16)?;
+    let byte: u8 = common.get(bits >> 16)?;
     let reuse = (byte >> ((bits >> 8) & 7)) & 0xf;
     let reuseport = (byte >> (bits & 7)) & 1;
     Some((reuse != 0, reuseport != 0))

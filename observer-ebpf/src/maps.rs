@@ -77,8 +77,28 @@ pub fn reserve_zeroed<T: 'static>(kind: Kind) -> Option<RingBufEntry<T>> {
     // owns until it submits; records are plain data, valid when all zero,
     // and begin with a `Header`.
     unsafe {
-        core::ptr::write_bytes(p, 0, 1);
+        zero(p.cast::<u8>(), core::mem::size_of::<T>());
         (*p.cast::<Header>()).kind = kind as u32;
     }
     Some(slot)
+}
+
+/// Zeroes `len` bytes at `p` (8-aligned, as ring buffer records are) with
+/// 8-byte stores. `write_bytes` becomes a call to the builtin `memset`, a
+/// byte loop: for a 248-byte record, most of a bind's cost in the kernel.
+///
+/// # Safety
+/// `p` is valid for `len` bytes of writes and 8-aligned.
+#[inline(always)]
+pub unsafe fn zero(p: *mut u8, len: usize) {
+    let words = p.cast::<u64>();
+    for i in 0..len / 8 {
+        // SAFETY: within `len`, aligned (the caller's promise); volatile so
+        // that the stores are not merged back into a memset call.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    for i in len / 8 * 8..len {
+        // SAFETY: as above, the tail bytes.
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+    }
 }

@@ -15,7 +15,7 @@ use crate::{
     args::{self, Args},
     kernel::{fd_socket, sock_local},
     maps::{reserve_zeroed, wake_flags},
-    task::{count_filtered, current_task, filter, ports_pass, task_passes},
+    task::{count_filtered, filter, passing_task, ports_pass},
 };
 
 const EXIT_RET: usize = 16;
@@ -59,11 +59,10 @@ fn exit(ctx: &TracePointContext, call: Call, args: fn() -> Option<Args>) -> Resu
         return Ok(());
     };
     let f = filter();
-    let task = current_task();
-    if !task_passes(&f, &task) {
+    let Some(task) = passing_task(&f) else {
         count_filtered();
         return Ok(());
-    }
+    };
     let fd = a.a[0] as i32;
     let (uaddr, addrlen) = match call {
         Call::Connect => (a.a[1], a.a[2] as u32),

@@ -59,6 +59,19 @@ pub fn current_task() -> TaskHeader {
     }
 }
 
+/// The calling task, if it passes the process filters: `-p` is checked
+/// before anything else is read, so a process filtered out costs little.
+#[inline(always)]
+pub fn passing_task(f: &FilterConfig) -> Option<TaskHeader> {
+    if f.has(on::PIDS) {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        // SAFETY: the map lookup returns a pointer into the map, only tested for presence.
+        unsafe { PIDS.get(&tgid) }?;
+    }
+    let task = current_task();
+    task_passes(f, &task).then_some(task)
+}
+
 /// The process filters, on the calling task: `-p` first (the cheapest and
 /// the most selective), then uid, namespace, comm, cgroup.
 pub fn task_passes(f: &FilterConfig, t: &TaskHeader) -> bool {
