@@ -61,6 +61,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
             "must run as root: loading and attaching the eBPF programs needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN"
         );
     }
+    let handler = std::thread::spawn(time_wait::timer::handler);
     // Signals first: one that arrives while the programs load is served by
     // the loop (a clean stop), not by the default action.
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -85,7 +86,10 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     let (offsets, tw_offsets) = btf_offsets::read();
     phase("BTF read");
     // TIME_WAIT from the kernel's timer where its handler can be found.
-    let tw = match time_wait::timer::discover(&tw_offsets) {
+    let handler = handler
+        .join()
+        .unwrap_or_else(|_| Err("the kallsyms thread panicked".into()));
+    let tw = match time_wait::timer::discover(&tw_offsets, handler) {
         Ok(found) => Some(found),
         Err(why) => {
             log::warn!("TIME_WAIT: polling sock_diag every 500 ms: {why}");

@@ -26,10 +26,19 @@ pub const DECIDE_WITHIN: Duration = Duration::from_millis(500);
 /// Early deletes waiting at once, at most (beyond: counted as lost).
 const MAX_PENDING: usize = 1 << 18;
 
-/// The kernel's layout and symbols the timer programs need, or why this
-/// kernel cannot give them (then the daemon polls sock_diag).
-pub fn discover(tw: &crate::btf_offsets::TimeWaitOffsets) -> Result<(TimeWaitConfig, u64), String> {
-    let handler = crate::kallsyms::address("tw_timer_handler")?;
+/// The address of the timewait sockets' timer handler. Reading /proc/kallsyms
+/// takes the kernel some 45 ms: the daemon starts it first, on a thread.
+pub fn handler() -> Result<u64, String> {
+    crate::kallsyms::address("tw_timer_handler")
+}
+
+/// The kernel's layout and symbols the timer programs need (`handler`: see
+/// above), or why this kernel cannot give them (then the daemon polls sock_diag).
+pub fn discover(
+    tw: &crate::btf_offsets::TimeWaitOffsets,
+    handler: Result<u64, String>,
+) -> Result<(TimeWaitConfig, u64), String> {
+    let handler = handler?;
     let start = tracefs::fields("timer", "timer_start")?;
     let expire = tracefs::fields("timer", "timer_expire_entry")?;
     let cancel = tracefs::fields("timer", "timer_cancel")?;
