@@ -489,6 +489,26 @@ impl Held {
     }
 }
 
+/// Timewait sockets on the host, all namespaces (the slab's live objects).
+fn time_wait_sockets() -> u64 {
+    fs::read_to_string("/proc/slabinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("tw_sock_TCP"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Waits until the timewait sockets a released churn left are gone (its
+/// namespace's teardown kills them, in the background, for seconds): the
+/// next phase must not measure an observer busy with another round's sockets.
+fn settle_time_wait() {
+    let until = Instant::now() + Duration::from_secs(120);
+    while time_wait_sockets() > 10_000 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// The TIME_WAIT churn: bare and observed rounds in namespaces of their own,
 /// the observer's records against the workload's own count and the kernel's.
 fn time_wait_churn(b: &Bench) -> Result<Value> {
@@ -496,9 +516,11 @@ fn time_wait_churn(b: &Bench) -> Result<Value> {
     let (mut enters, mut closes, mut in_kernel, mut exits, mut lost, mut dups) = (0, 0, 0, 0, 0, 0);
     for round in 0..CHURN_ROUNDS {
         eprintln!("bench: TIME_WAIT churn round {}/{CHURN_ROUNDS}", round + 1);
+        settle_time_wait();
         let held = Held::start(&b.bindloop, &["twchurn", CHURN_SECS])?;
         bare.push(parse_run(&held.said)?.rate);
         held.release()?;
+        settle_time_wait();
         let o = b.start_observer(&["--events", "time_wait"])?;
         let cpu0 = Bench::cpu_ms(o.pid());
         let held = Held::start(&b.bindloop, &["twchurn", CHURN_SECS])?;
@@ -534,6 +556,7 @@ fn time_wait_churn(b: &Bench) -> Result<Value> {
 /// The daemon's RSS with 600,000 TIME_WAIT sockets open.
 fn time_wait_rss(b: &Bench) -> Result<Value> {
     eprintln!("bench: 600,000 TIME_WAIT sockets");
+    settle_time_wait();
     let o = b.start_observer(&["--events", "time_wait", "--stats", "1"])?;
     let held = Held::start(&b.bindloop, &["twchurn", "120", "600000"])?;
     let tw: u64 = field(&held.said, "tw=")?.parse()?;
