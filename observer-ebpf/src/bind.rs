@@ -63,7 +63,7 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
         let common = sock_common(s.sk);
         (s, common)
     });
-    let bound_port = sock.as_ref().and_then(|(_, c)| bound_port(c, ret));
+    let bound_port = sock.as_ref().and_then(|(s, c)| bound_port(s.sk, c, ret));
     if f.has(on::PORTS)
         && !ports_pass(
             &f,
@@ -110,11 +110,11 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
 }
 
 /// The port an inet socket has after a successful bind.
-fn bound_port(common: &Common, ret: i64) -> Option<u16> {
+fn bound_port(sk: u64, common: &Common, ret: i64) -> Option<u16> {
     if ret != 0 {
         return None;
     }
-    common.get(kernel_offsets().skc_num)
+    common.get(sk, kernel_offsets().skc_num)
 }
 
 /// The port in the caller's sockaddr (`sin_port` and `sin6_port` sit at the
@@ -139,16 +139,19 @@ fn requested_port(uaddr: u64, addrlen: u32) -> u16 {
     }
 }
 
-/// What the socket says: family, type, protocol, options, its ids.
+/// What the socket says: family, type, protocol, options, its ids. (Inlined:
+/// a call adds its frame to the 512 bytes of stack a chain may use, and on
+/// 6.1 the two frames did not fit.)
+#[inline(always)]
 fn socket_fields(r: &mut BindRecord, s: &FdSocket, c: &Common, bound_port: Option<u16>) {
     let off = kernel_offsets();
     r.sock_ino = s.ino;
     r.sock_cookie = sock_cookie(s.sk);
-    r.family = c.get(off.skc_family).unwrap_or(0);
+    r.family = c.get(s.sk, off.skc_family).unwrap_or(0);
     // `sk_type` and `sk_protocol` are neighbours.
     let tp = Window::<1>::new(s.sk, off.sk_type.min(off.sk_protocol));
-    r.sock_type = tp.get(off.sk_type).unwrap_or(0);
-    r.protocol = tp.get(off.sk_protocol).unwrap_or(0);
+    r.sock_type = tp.get(s.sk, off.sk_type).unwrap_or(0);
+    r.protocol = tp.get(s.sk, off.sk_protocol).unwrap_or(0);
     r.flags |= flags::SOCKET;
     if r.family != AF_INET && r.family != AF_INET6 {
         return; // options and ports belong to inet sockets
@@ -157,23 +160,23 @@ fn socket_fields(r: &mut BindRecord, s: &FdSocket, c: &Common, bound_port: Optio
         r.bound_port = p;
         r.flags |= flags::BOUND_PORT;
     }
-    if let Some((reuseaddr, reuseport)) = sock_reuse_in(c) {
+    if let Some((reuseaddr, reuseport)) = sock_reuse_in(s.sk, c) {
         r.flags |= flags::REUSEADDR_KNOWN
             | flags::REUSEPORT_KNOWN
             | if reuseaddr { flags::REUSEADDR } else { 0 }
             | if reuseport { flags::REUSEPORT } else { 0 };
     }
     if off.skc_bound_dev_if != 0
-        && let Some(dev) = c.get::<u32>(off.skc_bound_dev_if)
+        && let Some(dev) = c.get::<u32>(s.sk, off.skc_bound_dev_if)
     {
         r.bound_dev_if = dev;
         r.flags |= flags::BOUND_DEV_IF_KNOWN;
     }
     let inet = inet_flags(s.sk);
     if let (Some(fb), Some(tr), Some(np)) = (
-        inet_bit(&inet, off.inet_freebind),
-        inet_bit(&inet, off.inet_transparent),
-        inet_bit(&inet, off.inet_bind_address_no_port),
+        inet_bit(s.sk, &inet, off.inet_freebind),
+        inet_bit(s.sk, &inet, off.inet_transparent),
+        inet_bit(s.sk, &inet, off.inet_bind_address_no_port),
     ) {
         r.flags |= flags::INET_FLAGS_KNOWN
             | if fb { flags::FREEBIND } else { 0 }

@@ -27,13 +27,15 @@ pub fn read<T>(base: u64, off: u32) -> Option<T> {
 /// several members of one struct for the price of one read (each read is a
 /// helper call of some 30 ns, the larger part of a bind's cost).
 pub struct Window<const N: usize> {
-    base: u64,
-    lo: u32,
     /// Zeroed, then copied into: the verifier wants every byte written.
     /// (8-byte words: zeroing bytes would call the builtin `memset` loop.)
     bytes: [u64; N],
-    copied: bool,
+    /// Where the copy starts; `NOT_COPIED` when the read failed. (Small, as
+    /// windows live on a stack that a chain of BPF calls shares: 512 bytes.)
+    lo: u32,
 }
+
+const NOT_COPIED: u32 = u32::MAX;
 
 impl<const N: usize> Window<N> {
     #[inline(always)]
@@ -54,19 +56,17 @@ impl<const N: usize> Window<N> {
                 )
             } == 0;
         Window {
-            base,
-            lo,
             bytes,
-            copied,
+            lo: if copied { lo } else { NOT_COPIED },
         }
     }
 
-    /// The `T` at `base + off`: from the copy where it lies inside (the
-    /// offsets are the kernel's, so on another kernel it may not), else read
-    /// on its own.
+    /// The `T` at `base + off` (`base` as given to `new`): from the copy
+    /// where it lies inside (the offsets are the kernel's, so on another
+    /// kernel it may not), else read on its own.
     #[inline(always)]
-    pub fn get<T: Copy>(&self, off: u32) -> Option<T> {
-        if self.copied
+    pub fn get<T: Copy>(&self, base: u64, off: u32) -> Option<T> {
+        if self.lo != NOT_COPIED
             && off >= self.lo
             && (off - self.lo) as usize + core::mem::size_of::<T>() <= N * 8
         {
@@ -77,7 +77,7 @@ impl<const N: usize> Window<N> {
                 core::ptr::read_unaligned(self.bytes.as_ptr().cast::<u8>().add(at).cast::<T>())
             });
         }
-        read(self.base, off)
+        read(base, off)
     }
 }
 
@@ -168,20 +168,20 @@ pub fn fd_socket(fd: i32) -> Option<FdSocket> {
     let files: u64 = read(task, off.task_files)?;
     let fdt: u64 = read(files, off.files_fdt)?;
     let table = Window::<2>::new(fdt, off.fdt_max_fds.min(off.fdt_fd));
-    let max_fds: u32 = table.get(off.fdt_max_fds)?;
+    let max_fds: u32 = table.get(fdt, off.fdt_max_fds)?;
     if fd as u32 >= max_fds {
         return None;
     }
-    let fds: u64 = table.get(off.fdt_fd)?;
+    let fds: u64 = table.get(fdt, off.fdt_fd)?;
     let file: u64 = read(fds, fd as u32 * 8)?;
     let f = Window::<2>::new(file, off.file_f_inode.min(off.file_private_data));
-    let inode: u64 = f.get(off.file_f_inode)?;
+    let inode: u64 = f.get(file, off.file_f_inode)?;
     let mode: u16 = read(inode, off.inode_i_mode)?;
     if mode & S_IFMT != S_IFSOCK {
         return None;
     }
     let ino: u64 = read(inode, off.inode_i_ino).unwrap_or(0);
-    let socket: u64 = f.get(off.file_private_data)?;
+    let socket: u64 = f.get(file, off.file_private_data)?;
     let sk: u64 = read(socket, off.socket_sk)?;
     Some(FdSocket { sk, ino })
 }
@@ -232,11 +232,11 @@ pub fn sock_local(sk: u64) -> Option<Local> {
 /// One bit of `inet_sock` (`byte << 8 | bit`, see `KernelOffsets`), from a
 /// window over the flag bytes (see `inet_flags`).
 #[inline(always)]
-pub fn inet_bit(flags: &Window<1>, at: u32) -> Option<bool> {
+pub fn inet_bit(sk: u64, flags: &Window<1>, at: u32) -> Option<bool> {
     if at == 0 {
         return None;
     }
-    let byte: u8 = flags.get(at >> 8)?;
+    let byte: u8 = flags.get(sk, at >> 8)?;
     Some(byte >> (at & 7) & 1 != 0)
 }
 
@@ -255,16 +255,19 @@ pub fn inet_flags(sk: u64) -> Window<1> {
 /// bitfields), if their place is known.
 #[inline(always)]
 pub fn sock_reuse(sk: u64) -> Option<(bool, bool)> {
-    sock_reuse_in(&Window::<1>::new(sk, kernel_offsets().skc_reuse_bits >> 16))
+    sock_reuse_in(
+        sk,
+        &Window::<1>::new(sk, kernel_offsets().skc_reuse_bits >> 16),
+    )
 }
 
 #[inline(always)]
-pub fn sock_reuse_in<const N: usize>(common: &Window<N>) -> Option<(bool, bool)> {
+pub fn sock_reuse_in<const N: usize>(sk: u64, common: &Window<N>) -> Option<(bool, bool)> {
     let bits = kernel_offsets().skc_reuse_bits;
     if bits == 0 {
         return None;
     }
-    let byte: u8 = common.get(bits >> 16)?;
+    let byte: u8 = common.get(sk, bits >> 16)?;
     let reuse = (byte >> ((bits >> 8) & 7)) & 0xf;
     let reuseport = (byte >> (bits & 7)) & 1;
     Some((reuse != 0, reuseport != 0))
