@@ -24,8 +24,8 @@ const PT_REGS_DX: u64 = 96;
 
 /// From the saved registers of the calling task.
 pub fn from_regs() -> Option<Args> {
-    // SAFETY: helpers without pointer arguments but the task they return;
-    // the registers are copied out with a checked read.
+    // SAFETY: nothing to uphold: the only pointer passed is the task the first helper
+    // returned, as `bpf_task_pt_regs` expects; neither touches our memory.
     let regs = unsafe {
         let task = generated::bpf_get_current_task_btf();
         generated::bpf_task_pt_regs(task)
@@ -33,7 +33,8 @@ pub fn from_regs() -> Option<Args> {
     if regs == 0 {
         return None;
     }
-    // SAFETY: a checked kernel read of three longs.
+    // SAFETY: bpf_probe_read_kernel checks the address (a bad one is an error, never a
+    // fault); dx, si, di are three u64s at 96..120 of x86-64's `pt_regs`.
     let [dx, si, di]: [u64; 3] =
         unsafe { bpf_probe_read_kernel((regs as u64 + PT_REGS_DX) as *const [u64; 3]) }.ok()?;
     Some(Args {
@@ -60,13 +61,14 @@ const ARG0: usize = 16;
 /// where the registers cannot be read at the exit.
 #[tracepoint]
 pub fn obs_sys_enter_args(ctx: TracePointContext) -> u32 {
-    // SAFETY: three longs at fixed offsets of the record, bounds-checked.
+    // SAFETY: offset 16 of sys_enter_* is `args[0]`; read_at is bpf_probe_read_kernel,
+    // which cannot fault. (listen has two arguments: its third long is junk, unused.)
     let Ok(a) = (unsafe { ctx.read_at::<[u64; 3]>(ARG0) }) else {
         return 0;
     };
     let e = Entered {
         a,
-        // SAFETY: a helper without arguments.
+        // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
         enter_ns: unsafe { generated::bpf_ktime_get_ns() },
     };
     if ENTERED.insert(&bpf_get_current_pid_tgid(), &e, 0).is_err() {
@@ -78,7 +80,8 @@ pub fn obs_sys_enter_args(ctx: TracePointContext) -> u32 {
 /// The arguments stored at the entry of this thread's call (and forgets them).
 pub fn from_entry() -> Option<Args> {
     let id = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out at once.
+    // SAFETY: only this thread's programs, which run one at a time, insert or remove
+    // this key, so the entry cannot change or be reused while it is copied out.
     let e = unsafe { ENTERED.get(&id) }.copied()?;
     let _ = ENTERED.remove(&id);
     Some(Args {

@@ -48,7 +48,8 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
     let Some(a) = args() else {
         return Ok(());
     };
-    // SAFETY: the result, at a fixed offset of the record, bounds-checked.
+    // SAFETY: offset 16 of sys_exit_* is `long ret`; read_at is bpf_probe_read_kernel,
+    // which checks the address: an error, never a fault.
     let ret: i64 = unsafe { ctx.read_at(EXIT_RET)? };
     if f.has(on::ERRORS_ONLY) && ret >= 0 {
         count_filtered();
@@ -76,9 +77,10 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
     let Some(mut slot) = reserve_zeroed::<BindRecord>(Kind::Bind) else {
         return Ok(());
     };
-    // SAFETY: zeroed above, a valid record.
+    // SAFETY: reserve_zeroed zeroed all of it, and an all-zero `BindRecord` (integers
+    // and byte arrays only) is valid.
     let r = unsafe { slot.assume_init_mut() };
-    // SAFETY: a helper without arguments.
+    // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
     r.header.ktime_ns = unsafe { generated::bpf_ktime_get_ns() };
     r.task = task;
     r.ret = ret;
@@ -90,7 +92,8 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
     }
     let len = core::cmp::min(addrlen as usize, SOCKADDR_MAX);
     if uaddr != 0 && len > 0 {
-        // SAFETY: a checked read of user memory into the record.
+        // SAFETY: `len <= SOCKADDR_MAX`, the size of `r.sockaddr`, so the copy stays in
+        // the record; the helper checks the user address (an error, never a fault).
         let copied = unsafe {
             generated::bpf_probe_read_user(
                 r.sockaddr.as_mut_ptr().cast(),
@@ -124,7 +127,8 @@ fn requested_port(uaddr: u64, addrlen: u32) -> u16 {
         return 0;
     }
     let mut head = [0u8; 4];
-    // SAFETY: a checked read of 4 bytes of user memory.
+    // SAFETY: 4 bytes into the 4-byte `head`; the helper checks the user address (a bad
+    // one is an error, never a fault).
     let ok = unsafe {
         generated::bpf_probe_read_user(
             head.as_mut_ptr().cast(),

@@ -18,8 +18,8 @@ pub fn read<T>(base: u64, off: u32) -> Option<T> {
     if base == 0 {
         return None;
     }
-    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly on
-    // one it cannot read; the result is a plain value copied out.
+    // SAFETY: bpf_probe_read_kernel checks the address: a bad one is an error, never a
+    // fault. Every caller's `T` is an integer or a byte array, valid for any bytes.
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
 }
 
@@ -41,12 +41,14 @@ impl<const N: usize> Window<N> {
     #[inline(always)]
     pub fn new(base: u64, lo: u32) -> Self {
         let mut bytes = core::mem::MaybeUninit::<[u64; N]>::uninit();
-        // SAFETY: N words of our own stack, zeroed word by word (see `zero`).
+        // SAFETY: `[u64; N]` is N * 8 bytes of our stack, 8-aligned as `zero` needs;
+        // once every word is zeroed it is an initialised array.
         let mut bytes = unsafe {
             crate::maps::zero(bytes.as_mut_ptr().cast(), N * 8);
             bytes.assume_init()
         };
-        // SAFETY: a checked kernel read into the array, of its length.
+        // SAFETY: writes N * 8 bytes, the array's size; the helper checks the source (a
+        // bad address is an error, never a fault), and any bytes are valid u64s.
         let copied = base != 0
             && unsafe {
                 generated::bpf_probe_read_kernel(
@@ -71,8 +73,8 @@ impl<const N: usize> Window<N> {
             && (off - self.lo) as usize + core::mem::size_of::<T>() <= N * 8
         {
             let at = (off - self.lo) as usize;
-            // SAFETY: `at + size_of::<T>()` is within the array, checked above;
-            // the read is unaligned-safe and T is plain data.
+            // SAFETY: `at + size_of::<T>() <= N * 8`, checked above, so the unaligned
+            // read stays in `bytes`; callers' `T` are integers, valid for any bytes.
             return Some(unsafe {
                 core::ptr::read_unaligned(self.bytes.as_ptr().cast::<u8>().add(at).cast::<T>())
             });
@@ -87,7 +89,8 @@ pub fn current_netns() -> u32 {
     if !off.netns_known() {
         return 0;
     }
-    // SAFETY: a helper without arguments.
+    // SAFETY: bpf_get_current_task takes no arguments; the address it returns is
+    // only used through checked reads.
     let task = unsafe { generated::bpf_get_current_task() };
     let nsproxy: u64 = read(task, off.task_nsproxy).unwrap_or(0); // 0 for an exiting task
     let net: u64 = read(nsproxy, off.nsproxy_net_ns).unwrap_or(0);
@@ -163,7 +166,7 @@ pub fn fd_socket(fd: i32) -> Option<FdSocket> {
     if !off.fd_sock_known() || fd < 0 {
         return None;
     }
-    // SAFETY: a helper without arguments.
+    // SAFETY: as in `current_netns`: no arguments, the result only read through.
     let task = unsafe { generated::bpf_get_current_task() };
     let files: u64 = read(task, off.task_files)?;
     let fdt: u64 = read(files, off.files_fdt)?;

@@ -18,21 +18,23 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
 
 /// Written by the daemon before load (see `KernelOffsets`).
+// SAFETY: no other symbol has this name; the loader finds the global by it.
 #[unsafe(no_mangle)]
 pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::ZERO;
 
 pub fn kernel_offsets() -> KernelOffsets {
-    // SAFETY: a read of a static; volatile because the loader rewrites the
-    // value and the compiler must not fold the zeros.
+    // SAFETY: a valid, aligned static of plain u32s, so any bytes the loader writes are
+    // valid; volatile so that the compiler cannot fold in the zeros it was built with.
     unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
 }
 
 /// Written by the daemon before load (see `TimeWaitConfig`).
+// SAFETY: as for `KERNEL_OFFSETS`.
 #[unsafe(no_mangle)]
 pub static TIME_WAIT_CONFIG: TimeWaitConfig = TimeWaitConfig::OFF;
 
 pub fn time_wait_config() -> TimeWaitConfig {
-    // SAFETY: as for `kernel_offsets`.
+    // SAFETY: as for `kernel_offsets` (`TimeWaitConfig` holds only u32s and u64s).
     unsafe { core::ptr::read_volatile(&TIME_WAIT_CONFIG) }
 }
 
@@ -58,7 +60,8 @@ pub fn wake_flags(size: usize, urgent: bool) -> u64 {
 
 pub fn count_lost(slot: u32) {
     if let Some(n) = LOST.get_ptr_mut(slot) {
-        // Per-CPU slot: no other writer while this program runs on this CPU.
+        // SAFETY: this CPU's value, valid for the run; no other tracepoint program runs
+        // on this CPU meanwhile (an IRQ during the daemon-run sweep can lose one count).
         unsafe { *n += 1 };
     }
 }
@@ -73,9 +76,8 @@ pub fn reserve_zeroed<T: 'static>(kind: Kind) -> Option<RingBufEntry<T>> {
         return None;
     };
     let p = slot.as_mut_ptr();
-    // SAFETY: the slot is `size_of::<T>()` bytes of ring buffer this program
-    // owns until it submits; records are plain data, valid when all zero,
-    // and begin with a `Header`.
+    // SAFETY: the reserved entry is `size_of::<T>()` bytes, 8-aligned, and ours until
+    // it is submitted; `T` begins with a `Header`, so that store stays inside it too.
     unsafe {
         zero(p.cast::<u8>(), core::mem::size_of::<T>());
         (*p.cast::<Header>()).kind = kind as u32;
@@ -98,7 +100,7 @@ pub unsafe fn zero(p: *mut u8, len: usize) {
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
     for i in len / 8 * 8..len {
-        // SAFETY: as above, the tail bytes.
+        // SAFETY: `i < len`, inside the caller's bytes; a byte store needs no alignment.
         unsafe { core::ptr::write_volatile(p.add(i), 0) };
     }
 }

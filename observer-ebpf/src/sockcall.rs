@@ -48,7 +48,8 @@ pub fn obs_sys_exit_listen_entered(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn exit(ctx: &TracePointContext, call: Call, args: fn() -> Option<Args>) -> Result<(), i64> {
-    // SAFETY: the result, at a fixed offset of the record, bounds-checked.
+    // SAFETY: offset 16 of sys_exit_* is `long ret`; read_at is bpf_probe_read_kernel,
+    // which checks the address: an error, never a fault.
     let ret: i64 = unsafe { ctx.read_at(EXIT_RET)? };
     // Successes are not reported: only then are the arguments needed.
     if ret >= 0 || ret == -EINPROGRESS {
@@ -76,10 +77,11 @@ fn exit(ctx: &TracePointContext, call: Call, args: fn() -> Option<Args>) -> Resu
     let Some(mut entry) = reserve_zeroed::<SockCallRecord>(Kind::SockCall) else {
         return Ok(());
     };
-    // SAFETY: zeroed above, a valid record.
+    // SAFETY: reserve_zeroed zeroed all of it, and an all-zero `SockCallRecord` (integers
+    // and byte arrays only) is valid.
     let r = unsafe { entry.assume_init_mut() };
     r.call = call as u32;
-    // SAFETY: a helper without arguments.
+    // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
     r.header.ktime_ns = unsafe { generated::bpf_ktime_get_ns() };
     r.task = task;
     r.ret = ret;
@@ -97,7 +99,8 @@ fn exit(ctx: &TracePointContext, call: Call, args: fn() -> Option<Args>) -> Resu
     }
     let len = core::cmp::min(addrlen as usize, SOCKADDR_MAX);
     if uaddr != 0 && len > 0 {
-        // SAFETY: a checked read of user memory into the record.
+        // SAFETY: `len <= SOCKADDR_MAX`, the size of `r.sockaddr`, so the copy stays in
+        // the record; the helper checks the user address (an error, never a fault).
         let copied = unsafe {
             generated::bpf_probe_read_user(
                 r.sockaddr.as_mut_ptr().cast(),

@@ -15,11 +15,13 @@ use observer_common::{
 use crate::kernel::current_netns;
 
 /// Written by the daemon before load (see `FilterConfig`).
+// SAFETY: no other symbol has this name; the loader finds the global by it.
 #[unsafe(no_mangle)]
 pub static FILTER: FilterConfig = FilterConfig::NONE;
 
 pub fn filter() -> FilterConfig {
-    // SAFETY: a read of a static; volatile because the loader rewrites it.
+    // SAFETY: as `maps::kernel_offsets`: a valid static of plain integers and bytes,
+    // read volatile so that the loader's value, not the built-in one, is used.
     unsafe { core::ptr::read_volatile(&FILTER) }
 }
 
@@ -41,7 +43,8 @@ pub static FILTERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 pub fn count_filtered() {
     if let Some(n) = FILTERED.get_ptr_mut(FILTERED_SLOT) {
-        // SAFETY: a per-CPU slot; no other writer while this program runs here.
+        // SAFETY: this CPU's value, valid for the run; no other tracepoint program runs
+        // on this CPU meanwhile (an IRQ during the daemon-run sweep can lose one count).
         unsafe { *n += 1 };
     }
 }
@@ -51,7 +54,7 @@ pub fn current_task() -> TaskHeader {
     TaskHeader {
         pid_tgid: bpf_get_current_pid_tgid(),
         uid_gid: bpf_get_current_uid_gid(),
-        // SAFETY: a helper without arguments.
+        // SAFETY: bpf_get_current_cgroup_id takes no arguments; nothing to uphold.
         cgroup_id: unsafe { generated::bpf_get_current_cgroup_id() },
         netns: current_netns(),
         _pad: 0,
@@ -65,7 +68,8 @@ pub fn current_task() -> TaskHeader {
 pub fn passing_task(f: &FilterConfig) -> Option<TaskHeader> {
     if f.has(on::PIDS) {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        // SAFETY: the map lookup returns a pointer into the map, only tested for presence.
+        // SAFETY: only whether the key is present is used, never the value, so a
+        // concurrent update of the map cannot matter.
         unsafe { PIDS.get(&tgid) }?;
     }
     let task = current_task();
@@ -78,7 +82,7 @@ pub fn task_passes(f: &FilterConfig, t: &TaskHeader) -> bool {
     if f.flags == 0 {
         return true;
     }
-    // SAFETY: the map lookup returns a pointer into the map, only tested for presence.
+    // SAFETY: only whether the key is present is used, never the value.
     if f.has(on::PIDS) && unsafe { PIDS.get(&t.pid()) }.is_none() {
         return false;
     }
@@ -96,6 +100,6 @@ pub fn task_passes(f: &FilterConfig, t: &TaskHeader) -> bool {
 
 /// `-P`: one of these ports (0 stands for "none") is among the kept ones.
 pub fn ports_pass(f: &FilterConfig, ports: [u16; 2]) -> bool {
-    // SAFETY: as in `task_passes`.
+    // SAFETY: as in `task_passes`: only presence is used, never the value.
     !f.has(on::PORTS) || ports.iter().any(|p| unsafe { PORTS.get(p) }.is_some())
 }

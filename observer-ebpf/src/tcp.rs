@@ -39,7 +39,8 @@ const TIMER_SOFTIRQ: u32 = 1;
 
 #[tracepoint]
 pub fn obs_softirq_entry(ctx: TracePointContext) -> u32 {
-    // SAFETY: a field of the tracepoint's record; the helper checks the bounds.
+    // SAFETY: offset 8 of softirq_entry's record is `unsigned int vec`; read_at is
+    // bpf_probe_read_kernel, which cannot fault.
     let vec: u32 = unsafe { ctx.read_at(SOFTIRQ_VEC) }.unwrap_or(u32::MAX - 1);
     set_in_softirq(vec + 1);
     0
@@ -53,7 +54,8 @@ pub fn obs_softirq_exit(_ctx: TracePointContext) -> u32 {
 
 fn set_in_softirq(v: u32) {
     if let Some(p) = IN_SOFTIRQ.get_ptr_mut(0) {
-        // SAFETY: a per-CPU slot; no other program writes it on this CPU meanwhile.
+        // SAFETY: this CPU's value, valid for the run; only the softirq programs write
+        // it, and tracepoint programs never nest on one CPU.
         unsafe { *p = v };
     }
 }
@@ -90,27 +92,37 @@ pub fn obs_inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY (every `read_at` here): fields at the fixed offsets of this
-    // tracepoint's record (stable since 4.16), bounds-checked by the helper.
+    // SAFETY: read_at is bpf_probe_read_kernel (a bad address is an error, never a
+    // fault); the offsets are this record's (stable since 4.16): 30 is `__u16 protocol`.
     if unsafe { ctx.read_at::<u16>(PROTOCOL)? } != IPPROTO_TCP {
         return Ok(());
     }
     let f = filter();
-    // SAFETY: a helper without arguments.
+    // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
     let now = unsafe { generated::bpf_ktime_get_ns() };
     let mut r = TcpStateRecord::zeroed();
     r.header.ktime_ns = now;
+    // SAFETY: as above; offset 8 is `const void *skaddr`, read as a u64.
     r.skaddr = unsafe { ctx.read_at(SKADDR)? };
+    // SAFETY: as above; offset 16 is `int oldstate`.
     r.oldstate = unsafe { ctx.read_at::<i32>(OLDSTATE)? } as u8;
+    // SAFETY: as above; offset 20 is `int newstate`.
     r.newstate = unsafe { ctx.read_at::<i32>(NEWSTATE)? } as u8;
+    // SAFETY: as above; offset 24 is `__u16 sport`.
     r.sport = unsafe { ctx.read_at(SPORT)? };
+    // SAFETY: as above; offset 26 is `__u16 dport`.
     r.dport = unsafe { ctx.read_at(DPORT)? };
+    // SAFETY: as above; offset 28 is `__u16 family`.
     r.family = unsafe { ctx.read_at(FAMILY)? };
     if r.family == AF_INET {
+        // SAFETY: as above; offset 32 is `__u8 saddr[4]`.
         r.saddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(SADDR)? });
+        // SAFETY: as above; offset 36 is `__u8 daddr[4]`.
         r.daddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(DADDR)? });
     } else {
+        // SAFETY: as above; offset 40 is `__u8 saddr_v6[16]`.
         r.saddr = unsafe { ctx.read_at(SADDR_V6)? };
+        // SAFETY: as above; offset 56 is `__u8 daddr_v6[16]`.
         r.daddr = unsafe { ctx.read_at(DADDR_V6)? };
     }
     if !in_softirq() {
@@ -125,7 +137,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if !f.wants(event::TCP_STATE) {
         return Ok(());
     }
-    // SAFETY: the value is copied out at once.
+    // SAFETY: LRU entries are preallocated: another CPU may evict and reuse this one,
+    // but the u64 is read once, so at worst the duration is wrong.
     if let Some(since) = unsafe { SINCE.get(r.skaddr) } {
         r.prev_state_ns = now.saturating_sub(*since);
         r.flags |= flags::PREV_KNOWN;

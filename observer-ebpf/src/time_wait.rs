@@ -134,8 +134,8 @@ static CLOCK: Array<[u64; 2]> = Array::with_max_entries(1, 0);
 
 fn note_clock(jiffies: u64, ktime: u64) {
     if let Some(p) = CLOCK.get_ptr_mut(0) {
-        // SAFETY: a map value; a torn pair from two CPUs at once is off by a
-        // jiffy at most, which is the precision of what it converts.
+        // SAFETY: an array value lives as long as the map; two CPUs writing at once can
+        // leave a mixed pair of u64s, off by about a jiffy, the precision it works to.
         unsafe { *p = [jiffies, ktime] };
     }
 }
@@ -151,7 +151,7 @@ fn tw_of(c: &TimeWaitConfig, timer: u64, function: u64) -> Option<u64> {
 }
 
 fn now() -> u64 {
-    // SAFETY: a helper without arguments.
+    // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
     unsafe { generated::bpf_ktime_get_ns() }
 }
 
@@ -163,16 +163,19 @@ pub fn obs_timer_start(ctx: TracePointContext) -> u32 {
 
 fn try_start(ctx: &TracePointContext) -> Result<(), i64> {
     let c = time_wait_config();
-    // SAFETY (each `read_at` below): offsets from the tracepoint's own format
-    // file, read within its record; the helper checks the bounds.
     // The function filter first: this runs for every timer armed on the host.
+    // SAFETY: the daemon took the offsets from timer_start's format file, so they lie in
+    // the record; read_at is bpf_probe_read_kernel, which cannot fault. `void *function`.
     let function: u64 = unsafe { ctx.read_at(c.start_function as usize)? };
+    // SAFETY: as above; `void *timer`.
     let timer: u64 = unsafe { ctx.read_at(c.start_timer as usize)? };
     let Some(tw) = tw_of(&c, timer, function) else {
         return Ok(());
     };
     let substate: u8 = read(tw, c.tw_substate).ok_or(0i64)?;
+    // SAFETY: as above; `unsigned long expires`.
     let expires: u64 = unsafe { ctx.read_at(c.start_expires as usize)? };
+    // SAFETY: as above; `unsigned long now`.
     let jiffies: u64 = unsafe { ctx.read_at(c.start_now as usize)? };
     let t = now();
     note_clock(jiffies, t);
@@ -292,7 +295,8 @@ pub fn obs_time_wait_sweep(_ctx: RawTracePointContext) -> i32 {
             }
             continue;
         };
-        // SAFETY: the value is copied out at once.
+        // SAFETY: plain data copied out at once; an update or removal on another CPU
+        // meanwhile can only make the copy stale or mixed, never fault.
         let Some(mut st) = (unsafe { TW.get(&tw) }).copied() else {
             continue; // gone: expired or killed while in FIN_WAIT2
         };
@@ -311,7 +315,8 @@ pub fn obs_time_wait_sweep(_ctx: RawTracePointContext) -> i32 {
     // Those of the waiting that this run did not reach are still queued.
     let left = waiting.saturating_sub(u64::from(SWEEP_BATCH));
     if let Some(p) = FW2_WAIT_LEN.get_ptr_mut(0) {
-        // SAFETY: only this program, run by one daemon thread, writes it.
+        // SAFETY: an array value, valid while the map lives; only the sweep writes it,
+        // and the daemon runs the sweep one call at a time.
         unsafe { *p = kept + left };
     }
     more
@@ -321,8 +326,8 @@ pub fn obs_time_wait_sweep(_ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 fn take_slot(tw: u64, t: u64, seqs: u64) -> Option<TwState> {
     let slot = LAST_CANCEL.get_ptr_mut(0)?;
-    // SAFETY: a per-CPU slot; no other program touches it while this one
-    // runs on this CPU.
+    // SAFETY: this CPU's value, valid for the run; only the timer tracepoint programs
+    // use it, and those never nest on one CPU, so this `&mut` is exclusive.
     let s = unsafe { &mut *slot };
     let hit = s.tw == tw && s.seqs == seqs && t.wrapping_sub(s.ktime) < REARM_WITHIN_NS;
     s.tw = 0;
@@ -340,7 +345,8 @@ fn try_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     if c.tw_timer_handler == 0 {
         return Ok(());
     }
-    // SAFETY: an offset from the tracepoint's format file.
+    // SAFETY: `void *timer`, at an offset from timer_cancel's format file; read_at is
+    // bpf_probe_read_kernel, which cannot fault.
     let timer: u64 = unsafe { ctx.read_at(c.cancel_timer as usize)? };
     // The record has no function: read it from the timer (cheaper than a map lookup).
     let function: u64 = read(timer, c.timer_function).unwrap_or(0);
@@ -350,7 +356,8 @@ fn try_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     if in_timer_softirq() {
         return Ok(()); // an expiry: its expire_entry follows and says it
     }
-    // SAFETY: the value is copied out at once, before anything can change it.
+    // SAFETY: plain data copied out at once; an update or removal on another CPU
+    // meanwhile can only make the copy stale or mixed, never fault.
     let known = unsafe { TW.get(&tw) }.copied();
     let _ = TW.remove(&tw);
     let substate: u8 = read(tw, c.tw_substate).unwrap_or(0);
@@ -367,7 +374,8 @@ fn try_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     // happened unseen and this is the end. The daemon tells which.
     let enter_pending = st.substate != state::TIME_WAIT && substate == state::TIME_WAIT;
     if let Some(slot) = LAST_CANCEL.get_ptr_mut(0) {
-        // SAFETY: a per-CPU slot, as in `take_slot`.
+        // SAFETY: as in `take_slot`: this CPU's value, which no other program writes
+        // meanwhile.
         unsafe {
             *slot = Slot {
                 tw,
@@ -413,16 +421,19 @@ pub fn obs_timer_expire_entry(ctx: TracePointContext) -> u32 {
 
 fn try_expire(ctx: &TracePointContext) -> Result<(), i64> {
     let c = time_wait_config();
-    // SAFETY: offsets from the tracepoint's format file.
+    // SAFETY: `void *function`, at an offset from timer_expire_entry's format file;
+    // read_at is bpf_probe_read_kernel, which cannot fault.
     let function: u64 = unsafe { ctx.read_at(c.expire_function as usize)? };
+    // SAFETY: as above; `void *timer`.
     let timer: u64 = unsafe { ctx.read_at(c.expire_timer as usize)? };
     let Some(tw) = tw_of(&c, timer, function) else {
         return Ok(());
     };
-    // SAFETY: the value is copied out at once, before anything can change it.
+    // SAFETY: plain data copied out at once; an update or removal on another CPU
+    // meanwhile can only make the copy stale or mixed, never fault.
     let known = unsafe { TW.get(&tw) }.copied();
     let _ = TW.remove(&tw);
-    // SAFETY: an offset from the tracepoint's format file.
+    // SAFETY: as for `function`; `unsigned long now`.
     let jiffies: u64 = unsafe { ctx.read_at(c.expire_now as usize)? };
     note_clock(jiffies, now());
     let substate: u8 = read(tw, c.tw_substate).unwrap_or(0);
@@ -493,7 +504,8 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
     let Some(mut slot) = reserve_zeroed::<TimeWaitRecord>(Kind::TimeWait) else {
         return;
     };
-    // SAFETY: zeroed above, a valid record.
+    // SAFETY: reserve_zeroed zeroed all of it, and an all-zero `TimeWaitRecord`
+    // (integers and byte arrays only) is valid.
     let r = unsafe { slot.assume_init_mut() };
     r.header.ktime_ns = e.at_ns;
     r.tw = tw;
@@ -525,7 +537,8 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
     }
     if e.op == op::ENTER || e.flags & flags::ENTER_PENDING != 0 {
         if let Some(c) = CLOSERS.get_ptr(&key) {
-            // SAFETY: a map value pointer, valid during this program.
+            // SAFETY: an LRU value stays valid memory for the run, though another CPU may
+            // reuse it; its plain fields are copied out at once: at worst they are wrong.
             let c = unsafe { &*c };
             (r.pid_tgid, r.uid_gid, r.comm) = (c.pid_tgid, c.uid_gid, c.comm);
             r.flags |= flags::CLOSER;
@@ -538,7 +551,8 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
 /// A connection reaching SYN_SENT, SYN_RECV or ESTABLISHED on the 4-tuple of
 /// a timewait socket deleted just before: that socket was reused.
 pub fn note_new_connection(key: &FlowKey, t: u64) {
-    // SAFETY: the value is copied out at once.
+    // SAFETY: an LRU value, copied out at once; another CPU reusing the entry can at
+    // worst give a wrong u64.
     let Some(tw) = (unsafe { CANCELLED.get(key) }).copied() else {
         return;
     };
@@ -546,7 +560,7 @@ pub fn note_new_connection(key: &FlowKey, t: u64) {
     let Some(mut slot) = reserve_zeroed::<TimeWaitRecord>(Kind::TimeWait) else {
         return;
     };
-    // SAFETY: zeroed above, a valid record.
+    // SAFETY: as in `emit`: zeroed by reserve_zeroed, and all-zero is a valid record.
     let r = unsafe { slot.assume_init_mut() };
     r.header.ktime_ns = t;
     r.tw = tw;
