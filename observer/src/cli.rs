@@ -202,7 +202,8 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
     Ok(n as u32)
 }
 
-fn page_size() -> u32 {
+/// The system's page size (4096 when it cannot be asked).
+pub fn page_size() -> u32 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
         .flatten()

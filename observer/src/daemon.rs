@@ -19,12 +19,12 @@ use crate::{
     cgroups::Cgroups,
     cli::RunArgs,
     clock::Clock,
-    events::{SCHEMA_VERSION, Start, Stop},
     explain::worker::{self, Worker},
     filter::Filter,
     loader, mounts,
     output::{Output, stdout_closed, stdout_closed_watch},
     repro::{self, ctx::Sink},
+    schema::{Event, Start, Stop},
     stream::{Parts, Stream, TimeWait},
     time_wait,
 };
@@ -150,18 +150,15 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         time_wait: source,
         explainer: Worker::spawn(explained_tx),
     });
-    s.out.emit(&Start {
-        v: SCHEMA_VERSION,
-        ts: s.now(),
-        event: "observer_start",
+    s.say(Event::ObserverStart(Start {
         version: env!("CARGO_PKG_VERSION"),
         kernel: kernel_release(),
         pid: std::process::id(),
-        hooks: &attached.hooks,
-        prog_ids: &attached.prog_ids,
+        hooks: attached.hooks.clone(),
+        prog_ids: attached.prog_ids.clone(),
         cgroup: cgroup.display().to_string(),
         ring_buffer_bytes: args.ring_buffer,
-    });
+    }));
     for o in preexisting {
         s.time_wait_record(o);
     }
@@ -173,7 +170,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     let repro = match &args.repro {
         Some(names) => {
             let scenarios = repro::select(names).map_err(anyhow::Error::msg)?;
-            s.kept = Some(Vec::new());
+            s.keep_calls();
             std::thread::spawn(move || {
                 let report = repro::run(&scenarios, Sink::Stderr);
                 let _ = repro_tx.send((scenarios, report));
@@ -227,9 +224,9 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
             // Before the ring buffer: under a storm it is always ready, and
             // explained failures (at most the queue's length) must not starve.
             Some(f) = explained_rx.recv() => {
-                s.write_explained(f, true);
+                s.write_explained(f);
                 while let Ok(f) = explained_rx.try_recv() {
-                    s.write_explained(f, true);
+                    s.write_explained(f);
                 }
                 s.out.flush();
             }
@@ -262,16 +259,13 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     while s.explaining() > 0 {
         let left = (stop_by - STOP_WITHIN / 3).saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, explained_rx.recv()).await {
-            Ok(Some(f)) => s.write_explained(f, true),
+            Ok(Some(f)) => s.write_explained(f),
             _ => break,
         }
     }
     s.poll_lost()?;
     let totals = s.totals();
-    s.out.emit(&Stop {
-        v: SCHEMA_VERSION,
-        ts: s.now(),
-        event: "observer_stop",
+    s.say(Event::ObserverStop(Stop {
         reason,
         totals,
         lost: totals.lost,
@@ -280,12 +274,12 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         explain_coalesced: s.explain_counts().0,
         explain_skipped: s.explain_counts().1,
         programs: attached.program_stats(),
-    });
+    }));
     // To the writer now: it writes while the programs are detached.
     s.out.flush();
     drop(ring);
     drop(attached); // detaches every program: their links are owned by this process
-    let Stream { out, kept, .. } = s;
+    let (out, kept) = s.finish();
     let is_stdout = out.is_stdout();
     let unwritten = out.finish(stop_by);
     if unwritten > 0 {
@@ -314,7 +308,11 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         }
         std::fs::write(path, log).with_context(|| format!("writing {}", path.display()))?;
     }
-    let problems = repro::check::problems(&report.steps, kept.as_deref().unwrap_or_default());
+    let kept: Vec<serde_json::Value> = kept
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()?;
+    let problems = repro::check::problems(&report.steps, &kept);
     for p in &problems {
         eprintln!("missing from the stream: {p}");
     }

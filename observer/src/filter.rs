@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 
 use observer_common::filter::{FilterConfig, event, on};
 
+use crate::schema::{Event, Process};
+
 /// The event kinds `--events` can name (`time_wait` is both enter and exit).
 pub const EVENT_KINDS: [&str; 5] = ["bind", "tcp_state", "time_wait", "listen", "connect"];
 
@@ -45,7 +47,62 @@ pub struct Facts<'a> {
     pub failed: bool,
 }
 
+impl<'a> Facts<'a> {
+    /// What the filters look at in a record; `None` for the daemon's own
+    /// records, which are never filtered.
+    pub fn of(event: &'a Event) -> Option<Facts<'a>> {
+        let call = |p: &'a Process, ports, failed| Facts {
+            event: event.name(),
+            pid: Some(p.pid),
+            ports,
+            comm: Some(&p.comm),
+            uid: Some(p.uid),
+            cgroup: p.cgroup.as_deref(),
+            netns: p.netns,
+            failed,
+        };
+        Some(match event {
+            Event::Bind(b) => call(&b.process, [b.port, b.bound_port], b.errno.is_some()),
+            Event::Listen(c) | Event::Connect(c) => call(&c.process, [c.lport, c.dport], true),
+            Event::TcpState(t) => Facts {
+                event: event.name(),
+                pid: t.pid,
+                ports: [Some(t.sport), Some(t.dport)],
+                comm: t.comm.as_deref(),
+                uid: t.uid,
+                cgroup: None,
+                netns: t.netns,
+                failed: false,
+            },
+            Event::TimeWaitEnter(e) => Facts {
+                event: event.name(),
+                pid: e.pid,
+                ports: [Some(e.sport), Some(e.dport)],
+                comm: e.comm.as_deref(),
+                uid: e.uid,
+                cgroup: None,
+                netns: Some(e.netns),
+                failed: false,
+            },
+            Event::TimeWaitExit(e) => Facts {
+                event: event.name(),
+                ports: [Some(e.sport), Some(e.dport)],
+                netns: Some(e.netns),
+                ..Facts::default()
+            },
+            Event::ObserverStart(_) | Event::Lost(_) | Event::Stats(_) | Event::ObserverStop(_) => {
+                return None;
+            }
+        })
+    }
+}
+
 impl Filter {
+    /// Whether a record goes to the output.
+    pub fn keeps(&self, event: &Event) -> bool {
+        Facts::of(event).is_none_or(|f| self.pass(&f))
+    }
+
     /// The part the kernel programs apply (everything but a `--comm` longer
     /// than the kernel keeps: 15 bytes; that one is applied here only).
     pub fn kernel(&self) -> FilterConfig {

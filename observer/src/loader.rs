@@ -18,6 +18,8 @@ use observer_common::{
     time_wait::{TIME_WAIT_CONFIG_SYMBOL, TimeWaitConfig},
 };
 
+use crate::schema::ProgramStats;
+
 /// The eBPF object, built by `cargo xtask build` and embedded by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf.o"));
 
@@ -110,15 +112,6 @@ pub struct Attached {
     names: Vec<&'static str>,
     /// The TIME_WAIT sweep is loaded (the timer programs are attached).
     sweep: bool,
-}
-
-/// What one program cost in the kernel (counted while `kernel.bpf_stats_enabled=1`).
-#[derive(serde::Serialize, Debug)]
-pub struct ProgramStats {
-    pub hook: String,
-    pub id: u32,
-    pub run_count: u64,
-    pub run_time_ns: u64,
 }
 
 impl Attached {

@@ -1,25 +1,26 @@
-//! Kernel records → filtered, enriched, explained records in the output.
+//! Kernel records → filtered, enriched, explained records in the output:
+//! decoded into the schema's types (`crate::schema`), then one way out for
+//! every kind (`Stream::handle`).
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use observer_common::{
-    LOST_INFLIGHT, LOST_RINGBUF, LOST_SLOTS, LOST_TIME_WAIT_MAP,
+    LOST_INFLIGHT, LOST_RINGBUF, LOST_SLOTS, LOST_TIME_WAIT_MAP, TcpStateRecord,
     decode::{Record, decode},
 };
-use serde::Serialize;
 
 use crate::{
     cgroups::{Cgroups, container_id},
     clock::Clock,
-    events::{
-        Bind, Lost, LostByCause, SCHEMA_VERSION, SockCall, Stats, TcpState, Totals, reuse, tuple,
-    },
     explain::{
-        Bound,
+        Bound, rules,
         worker::{Failure, Worker},
     },
-    filter::{Facts, Filter},
+    filter::Filter,
     output::Output,
+    schema::{
+        Bind, Event, Line, Lost, LostByCause, Process, Stats, TcpState, Totals, reuse, tuple,
+    },
     time_wait::{
         self, Closer,
         poll::{self, Transition},
@@ -71,22 +72,23 @@ impl TimeWait {
 }
 
 pub struct Stream {
+    /// The daemon drives the output too: flushes, reopens, watches it close.
     pub out: Output,
-    pub clock: Clock,
-    pub totals: Totals,
+    clock: Clock,
+    totals: Totals,
     /// Records kept out of the output by the filters.
     filtered: u64,
     /// The kernel programs' count of records their filters kept out.
     kernel_filtered: PerCpuArray<MapData, u64>,
-    pub filter: Filter,
-    pub cgroups: Cgroups,
+    filter: Filter,
+    cgroups: Cgroups,
     lost_seen: [u64; LOST_SLOTS as usize + 1],
     lost: PerCpuArray<MapData, u64>,
     time_wait: TimeWait,
     /// When early TIME_WAIT ends were last decided.
     decided_ns: u64,
     /// bind/listen/connect records as written, while a `--repro` run needs them.
-    pub kept: Option<Vec<serde_json::Value>>,
+    kept: Option<Vec<Line>>,
     explainer: Worker,
     /// Failures handed to the explainer and not back yet.
     explaining: usize,
@@ -122,25 +124,24 @@ impl Stream {
         }
     }
 
-    /// The cgroup path of a cgroup id, and the container id it names.
-    fn cgroup_of(&mut self, cgroup_id: u64) -> (Option<String>, Option<String>) {
-        let path = self.cgroups.path(cgroup_id).map(str::to_owned);
-        let container = path.as_deref().and_then(container_id).map(str::to_owned);
-        (path, container)
+    /// From now on, keeps the call records written (for `--repro`'s check).
+    pub fn keep_calls(&mut self) {
+        self.kept = Some(Vec::new());
     }
 
-    pub fn now(&self) -> String {
-        self.clock.rfc3339(self.clock.now_ktime()).to_string()
+    /// The output, and the call records kept.
+    pub fn finish(self) -> (Output, Vec<Line>) {
+        (self.out, self.kept.unwrap_or_default())
     }
 
-    /// Writes `record` if the filters let it through; says whether they did.
-    fn emit<T: Serialize>(&mut self, facts: &Facts, record: &T) -> bool {
-        if !self.filter.pass(facts) {
-            self.filtered += 1;
-            return false;
-        }
-        self.out.emit(record);
-        true
+    /// The cgroup path of the process's cgroup id, and the container id it names.
+    fn place(&mut self, p: &mut Process) {
+        p.cgroup = self.cgroups.path(p.cgroup_id).map(str::to_owned);
+        p.container_id = p
+            .cgroup
+            .as_deref()
+            .and_then(container_id)
+            .map(str::to_owned);
     }
 
     /// Writes the records waiting in the ring buffer, at most `DRAIN_BATCH`
@@ -155,88 +156,22 @@ impl Stream {
             n += 1;
             match decode(&item) {
                 Ok(Record::Bind(r)) => {
-                    let mut event = Bind::from_record(&r, &self.clock);
-                    self.note_bind(&event);
-                    (event.cgroup, event.container_id) = self.cgroup_of(event.cgroup_id);
-                    let facts = Facts {
-                        event: "bind",
-                        pid: Some(event.pid),
-                        ports: [event.port, event.bound_port],
-                        comm: Some(&event.comm),
-                        uid: Some(event.uid),
-                        cgroup: event.cgroup.as_deref(),
-                        netns: event.netns,
-                        failed: event.errno.is_some(),
-                    };
-                    if !self.filter.pass(&facts) {
-                        self.filtered += 1;
-                        continue;
-                    }
-                    if event.ret == -i64::from(libc::EADDRINUSE) {
-                        self.explain(Failure::Bind(Box::new(event)));
-                    } else {
-                        self.write_bind(&event);
-                    }
+                    let mut b = Bind::from_record(&r);
+                    self.note_bind(&b);
+                    self.place(&mut b.process);
+                    self.handle(Line::at(&self.clock, r.header.ktime_ns, Event::Bind(b)));
                 }
                 Ok(Record::TcpState(r)) => {
-                    let event = TcpState::from_record(&r, &self.clock);
-                    let (src, dst) = tuple(&r);
-                    // The tracker sees every change, whatever the filters say.
-                    // (The timer path has what it needs from the kernel.)
-                    if let TimeWait::Poll(p) = &mut self.time_wait {
-                        p.send(Transition {
-                            ktime_ns: r.header.ktime_ns,
-                            netns: r.netns,
-                            skaddr: r.skaddr,
-                            old: r.oldstate,
-                            new: r.newstate,
-                            src,
-                            dst,
-                            reuse: reuse(&r),
-                            process: event.pid.map(|pid| Closer {
-                                pid,
-                                tid: event.tid.unwrap_or_default(),
-                                comm: event.comm.clone().unwrap_or_default(),
-                                uid: event.uid.unwrap_or_default(),
-                            }),
-                        });
-                    }
-                    let facts = Facts {
-                        event: "tcp_state",
-                        pid: event.pid,
-                        ports: [Some(event.sport), Some(event.dport)],
-                        comm: event.comm.as_deref(),
-                        uid: event.uid,
-                        cgroup: None,
-                        netns: event.netns,
-                        failed: false,
-                    };
-                    if self.emit(&facts, &event) {
-                        self.totals.tcp_state += 1;
-                    }
+                    let t = TcpState::from_record(&r);
+                    self.track(&r, &t);
+                    self.handle(Line::at(&self.clock, r.header.ktime_ns, Event::TcpState(t)));
                 }
                 Ok(Record::SockCall(r)) => {
-                    let mut event = SockCall::from_record(&r, &self.clock);
-                    (event.cgroup, event.container_id) = self.cgroup_of(event.cgroup_id);
-                    let facts = Facts {
-                        event: event.event,
-                        pid: Some(event.pid),
-                        ports: [event.lport, event.dport],
-                        comm: Some(&event.comm),
-                        uid: Some(event.uid),
-                        cgroup: event.cgroup.as_deref(),
-                        netns: event.netns,
-                        failed: true,
-                    };
-                    if !self.filter.pass(&facts) {
-                        self.filtered += 1;
-                        continue;
+                    let mut e = Event::of_call(&r);
+                    if let Event::Listen(c) | Event::Connect(c) = &mut e {
+                        self.place(&mut c.process);
                     }
-                    if event.event == "listen" && event.ret == -i64::from(libc::EADDRINUSE) {
-                        self.explain(Failure::Listen(Box::new(event)));
-                    } else {
-                        self.write_sockcall(&event);
-                    }
+                    self.handle(Line::at(&self.clock, r.header.ktime_ns, e));
                 }
                 Ok(Record::TimeWait(r)) => {
                     if let TimeWait::Timer(t) = &mut self.time_wait {
@@ -253,8 +188,63 @@ impl Stream {
         n == DRAIN_BATCH
     }
 
+    /// The one way a record of the host goes out: the filters, then the
+    /// explainer for an EADDRINUSE failure, then the output.
+    fn handle(&mut self, line: Line) {
+        if !self.filter.keeps(&line.event) {
+            self.filtered += 1;
+            return;
+        }
+        let in_use = -i64::from(libc::EADDRINUSE);
+        match &line.event {
+            Event::Bind(b) if b.ret == in_use => self.explain(line),
+            Event::Listen(c) if c.ret == in_use => self.explain(line),
+            _ => self.write(line),
+        }
+    }
+
+    fn write(&mut self, line: Line) {
+        self.totals.count(&line.event);
+        self.out.emit(&line);
+        if let Some(kept) = &mut self.kept
+            && line.event.is_call()
+        {
+            kept.push(line);
+        }
+    }
+
+    /// A record of the daemon's own: never filtered, not counted.
+    pub fn say(&mut self, event: Event) {
+        self.out.emit(&Line::now(&self.clock, event));
+    }
+
+    /// The polling tracker sees every TCP change, whatever the filters say.
+    /// (The timer path has what it needs from the kernel.)
+    fn track(&mut self, r: &TcpStateRecord, t: &TcpState) {
+        let TimeWait::Poll(p) = &mut self.time_wait else {
+            return;
+        };
+        let (src, dst) = tuple(r);
+        p.send(Transition {
+            ktime_ns: r.header.ktime_ns,
+            netns: r.netns,
+            skaddr: r.skaddr,
+            old: r.oldstate,
+            new: r.newstate,
+            src,
+            dst,
+            reuse: reuse(r),
+            process: t.pid.map(|pid| Closer {
+                pid,
+                tid: t.tid.unwrap_or_default(),
+                comm: t.comm.clone().unwrap_or_default(),
+                uid: t.uid.unwrap_or_default(),
+            }),
+        });
+    }
+
     /// Early TIME_WAIT ends that waited long enough are told (killed); at
-    /// most every 100 ms, and at once when `force`.
+    /// most every 100 ms.
     fn decide_time_wait(&mut self) {
         let TimeWait::Timer(t) = &mut self.time_wait else {
             return;
@@ -277,22 +267,21 @@ impl Stream {
         else {
             return;
         };
+        let p = &b.process;
         let mut book = self.explainer.book();
-        book.note_bind_ino(ino, ra, rp, b.pid, &b.comm);
-        if let (Some("tcp"), Some(port), Some(Ok(ip))) = (
-            b.proto.as_deref(),
-            b.bound_port,
-            b.addr.as_deref().map(str::parse::<std::net::IpAddr>),
-        ) && port != 0
+        book.note_bind_ino(ino, ra, rp, p.pid, &p.comm);
+        if let (Some((proto, asked)), Some(port)) = (b.request, b.bound_port)
+            && proto == rules::TCP
+            && port != 0
         {
             book.note_bound(Bound {
-                netns: b.netns.unwrap_or(0),
-                local: std::net::SocketAddr::new(ip, port),
+                netns: p.netns.unwrap_or(0),
+                local: std::net::SocketAddr::new(asked.ip(), port),
                 ino,
-                pid: b.pid,
+                pid: p.pid,
                 fd: b.fd,
-                uid: b.uid,
-                comm: b.comm.clone(),
+                uid: p.uid,
+                comm: p.comm.clone(),
                 reuseaddr: ra,
                 reuseport: rp,
             });
@@ -301,25 +290,20 @@ impl Stream {
 
     /// A failure to the explainer; written at once, unexplained, when it is
     /// that far behind.
-    fn explain(&mut self, f: Failure) {
-        match self.explainer.submit(f) {
+    fn explain(&mut self, line: Line) {
+        match self.explainer.submit(Box::new(line)) {
             Ok(()) => self.explaining += 1,
-            Err(f) => {
+            Err(line) => {
                 self.explainer.skipped += 1;
-                self.write_explained(f, false);
+                self.write(*line);
             }
         }
     }
 
-    /// A failure back from the explainer (or skipped: `returned` false).
-    pub fn write_explained(&mut self, f: Failure, returned: bool) {
-        if returned {
-            self.explaining = self.explaining.saturating_sub(1);
-        }
-        match f {
-            Failure::Bind(b) => self.write_bind(&b),
-            Failure::Listen(c) => self.write_sockcall(&c),
-        }
+    /// A failure back from the explainer.
+    pub fn write_explained(&mut self, line: Failure) {
+        self.explaining = self.explaining.saturating_sub(1);
+        self.write(*line);
     }
 
     /// Failures the explainer has and has not given back.
@@ -327,58 +311,15 @@ impl Stream {
         self.explaining
     }
 
-    fn write_bind(&mut self, b: &Bind) {
-        self.totals.bind += 1;
-        self.out.emit(b);
-        self.keep(b);
-    }
-
-    fn write_sockcall(&mut self, c: &SockCall) {
-        match c.event {
-            "listen" => self.totals.listen += 1,
-            _ => self.totals.connect += 1,
-        }
-        self.out.emit(c);
-        self.keep(c);
-    }
-
-    fn keep<T: Serialize>(&mut self, event: &T) {
-        if let Some(kept) = &mut self.kept {
-            kept.push(serde_json::to_value(event).expect("records serialize"));
-        }
-    }
-
     pub fn time_wait_record(&mut self, o: time_wait::Out) {
-        match o {
+        let (ktime_ns, event) = match o {
             time_wait::Out::Enter(e) => {
                 self.explainer.book().note_time_wait(&e);
-                let facts = Facts {
-                    event: "time_wait_enter",
-                    pid: e.pid,
-                    ports: [Some(e.sport), Some(e.dport)],
-                    comm: e.comm.as_deref(),
-                    uid: e.uid,
-                    cgroup: None,
-                    netns: Some(e.netns),
-                    failed: false,
-                };
-                if self.emit(&facts, &e) {
-                    self.totals.time_wait_enter += 1;
-                }
+                (e.ktime_ns, Event::TimeWaitEnter(e))
             }
-            time_wait::Out::Exit(e) => {
-                let facts = Facts {
-                    event: "time_wait_exit",
-                    pid: None,
-                    ports: [Some(e.sport), Some(e.dport)],
-                    netns: Some(e.netns),
-                    ..Facts::default()
-                };
-                if self.emit(&facts, &e) {
-                    self.totals.time_wait_exit += 1;
-                }
-            }
-        }
+            time_wait::Out::Exit(e) => (e.ktime_ns, Event::TimeWaitExit(e)),
+        };
+        self.handle(Line::at(&self.clock, ktime_ns, event));
     }
 
     /// Start-up is over (called on the first ticks).
@@ -410,13 +351,7 @@ impl Stream {
             if total > *seen {
                 let count = total - *seen;
                 *seen = total;
-                self.out.emit(&Lost {
-                    v: SCHEMA_VERSION,
-                    ts: self.now(),
-                    event: "lost",
-                    count,
-                    cause,
-                });
+                self.say(Event::Lost(Lost { count, cause }));
             }
         }
         Ok(())
@@ -466,10 +401,7 @@ impl Stream {
         });
         let rss_kb = rss_kb();
         let totals = self.totals();
-        let record = Stats {
-            v: SCHEMA_VERSION,
-            ts: self.now(),
-            event: "stats",
+        self.say(Event::Stats(Stats {
             totals,
             lost: totals.lost,
             lost_by_cause: self.lost_by_cause(),
@@ -478,18 +410,14 @@ impl Stream {
             explain_skipped: self.explainer.skipped,
             cpu_ms,
             rss_kb,
-        };
-        self.out.emit(&record);
+        }));
         self.out.flush();
     }
 }
 
 /// The daemon's resident memory, from /proc/self/statm.
 pub fn rss_kb() -> u64 {
-    let page_kb = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .map_or(4, |p| p as u64 / 1024);
+    let page_kb = u64::from(crate::cli::page_size()) / 1024;
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())

@@ -1,62 +1,55 @@
 //! `--format text`: one aligned line per event, bindsnoop-style, with the
 //! explain hint indented under failures.
 
-use serde_json::Value;
+use crate::schema::{BindOptions, Event, Line};
 
 pub const HEADER: &str = "TIME          PID     COMM             EVENT           PROTO ADDR                                  PORT   OPTS  RESULT";
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// A value as a column: `-` for none.
+fn s<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 /// Option letters: R SO_REUSEADDR, P SO_REUSEPORT, F IP_FREEBIND, T IP_TRANSPARENT,
 /// N IP_BIND_ADDRESS_NO_PORT; `-` off, `?` unknown.
-pub fn opts(o: &Value) -> String {
+pub fn opts(o: &BindOptions) -> String {
     [
-        ("reuseaddr", 'R'),
-        ("reuseport", 'P'),
-        ("freebind", 'F'),
-        ("transparent", 'T'),
-        ("bind_address_no_port", 'N'),
+        (o.reuseaddr, 'R'),
+        (o.reuseport, 'P'),
+        (o.freebind, 'F'),
+        (o.transparent, 'T'),
+        (o.bind_address_no_port, 'N'),
     ]
     .iter()
-    .map(|(k, c)| match o.get(*k) {
-        Some(Value::Bool(true)) => *c,
-        Some(Value::Bool(false)) => '-',
-        _ => '?',
+    .map(|(v, c)| match v {
+        Some(true) => *c,
+        Some(false) => '-',
+        None => '?',
     })
     .collect()
 }
 
-fn time(v: &Value) -> String {
-    // 2026-11-25T14:56:50.775951813Z -> 14:56:50.775952
-    let ts = v["ts"].as_str().unwrap_or("");
-    ts.get(11..26).unwrap_or(ts).to_owned()
-}
-
 /// `saddr:sport > daddr:dport`
-fn connection(v: &Value) -> String {
-    format!(
-        "{}:{} > {}:{}",
-        s(&v["saddr"]),
-        s(&v["sport"]),
-        s(&v["daddr"]),
-        s(&v["dport"])
-    )
+fn connection(saddr: &str, sport: u16, daddr: &str, dport: u16) -> String {
+    format!("{saddr}:{sport} > {daddr}:{dport}")
 }
 
-pub fn line(v: &Value) -> String {
-    let event = v["event"].as_str().unwrap_or("?");
-    let head = |proto: String, addr: String, port: String, opts: String, result: String| {
+/// `ok`, or the errno's name.
+fn result(errno: &Option<String>) -> String {
+    errno.clone().unwrap_or_else(|| "ok".into())
+}
+
+pub fn line(l: &Line) -> String {
+    // 2026-11-25T14:56:50.775951813Z -> 14:56:50.775952
+    let time = l.ts.get(11..26).unwrap_or(&l.ts);
+    let event = l.event.name();
+    let head = |pid: Option<u32>, comm: Option<&str>, cols: [String; 5]| {
+        let [proto, addr, port, opts, result] = cols;
         format!(
             "{:<13} {:<7} {:<16} {:<15} {:<5} {:<37} {:<6} {:<5} {}\n",
-            time(v),
-            s(&v["pid"]),
-            s(&v["comm"]).chars().take(16).collect::<String>(),
+            time,
+            s(pid),
+            comm.unwrap_or("-").chars().take(16).collect::<String>(),
             event,
             proto,
             addr,
@@ -65,85 +58,110 @@ pub fn line(v: &Value) -> String {
             result
         )
     };
-    let result = |v: &Value| {
-        if v["errno"].is_null() {
-            "ok".to_owned()
-        } else {
-            s(&v["errno"])
-        }
+    let own = |record: serde_json::Result<String>| {
+        // observer_start/stop, lost, stats: the record itself.
+        format!(
+            "{:<13} {:<7} {:<16} {:<15} {}\n",
+            time,
+            "-",
+            "observer",
+            event,
+            record.expect("records serialize")
+        )
     };
-    let mut out = match event {
-        "bind" => head(
-            s(&v["proto"]),
-            s(&v["addr"]),
-            s(&v["port"]),
-            opts(&v["options"]),
-            {
-                let bound = if v["bound_port"].is_null() {
-                    String::new()
-                } else {
-                    format!(" (port {})", v["bound_port"])
-                };
-                format!("{}{bound}", result(v))
-            },
-        ),
-        "listen" | "connect" => {
-            let (addr, port) = if event == "connect" {
-                ("daddr", "dport")
+    let (mut out, explain) = match &l.event {
+        Event::Bind(b) => {
+            let bound = b
+                .bound_port
+                .map(|p| format!(" (port {p})"))
+                .unwrap_or_default();
+            let p = &b.process;
+            (
+                head(
+                    Some(p.pid),
+                    Some(&p.comm),
+                    [
+                        s(b.proto.as_ref()),
+                        s(b.addr.as_ref()),
+                        s(b.port),
+                        opts(&b.options),
+                        format!("{}{bound}", result(&b.errno)),
+                    ],
+                ),
+                b.explain.as_ref(),
+            )
+        }
+        Event::Listen(c) | Event::Connect(c) => {
+            let (addr, port) = if matches!(l.event, Event::Connect(_)) {
+                (&c.daddr, c.dport)
             } else {
-                ("laddr", "lport")
+                (&c.laddr, c.lport)
             };
+            let p = &c.process;
+            (
+                head(
+                    Some(p.pid),
+                    Some(&p.comm),
+                    [
+                        "tcp".into(),
+                        s(addr.as_ref()),
+                        s(port),
+                        String::new(),
+                        result(&c.errno),
+                    ],
+                ),
+                c.explain.as_ref(),
+            )
+        }
+        Event::TcpState(t) => (
             head(
-                "tcp".into(),
-                s(&v[addr]),
-                s(&v[port]),
-                String::new(),
-                result(v),
-            )
-        }
-        "tcp_state" => head(
-            "tcp".into(),
-            connection(v),
-            String::new(),
-            String::new(),
-            format!(
-                "{} -> {} ({} ms)",
-                s(&v["old"]),
-                s(&v["new"]),
-                s(&v["prev_state_ms"])
+                t.pid,
+                t.comm.as_deref(),
+                [
+                    "tcp".into(),
+                    connection(&t.saddr, t.sport, &t.daddr, t.dport),
+                    String::new(),
+                    String::new(),
+                    format!("{} -> {} ({} ms)", t.old, t.new, s(t.prev_state_ms)),
+                ],
             ),
+            None,
         ),
-        "time_wait_enter" | "time_wait_exit" => head(
-            "tcp".into(),
-            connection(v),
-            String::new(),
-            String::new(),
-            if event == "time_wait_enter" {
-                format!("expires in {} ms", s(&v["expires_ms"]))
-            } else {
-                format!("{} after {} ms", s(&v["reason"]), s(&v["held_ms"]))
-            },
+        Event::TimeWaitEnter(e) => (
+            head(
+                e.pid,
+                e.comm.as_deref(),
+                [
+                    "tcp".into(),
+                    connection(&e.saddr, e.sport, &e.daddr, e.dport),
+                    String::new(),
+                    String::new(),
+                    format!("expires in {} ms", e.expires_ms),
+                ],
+            ),
+            None,
         ),
-        _ => {
-            // observer_start/stop, lost, stats: the record itself.
-            let mut rest = v.clone();
-            if let Some(m) = rest.as_object_mut() {
-                for k in ["v", "ts", "event"] {
-                    m.remove(k);
-                }
-            }
-            format!(
-                "{:<13} {:<7} {:<16} {:<15} {}\n",
-                time(v),
-                "-",
-                "observer",
-                event,
-                rest
-            )
-        }
+        Event::TimeWaitExit(x) => (
+            head(
+                None,
+                None,
+                [
+                    "tcp".into(),
+                    connection(&x.saddr, x.sport, &x.daddr, x.dport),
+                    String::new(),
+                    String::new(),
+                    format!("{} after {} ms", x.reason, s(x.held_ms)),
+                ],
+            ),
+            None,
+        ),
+        Event::ObserverStart(r) => (own(serde_json::to_string(r)), None),
+        Event::Lost(r) => (own(serde_json::to_string(r)), None),
+        Event::Stats(r) => (own(serde_json::to_string(r)), None),
+        Event::ObserverStop(r) => (own(serde_json::to_string(r)), None),
     };
-    if let Some(hint) = v["explain"]["hint"].as_str() {
-        out += &format!("              ↳ {hint}\n");
+    if let Some(e) = explain {
+        out += &format!("              ↳ {}\n", e.hint);
     }
     out
 }
@@ -151,15 +169,29 @@ pub fn line(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::{
+        clock::Clock,
+        schema::{Bind, Explain, Rule, Stop, TcpState, TimeWaitExit},
+    };
+
+    /// 2026-11-25T14:56:50.775951813Z
+    fn at(event: Event) -> Line {
+        Line::at(&Clock::with_offset(1_764_082_610_775_951_813), 0, event)
+    }
 
     #[test]
     fn a_failed_bind_with_its_hint() {
-        let v = json!({"v":1,"ts":"2026-11-25T14:56:50.775951813Z","event":"bind","pid":31522,"comm":"python3",
-            "proto":"tcp","addr":"127.0.0.1","port":8080,"bound_port":null,
-            "options":{"reuseaddr":true,"reuseport":false,"freebind":null,"transparent":null,"bind_address_no_port":null},
-            "errno":"EADDRINUSE","explain":{"hint":"0.0.0.0:8080 is held by LISTEN socket of python3 (pid 31522)"}});
-        let l = line(&v);
+        let mut b = Bind::from_record(&observer_common::BindRecord::zeroed());
+        (b.process.pid, b.process.comm) = (31522, "python3".into());
+        (b.proto, b.addr, b.port) = (Some("tcp".into()), Some("127.0.0.1".into()), Some(8080));
+        (b.options.reuseaddr, b.options.reuseport) = (Some(true), Some(false));
+        (b.ret, b.errno) = (-98, Some("EADDRINUSE".into()));
+        b.explain = Some(Explain {
+            rule: Rule::ListenerConflict,
+            hint: "0.0.0.0:8080 is held by LISTEN socket of python3 (pid 31522)".into(),
+            blockers: vec![],
+        });
+        let l = line(&at(Event::Bind(b)));
         assert!(
             l.starts_with("14:56:50.775951 31522   python3          bind"),
             "{l}"
@@ -174,20 +206,30 @@ mod tests {
 
     #[test]
     fn states_and_time_wait() {
-        let v = json!({"ts":"2026-11-25T14:56:50.775951813Z","event":"tcp_state","pid":null,"comm":null,
-            "saddr":"127.0.0.1","sport":5700,"daddr":"127.0.0.1","dport":20000,"old":"FIN_WAIT2","new":"CLOSE","prev_state_ms":0.017});
+        let mut t = TcpState::from_record(&observer_common::TcpStateRecord::zeroed());
+        (t.saddr, t.sport, t.daddr, t.dport) =
+            ("127.0.0.1".into(), 5700, "127.0.0.1".into(), 20000);
+        (t.old, t.new, t.prev_state_ms) = ("FIN_WAIT2", "CLOSE", Some(0.017));
+        let l = line(&at(Event::TcpState(t)));
         assert!(
-            line(&v).contains("127.0.0.1:5700 > 127.0.0.1:20000")
-                && line(&v).contains("FIN_WAIT2 -> CLOSE (0.017 ms)")
+            l.contains("127.0.0.1:5700 > 127.0.0.1:20000")
+                && l.contains("FIN_WAIT2 -> CLOSE (0.017 ms)"),
+            "{l}"
         );
-        let x = json!({"ts":"2026-11-25T14:56:50.775951813Z","event":"time_wait_exit","saddr":"127.0.0.1","sport":5700,
-            "daddr":"127.0.0.1","dport":20000,"reason":"expired","held_ms":61093});
-        assert!(line(&x).contains("expired after 61093 ms"));
-        let stop = json!({"ts":"2026-11-25T14:56:50.775951813Z","event":"observer_stop","reason":"SIGINT"});
-        assert!(
-            line(&stop).contains("observer_stop   {\"reason\":\"SIGINT\"}"),
-            "{}",
-            line(&stop)
-        );
+        let mut x = TimeWaitExit::example();
+        (x.reason, x.held_ms) = ("expired", Some(61093));
+        assert!(line(&at(Event::TimeWaitExit(x))).contains("expired after 61093 ms"));
+        let stop = Stop {
+            reason: "SIGINT",
+            totals: Default::default(),
+            lost: 0,
+            lost_by_cause: Default::default(),
+            filtered: 0,
+            explain_coalesced: 0,
+            explain_skipped: 0,
+            programs: vec![],
+        };
+        let l = line(&at(Event::ObserverStop(stop)));
+        assert!(l.contains("observer_stop   {\"reason\":\"SIGINT\""), "{l}");
     }
 }

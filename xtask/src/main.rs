@@ -3,7 +3,7 @@
 //! The eBPF crate is built by Debian's `rustc-web` (it ships a prebuilt `core`
 //! for `bpfel-unknown-none`) and linked by `bpf-linker` built against the same
 //! LLVM major; the user-space crates build with the rustup toolchain. See
-//! DESIGN.md, "Toolchain".
+//! docs/ARCHITECTURE.md, "Toolchain".
 
 mod bench;
 mod setup;

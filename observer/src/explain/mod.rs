@@ -291,15 +291,7 @@ impl Owners {
                 else {
                     continue;
                 };
-                let Ok(link) = std::fs::read_link(fd.path()) else {
-                    continue;
-                };
-                let link = link.to_string_lossy();
-                if let Some(ino) = link
-                    .strip_prefix("socket:[")
-                    .and_then(|s| s.strip_suffix(']'))
-                    .and_then(|s| s.parse().ok())
-                {
+                if let Some(ino) = socket_inode(&fd.path()) {
                     self.map
                         .entry(ino)
                         .or_insert_with(|| (pid, comm.clone(), fdnum));
@@ -467,6 +459,16 @@ impl Coalescer {
         self.recent.insert(key, (now, h.clone()));
         Ok(h)
     }
+}
+
+/// The inode of the socket a `/proc/PID/fd/N` link names (`socket:[N]`).
+pub fn socket_inode(fd_link: &std::path::Path) -> Option<u32> {
+    let link = std::fs::read_link(fd_link).ok()?;
+    let link = link.to_string_lossy();
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

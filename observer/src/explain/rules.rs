@@ -1,16 +1,16 @@
-//! Linux's bind conflict rules, as measured on this project's kernel (DESIGN.md):
+//! Linux's bind conflict rules, as measured (docs/ARCHITECTURE.md, "Bind rules"):
 //! given a bind request and the sockets already on its port, which of them
 //! block it, by which rule, and what would fix it. Pure logic; the kernel tests
 //! check its verdicts against the kernel's answers on every repro step.
 
 use std::net::{IpAddr, SocketAddr};
 
-use serde::Serialize;
+pub use crate::schema::{Explain, Holder, Rule};
 
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
-const LISTEN: u8 = 10;
-const TIME_WAIT: u8 = 6;
+use observer_common::tcp::state::{LISTEN, TIME_WAIT};
+
+pub const TCP: u8 = libc::IPPROTO_TCP as u8;
+pub const UDP: u8 = libc::IPPROTO_UDP as u8;
 
 /// A bind about to be made (or that just failed).
 #[derive(Clone, Debug, PartialEq)]
@@ -46,90 +46,6 @@ impl Request {
     }
 }
 
-/// A socket already on the port, as sock_diag shows it, with its options where known.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Holder {
-    pub proto: &'static str,
-    /// `LISTEN`, `TIME_WAIT`, `ESTABLISHED`, `BOUND` (bound, neither listening
-    /// nor connected), `UDP`, …
-    pub state: &'static str,
-    pub addr: String,
-    pub port: u16,
-    pub raddr: String,
-    pub rport: u16,
-    pub uid: u32,
-    /// `None`: the kernel did not tell, and the observer did not see it set.
-    pub reuseaddr: Option<bool>,
-    pub reuseport: Option<bool>,
-    pub v6only: Option<bool>,
-    pub expires_ms: Option<u32>,
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub sock_cookie: u64,
-    #[serde(skip)]
-    pub inode: u32,
-    #[serde(skip)]
-    pub local: SocketAddr,
-    #[serde(skip)]
-    pub state_num: u8,
-    #[serde(skip)]
-    pub proto_num: u8,
-}
-
-/// Why a bind cannot succeed: a stable id for tools that aggregate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Rule {
-    /// Only TIME_WAIT sockets hold the port, and SO_REUSEADDR is not on both sides.
-    TimeWaitWithoutReuseaddr,
-    /// A wildcard address (0.0.0.0, ::) and a specific one on the same port.
-    WildcardOverlap,
-    /// An IPv6 `::` socket without IPV6_V6ONLY covers every IPv4 address too.
-    DualStackOverlap,
-    /// The same address, held by a listener.
-    ListenerConflict,
-    /// The same address, held by a socket that does not listen; SO_REUSEADDR is missing.
-    ReuseaddrMissing,
-    /// Sharing through SO_REUSEPORT, but not every socket sets it.
-    ReuseportMissing,
-    /// SO_REUSEPORT on both, but the sockets belong to different uids.
-    ReuseportUidMismatch,
-    /// UDP: the same address without SO_REUSEADDR/SO_REUSEPORT on both.
-    UdpConflict,
-    /// Nothing holds the port now (it was released between the failure and the lookup).
-    NoBlocker,
-    /// EADDRNOTAVAIL: the address belongs to no interface of the namespace.
-    AddressNotLocal,
-    /// EINVAL: an IPv6 link-local address without the interface it is on.
-    LinkLocalNeedsScope,
-    /// EACCES: a port below `ip_unprivileged_port_start` without CAP_NET_BIND_SERVICE.
-    PrivilegedPort,
-    /// Nothing found, on a kernel whose sock_diag cannot list sockets that are
-    /// bound but not listening (before 6.3): one of those may hold the port.
-    BoundOnlyUnlisted,
-}
-
-impl Rule {
-    /// The errno the kernel answers when this rule fires.
-    pub fn errno(self) -> &'static str {
-        match self {
-            Rule::AddressNotLocal => "EADDRNOTAVAIL",
-            Rule::LinkLocalNeedsScope => "EINVAL",
-            Rule::PrivilegedPort => "EACCES",
-            Rule::TimeWaitWithoutReuseaddr
-            | Rule::WildcardOverlap
-            | Rule::DualStackOverlap
-            | Rule::ListenerConflict
-            | Rule::ReuseaddrMissing
-            | Rule::ReuseportMissing
-            | Rule::ReuseportUidMismatch
-            | Rule::UdpConflict
-            | Rule::NoBlocker
-            | Rule::BoundOnlyUnlisted => "EADDRINUSE",
-        }
-    }
-}
-
 /// Does a socket bound to (`a`, `a_v6only`) overlap one bound to (`b`, `b_v6only`)?
 pub fn overlaps(a: IpAddr, a_v6only: bool, b: IpAddr, b_v6only: bool) -> bool {
     let (a, b) = (a.to_canonical(), b.to_canonical());
@@ -143,7 +59,7 @@ pub fn overlaps(a: IpAddr, a_v6only: bool, b: IpAddr, b_v6only: bool) -> bool {
 }
 
 /// Whether `h` blocks `r` (the kernel's inet_bind_conflict / udp_lib_lport_inuse,
-/// simplified to what DESIGN.md's table and the repro scenarios cover).
+/// simplified to what the table in docs/ARCHITECTURE.md and the repro scenarios cover).
 /// Unknown options count as unset: the verdict is then "probably".
 pub fn blocks(r: &Request, h: &Holder) -> bool {
     if h.proto_num != r.proto
@@ -160,14 +76,6 @@ pub fn blocks(r: &Request, h: &Holder) -> bool {
     let relaxed = ra && h.state_num != LISTEN;
     let shared = rp && (h.state_num == TIME_WAIT || h.uid == r.uid);
     !(relaxed || shared)
-}
-
-/// The verdict on a request: the blockers, the rule that fired, one sentence of advice.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Explain {
-    pub rule: Rule,
-    pub hint: String,
-    pub blockers: Vec<Holder>,
 }
 
 fn owner(h: &Holder) -> String {
@@ -452,7 +360,7 @@ mod tests {
     fn table() -> Vec<(&'static str, Holder, Request, Option<Rule>)> {
         use Rule::*;
         vec![
-            // DESIGN.md's table, TCP.
+            // The table in docs/ARCHITECTURE.md, TCP.
             ("0.0.0.0 then 127.0.0.1", holder(TCP, BOUND, "0.0.0.0:5700", false, false, 0), req(TCP, "127.0.0.1", false, false), Some(WildcardOverlap)),
             ("127.0.0.1 then 0.0.0.0", holder(TCP, BOUND, "127.0.0.1:5700", false, false, 0), req(TCP, "0.0.0.0", false, false), Some(WildcardOverlap)),
             ("127.0.0.1 then 127.0.0.2", holder(TCP, LISTEN, "127.0.0.1:5700", false, false, 0), req(TCP, "127.0.0.2", false, false), None),

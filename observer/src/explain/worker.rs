@@ -17,9 +17,10 @@ use std::{
 use super::{
     Ask, Bound, Coalescer, Known, OptionsBook, Owners, failure, holder, on_port,
     rules::{self, Holder, Request},
+    socket_inode,
 };
 use crate::{
-    events::{Bind, SockCall},
+    schema::{Bind, Event, Line, SockCall},
     sock_diag::{Diag, lists_bound_only},
 };
 
@@ -27,11 +28,9 @@ use crate::{
 /// without its explanation (and counted in `explain_skipped`).
 pub const QUEUE: usize = 1024;
 
-/// A record that failed with EADDRINUSE, on its way to be explained.
-pub enum Failure {
-    Bind(Box<Bind>),
-    Listen(Box<SockCall>),
-}
+/// A record that failed with EADDRINUSE (a `bind` or a `listen`), on its
+/// way to be explained.
+pub type Failure = Box<Line>;
 
 /// The event loop's handle.
 pub struct Worker {
@@ -109,9 +108,10 @@ impl Explainer {
 
     fn serve(mut self, rx: Receiver<Failure>, done: tokio::sync::mpsc::Sender<Failure>) {
         while let Ok(mut f) = rx.recv() {
-            match &mut f {
-                Failure::Bind(b) => b.explain = self.bind_failure(b),
-                Failure::Listen(c) => c.explain = self.listen_failure(c),
+            match &mut f.event {
+                Event::Bind(b) => b.explain = self.bind_failure(b),
+                Event::Listen(c) => c.explain = self.listen_failure(c),
+                _ => {}
             }
             self.coalesced
                 .store(self.coalescer.coalesced, Ordering::Relaxed);
@@ -191,20 +191,17 @@ impl Explainer {
     /// `explain` for a bind that failed with EADDRINUSE; `None` when it cannot be
     /// looked up (not TCP/UDP).
     fn bind_failure(&mut self, b: &Bind) -> Option<rules::Explain> {
-        let proto = match b.proto.as_deref()? {
-            "tcp" => rules::TCP,
-            "udp" => rules::UDP,
-            _ => return None,
-        };
+        let (proto, asked) = b.request?;
         let r = Request {
             reuseaddr: b.options.reuseaddr.unwrap_or(false),
             reuseport: b.options.reuseport.unwrap_or(false),
             // v6only: not read by the bind program: the system default.
-            uid: b.uid,
-            ..Request::new(proto, b.addr.as_deref()?.parse().ok()?, b.port?)
+            uid: b.process.uid,
+            ..Request::new(proto, asked.ip(), asked.port())
         };
+        let p = &b.process;
         Some(
-            match self.holders(b.netns.unwrap_or(0), b.tid, proto, r.port) {
+            match self.holders(p.netns.unwrap_or(0), p.tid, proto, r.port) {
                 // The failing socket is bound to nothing: it is not among them.
                 Ok(on_port) => self.verdict(&r, &on_port),
                 Err(e) => rules::lookup_failed(r.port, &e),
@@ -215,14 +212,11 @@ impl Explainer {
     /// `explain` for a listen() that failed with EADDRINUSE. The failing socket
     /// is itself bound on the port: it is recognised by its inode and left out.
     fn listen_failure(&mut self, c: &SockCall) -> Option<rules::Explain> {
-        let port = c.lport?;
-        let own_inode: Option<u32> = std::fs::read_link(format!("/proc/{}/fd/{}", c.pid, c.fd))
-            .ok()
-            .and_then(|l| {
-                let l = l.to_string_lossy().into_owned();
-                l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-            });
-        let on_port = match self.holders(c.netns.unwrap_or(0), c.tid, rules::TCP, port) {
+        let local = c.local?;
+        let port = local.port();
+        let p = &c.process;
+        let own_inode = socket_inode(format!("/proc/{}/fd/{}", p.pid, c.fd).as_ref());
+        let on_port = match self.holders(p.netns.unwrap_or(0), p.tid, rules::TCP, port) {
             Ok(on_port) => on_port,
             Err(e) => return Some(rules::lookup_failed(port, &e)),
         };
@@ -236,8 +230,8 @@ impl Explainer {
         let r = Request {
             reuseaddr,
             reuseport,
-            uid: c.uid,
-            ..Request::new(rules::TCP, c.laddr.as_deref()?.parse().ok()?, port)
+            uid: p.uid,
+            ..Request::new(rules::TCP, local.ip(), port)
         };
         Some(self.verdict(&r, &others))
     }

@@ -19,11 +19,10 @@ use std::{
 };
 
 pub use open::OpenError;
-use serde::Serialize;
 use tokio::io::{Interest, unix::AsyncFd};
 use writer::{Msg, Shared, Target, Writer};
 
-use crate::clock::Clock;
+use crate::{clock::Clock, schema::Line};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -58,17 +57,14 @@ pub struct Output {
 }
 
 /// One record as one line of `format` (text lines end in a newline too).
-pub fn render<T: Serialize>(format: Format, record: &T) -> Vec<u8> {
+pub fn render(format: Format, record: &Line) -> Vec<u8> {
     match format {
         Format::Json => {
             let mut line = serde_json::to_vec(record).expect("records serialize");
             line.push(b'\n');
             line
         }
-        Format::Text => {
-            let v = serde_json::to_value(record).expect("records serialize");
-            crate::text::line(&v).into_bytes()
-        }
+        Format::Text => crate::text::line(record).into_bytes(),
     }
 }
 
@@ -115,7 +111,7 @@ impl Output {
     }
 
     /// Adds a record to the current batch.
-    pub fn emit<T: Serialize>(&mut self, record: &T) {
+    pub fn emit(&mut self, record: &Line) {
         if self.format == Format::Text && !self.header_done {
             self.header_done = true;
             self.batch.extend_from_slice(crate::text::HEADER.as_bytes());

@@ -23,7 +23,10 @@ use std::{
 };
 
 use super::{Format, open::open_append, render};
-use crate::{clock::Clock, events::Lost};
+use crate::{
+    clock::Clock,
+    schema::{Event, Line, Lost},
+};
 
 /// At most one warning per this long about failing writes.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -135,13 +138,13 @@ impl Writer {
         if pending > 0 {
             buf = render(
                 self.format,
-                &Lost {
-                    v: crate::events::SCHEMA_VERSION,
-                    ts: self.clock.rfc3339(self.clock.now_ktime()).to_string(),
-                    event: "lost",
-                    count: pending,
-                    cause: "output",
-                },
+                &Line::now(
+                    &self.clock,
+                    Event::Lost(Lost {
+                        count: pending,
+                        cause: "output",
+                    }),
+                ),
             );
         }
         let lost_line = buf.len();

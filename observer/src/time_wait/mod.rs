@@ -11,9 +11,8 @@ pub mod timer;
 
 use std::net::SocketAddr;
 
-use serde::Serialize;
-
-use crate::{clock::Clock, events::SCHEMA_VERSION, names::family_name};
+use crate::names::family_name;
+pub use crate::schema::{Closer, TimeWaitEnter, TimeWaitExit};
 
 /// A connection: its socket's network namespace and both ends.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
@@ -27,70 +26,6 @@ impl Key {
     fn family(&self) -> String {
         family_name(if self.src.is_ipv4() { 2 } else { 10 })
     }
-}
-
-/// The process that closed a connection (moved it to FIN_WAIT1 in process context).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Closer {
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub uid: u32,
-}
-
-#[derive(Serialize, Debug, Clone, PartialEq)]
-pub struct TimeWaitEnter {
-    pub v: u8,
-    pub ts: String,
-    pub event: &'static str,
-    /// The timewait socket's kernel address, as `tcp_state`'s `sk` (`null`
-    /// when sock_diag found it).
-    pub sk: Option<String>,
-    pub netns: u32,
-    pub family: String,
-    pub saddr: String,
-    pub sport: u16,
-    pub daddr: String,
-    pub dport: u16,
-    /// What the kernel's TIME_WAIT timer was armed for (or had left, for
-    /// sockets sock_diag found).
-    pub expires_ms: u32,
-    /// The kernel itself reported it (its timer, or its table).
-    pub confirmed: bool,
-    /// It was there before the observer started (no close was seen).
-    pub preexisting: bool,
-    /// The socket's cookie; `null` when the kernel had not given it one.
-    pub sock_cookie: Option<u64>,
-    /// Inherited from the socket it replaces (`null` when unknown): a restarted
-    /// server can bind next to it only if both have SO_REUSEADDR.
-    pub reuseaddr: Option<bool>,
-    pub reuseport: Option<bool>,
-    /// The process that closed the connection, when known.
-    pub pid: Option<u32>,
-    pub tid: Option<u32>,
-    pub comm: Option<String>,
-    pub uid: Option<u32>,
-}
-
-#[derive(Serialize, Debug, Clone, PartialEq)]
-pub struct TimeWaitExit {
-    pub v: u8,
-    pub ts: String,
-    pub event: &'static str,
-    pub sk: Option<String>,
-    pub netns: u32,
-    pub family: String,
-    pub saddr: String,
-    pub sport: u16,
-    pub daddr: String,
-    pub dport: u16,
-    /// From the close to the end; `null` for sockets that predate the observer.
-    pub held_ms: Option<u64>,
-    /// `expired` (the timer ran out), `reused` (a new connection took the
-    /// 4-tuple) or `killed` (deleted early: an RST, its namespace went).
-    pub reason: &'static str,
-    pub preexisting: bool,
-    pub sock_cookie: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,12 +62,10 @@ fn sk_hex(sk: Option<u64>) -> Option<String> {
 }
 
 impl Entered {
-    pub fn record(self, clock: &Clock) -> TimeWaitEnter {
+    pub fn record(self) -> TimeWaitEnter {
         let k = self.key;
         TimeWaitEnter {
-            v: SCHEMA_VERSION,
-            ts: clock.rfc3339(self.ktime_ns).to_string(),
-            event: "time_wait_enter",
+            ktime_ns: self.ktime_ns,
             sk: sk_hex(self.sk),
             netns: k.netns,
             family: k.family(),
@@ -155,12 +88,10 @@ impl Entered {
 }
 
 impl Left {
-    pub fn record(self, clock: &Clock) -> TimeWaitExit {
+    pub fn record(self) -> TimeWaitExit {
         let k = self.key;
         TimeWaitExit {
-            v: SCHEMA_VERSION,
-            ts: clock.rfc3339(self.ktime_ns).to_string(),
-            event: "time_wait_exit",
+            ktime_ns: self.ktime_ns,
             sk: sk_hex(self.sk),
             netns: k.netns,
             family: k.family(),
@@ -199,7 +130,7 @@ impl TimeWaitEnter {
                 uid: 0,
             }),
         }
-        .record(&Clock::with_offset(0))
+        .record()
     }
 }
 
@@ -220,6 +151,6 @@ impl TimeWaitExit {
             preexisting: false,
             cookie: Some(1),
         }
-        .record(&Clock::with_offset(0))
+        .record()
     }
 }

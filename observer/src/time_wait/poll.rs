@@ -73,7 +73,6 @@ struct Open {
 
 /// The bookkeeping, free of I/O: fed transitions and sock_diag dumps.
 pub struct Tracker {
-    clock: Clock,
     /// Who closed each socket still on its way to CLOSE, by socket address.
     closers: HashMap<u64, Closer>,
     candidates: HashMap<Key, Candidate>,
@@ -84,9 +83,8 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(clock: Clock) -> Tracker {
+    pub fn new() -> Tracker {
         Tracker {
-            clock,
             closers: HashMap::new(),
             candidates: HashMap::new(),
             open: HashMap::new(),
@@ -198,7 +196,7 @@ impl Tracker {
                 preexisting: o.preexisting,
                 cookie: Some(o.cookie),
             };
-            out.push(Out::Exit(left.record(&self.clock)));
+            out.push(Out::Exit(left.record()));
         }
 
         let mut waiting: Vec<Key> = self
@@ -270,7 +268,7 @@ impl Tracker {
             reuse,
             closer,
         };
-        Out::Enter(entered.record(&self.clock))
+        Out::Enter(entered.record())
     }
 }
 
@@ -296,7 +294,7 @@ impl Handle {
 /// returns, so that they all predate the `observer_start` record; then starts
 /// the tracker thread. Its records arrive on `out`.
 pub fn spawn(clock: Clock, out: tokio::sync::mpsc::UnboundedSender<Out>) -> Handle {
-    let mut tracker = Tracker::new(clock);
+    let mut tracker = Tracker::new();
     for (ino, socks) in time_wait_everywhere() {
         for o in tracker.preexisting(ino, &socks, clock.now_ktime()) {
             let _ = out.send(o);
@@ -464,7 +462,7 @@ mod tests {
 
     #[test]
     fn confirmed_enter_then_expired_exit() {
-        let mut t = Tracker::new(Clock::with_offset(0));
+        let mut t = Tracker::new();
         active_close(&mut t, 0xa0, 1000);
         assert_eq!(t.namespaces(), BTreeSet::from([NS]));
         // Not in the kernel's table yet: no event, still pending.
@@ -493,7 +491,7 @@ mod tests {
 
     #[test]
     fn new_connection_on_the_tuple_is_reuse() {
-        let mut t = Tracker::new(Clock::with_offset(0));
+        let mut t = Tracker::new();
         active_close(&mut t, 0xa0, 1000);
         t.reconcile(NS, &[tw(7, 60_000)], 1_500_000_000);
         t.on_transition(change(
@@ -512,7 +510,7 @@ mod tests {
 
     #[test]
     fn a_new_timewait_socket_on_the_tuple_replaces_the_old_one() {
-        let mut t = Tracker::new(Clock::with_offset(0));
+        let mut t = Tracker::new();
         active_close(&mut t, 0xa0, 1000);
         t.reconcile(NS, &[tw(7, 60_000)], 1_500_000_000);
         // Reused and closed again between two ticks: a different cookie.
@@ -531,7 +529,7 @@ mod tests {
 
     #[test]
     fn no_duplicates_and_unconfirmed_candidates_expire() {
-        let mut t = Tracker::new(Clock::with_offset(0));
+        let mut t = Tracker::new();
         active_close(&mut t, 0xa0, 1000);
         assert_eq!(t.reconcile(NS, &[tw(7, 60_000)], 1_500_000_000).len(), 1);
         assert!(t.reconcile(NS, &[tw(7, 59_000)], 2_000_000_000).is_empty());
@@ -546,7 +544,7 @@ mod tests {
 
     #[test]
     fn passive_close_is_not_a_candidate() {
-        let mut t = Tracker::new(Clock::with_offset(0));
+        let mut t = Tracker::new();
         t.on_transition(change(
             0xa0,
             state::ESTABLISHED,
@@ -561,7 +559,7 @@ mod tests {
 
     #[test]
     fn preexisting_are_reported_once() {
-        let mut t = Tracker::new(Clock::with_offset(0));
+        let mut t = Tracker::new();
         let out = t.preexisting(NS, &[tw(7, 12_000)], 5);
         let [Out::Enter(e)] = out.as_slice() else {
             panic!("{out:?}")

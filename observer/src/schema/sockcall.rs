@@ -1,32 +1,20 @@
 //! `listen` and `connect` failures.
 
+use std::net::SocketAddr;
+
 use observer_common::{
     SockCallRecord,
     sockcall::{Call, flags},
 };
 use serde::Serialize;
 
-use super::{SCHEMA_VERSION, c_str, ip_from, sockaddr_target};
-use crate::{
-    clock::Clock,
-    names::{errno_of_ret, family_name},
-};
+use super::{Event, Explain, Process, ip_from, sockaddr_target};
+use crate::names::{errno_of_ret, family_name};
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct SockCall {
-    pub v: u8,
-    pub ts: String,
-    /// `listen` or `connect`.
-    pub event: &'static str,
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub uid: u32,
-    pub cgroup_id: u64,
-    /// The cgroup2 path of `cgroup_id`, and the container id it names, if any.
-    pub cgroup: Option<String>,
-    pub container_id: Option<String>,
-    pub netns: Option<u32>,
+    #[serde(flatten)]
+    pub process: Process,
     pub fd: i32,
     pub family: Option<String>,
     /// The socket's local end (`lport: 0` when it had no port yet).
@@ -41,11 +29,26 @@ pub struct SockCall {
     pub latency_ns: Option<u64>,
     /// On a listen() EADDRINUSE: who holds the port, which rule fired, what would fix it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub explain: Option<crate::explain::rules::Explain>,
+    pub explain: Option<Explain>,
+    /// The local end, typed, for the explainer.
+    #[serde(skip)]
+    pub local: Option<SocketAddr>,
+}
+
+impl Event {
+    /// `listen` or `connect`, as the record says.
+    pub fn of_call(r: &SockCallRecord) -> Event {
+        let c = SockCall::from_record(r);
+        if r.call == Call::Listen as u32 {
+            Event::Listen(c)
+        } else {
+            Event::Connect(c)
+        }
+    }
 }
 
 impl SockCall {
-    pub fn from_record(r: &SockCallRecord, clock: &Clock) -> SockCall {
+    pub fn from_record(r: &SockCallRecord) -> SockCall {
         let local = r.flags & flags::LOCAL != 0;
         let dest = if r.flags & flags::SOCKADDR != 0 {
             sockaddr_target(&r.sockaddr[..(r.addrlen as usize).min(r.sockaddr.len())])
@@ -54,24 +57,11 @@ impl SockCall {
         };
         let family = if local { Some(r.family) } else { dest.family };
         SockCall {
-            v: SCHEMA_VERSION,
-            ts: clock.rfc3339(r.header.ktime_ns).to_string(),
-            event: if r.call == Call::Listen as u32 {
-                "listen"
-            } else {
-                "connect"
-            },
-            pid: r.task.pid(),
-            tid: r.task.tid(),
-            comm: c_str(&r.task.comm),
-            uid: r.task.uid(),
-            cgroup_id: r.task.cgroup_id,
-            cgroup: None,
-            container_id: None,
-            netns: (r.task.netns != 0).then_some(r.task.netns),
+            process: Process::of(&r.task),
             fd: r.fd,
             family: family.map(family_name),
             laddr: local.then(|| ip_from(r.family, &r.laddr).to_string()),
+            local: local.then(|| SocketAddr::new(ip_from(r.family, &r.laddr), r.lport)),
             lport: local.then_some(r.lport),
             daddr: dest.addr,
             dport: dest.port,
@@ -99,8 +89,9 @@ mod tests {
         r.sockaddr[..2].copy_from_slice(&2u16.to_ne_bytes());
         r.sockaddr[2..4].copy_from_slice(&8080u16.to_be_bytes());
         r.sockaddr[4..8].copy_from_slice(&[127, 0, 0, 1]);
-        let c = SockCall::from_record(&r, &Clock::with_offset(0));
-        assert_eq!(c.event, "connect");
+        let Event::Connect(c) = Event::of_call(&r) else {
+            panic!("a connect record")
+        };
         assert_eq!(c.errno.as_deref(), Some("EADDRNOTAVAIL"));
         assert_eq!((c.laddr.as_deref(), c.lport), (Some("0.0.0.0"), Some(0)));
         assert_eq!(
@@ -113,11 +104,10 @@ mod tests {
     fn listen_without_local_end() {
         let mut r = SockCallRecord::zeroed(Call::Listen);
         r.ret = -98;
-        let c = SockCall::from_record(&r, &Clock::with_offset(0));
-        assert_eq!(
-            (c.event, c.family, c.laddr, c.daddr),
-            ("listen", None, None, None)
-        );
+        let Event::Listen(c) = Event::of_call(&r) else {
+            panic!("a listen record")
+        };
+        assert_eq!((c.family, c.laddr, c.daddr), (None, None, None));
         assert_eq!(c.errno.as_deref(), Some("EADDRINUSE"));
     }
 }

@@ -5,17 +5,11 @@ use std::net::SocketAddr;
 use observer_common::{TcpStateRecord, tcp::flags};
 use serde::Serialize;
 
-use super::{SCHEMA_VERSION, c_str, ip_from};
-use crate::{
-    clock::Clock,
-    names::{family_name, tcp_state_name},
-};
+use super::{c_str, ip_from};
+use crate::names::{family_name, tcp_state_name};
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct TcpState {
-    pub v: u8,
-    pub ts: String,
-    pub event: &'static str,
     /// The kernel's socket address, in hex: stable for the socket's life.
     pub sk: String,
     /// The process that caused the change; `null` when it happened in softirq
@@ -40,13 +34,10 @@ pub struct TcpState {
 }
 
 impl TcpState {
-    pub fn from_record(r: &TcpStateRecord, clock: &Clock) -> TcpState {
+    pub fn from_record(r: &TcpStateRecord) -> TcpState {
         let process = r.flags & flags::PROCESS_CONTEXT != 0;
         let (src, dst) = tuple(r);
         TcpState {
-            v: SCHEMA_VERSION,
-            ts: clock.rfc3339(r.header.ktime_ns).to_string(),
-            event: "tcp_state",
             sk: format!("{:#x}", r.skaddr),
             pid: process.then_some((r.pid_tgid >> 32) as u32),
             tid: process.then_some(r.pid_tgid as u32),
@@ -103,7 +94,7 @@ mod tests {
         r.prev_state_ns = 1_234_567;
         r.flags = flags::PREV_KNOWN;
         r.pid_tgid = 99 << 32; // whatever was interrupted: must not show
-        let json = serde_json::to_value(TcpState::from_record(&r, &Clock::with_offset(0))).unwrap();
+        let json = serde_json::to_value(TcpState::from_record(&r)).unwrap();
         assert_eq!(json["sk"], "0xffff888100a0b000");
         assert_eq!(
             (json["old"].as_str(), json["new"].as_str()),
@@ -126,7 +117,7 @@ mod tests {
         r.flags = flags::PROCESS_CONTEXT;
         r.pid_tgid = (7 << 32) | 8;
         r.comm[..4].copy_from_slice(b"curl");
-        let t = TcpState::from_record(&r, &Clock::with_offset(0));
+        let t = TcpState::from_record(&r);
         assert_eq!(
             (t.pid, t.tid, t.comm.as_deref()),
             (Some(7), Some(8), Some("curl"))

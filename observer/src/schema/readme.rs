@@ -6,12 +6,7 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::{
-    clock::Clock,
-    explain::rules::{self, Rule},
-    loader::ProgramStats,
-    time_wait::{TimeWaitEnter, TimeWaitExit},
-};
+use crate::{clock::Clock, explain::rules};
 
 const README: &str = include_str!("../../../README.md");
 
@@ -57,7 +52,7 @@ fn differences(path: &str, readme: &Value, code: &Value, out: &mut Vec<String>) 
     }
 }
 
-fn blocker() -> rules::Holder {
+fn blocker() -> Holder {
     let mut h = rules::holder(rules::TCP, 6, "127.0.0.1:5700", false, false, 0);
     (h.pid, h.comm) = (Some(1), Some("python3".into()));
     h
@@ -66,60 +61,48 @@ fn blocker() -> rules::Holder {
 /// A record of each kind as the code writes it, every optional part filled.
 fn code_record(event: &str, with_explain: bool) -> Value {
     let clock = Clock::with_offset(0);
-    let explain = with_explain.then(|| rules::Explain {
+    let explain = with_explain.then(|| Explain {
         rule: Rule::TimeWaitWithoutReuseaddr,
         hint: "a hint".into(),
         blockers: vec![blocker()],
     });
     let totals = Totals::default();
-    let v = match event {
-        "observer_start" => serde_json::to_value(Start {
-            v: 1,
-            ts: String::new(),
-            event: "observer_start",
+    let call = |call| {
+        let mut e = Event::of_call(&observer_common::SockCallRecord::zeroed(call));
+        if let Event::Listen(c) | Event::Connect(c) = &mut e {
+            c.explain = explain.clone();
+        }
+        e
+    };
+    let e = match event {
+        "observer_start" => Event::ObserverStart(Start {
             version: "0",
             kernel: String::new(),
             pid: 1,
-            hooks: &["h".into()],
-            prog_ids: &[1],
+            hooks: vec!["h".into()],
+            prog_ids: vec![1],
             cgroup: String::new(),
             ring_buffer_bytes: 1,
         }),
         "bind" => {
             let mut r = observer_common::BindRecord::zeroed();
             r.flags = observer_common::bind::flags::SOCKET;
-            let mut b = Bind::from_record(&r, &clock);
+            let mut b = Bind::from_record(&r);
             b.explain = explain;
-            serde_json::to_value(b)
+            Event::Bind(b)
         }
-        "listen" | "connect" => {
-            let call = if event == "listen" {
-                observer_common::sockcall::Call::Listen
-            } else {
-                observer_common::sockcall::Call::Connect
-            };
-            let mut c =
-                SockCall::from_record(&observer_common::SockCallRecord::zeroed(call), &clock);
-            c.explain = explain;
-            serde_json::to_value(c)
-        }
-        "tcp_state" => serde_json::to_value(TcpState::from_record(
+        "listen" => call(observer_common::sockcall::Call::Listen),
+        "connect" => call(observer_common::sockcall::Call::Connect),
+        "tcp_state" => Event::TcpState(TcpState::from_record(
             &observer_common::TcpStateRecord::zeroed(),
-            &clock,
         )),
-        "time_wait_enter" => serde_json::to_value(TimeWaitEnter::example()),
-        "time_wait_exit" => serde_json::to_value(TimeWaitExit::example()),
-        "lost" => serde_json::to_value(Lost {
-            v: 1,
-            ts: String::new(),
-            event: "lost",
+        "time_wait_enter" => Event::TimeWaitEnter(TimeWaitEnter::example()),
+        "time_wait_exit" => Event::TimeWaitExit(TimeWaitExit::example()),
+        "lost" => Event::Lost(Lost {
             count: 1,
             cause: "ring_buffer",
         }),
-        "stats" => serde_json::to_value(Stats {
-            v: 1,
-            ts: String::new(),
-            event: "stats",
+        "stats" => Event::Stats(Stats {
             totals,
             lost: 0,
             lost_by_cause: LostByCause::default(),
@@ -129,10 +112,7 @@ fn code_record(event: &str, with_explain: bool) -> Value {
             cpu_ms: 0,
             rss_kb: 0,
         }),
-        "observer_stop" => serde_json::to_value(Stop {
-            v: 1,
-            ts: String::new(),
-            event: "observer_stop",
+        "observer_stop" => Event::ObserverStop(Stop {
             reason: "SIGINT",
             totals,
             lost: 0,
@@ -149,7 +129,8 @@ fn code_record(event: &str, with_explain: bool) -> Value {
         }),
         other => panic!("the README shows an event the test does not know: {other}"),
     };
-    v.expect("records serialize")
+    assert_eq!(e.name(), event);
+    serde_json::to_value(Line::at(&clock, 0, e)).expect("records serialize")
 }
 
 #[test]

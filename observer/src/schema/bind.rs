@@ -1,28 +1,17 @@
 //! Schema v1 records, built from kernel records and serialized as JSON Lines.
 
+use std::net::SocketAddr;
+
 use observer_common::{BindRecord, bind::flags};
 use serde::Serialize;
 
-use super::{SCHEMA_VERSION, Target, c_str, sockaddr_target};
-use crate::{
-    clock::Clock,
-    names::{errno_of_ret, family_name, proto_name},
-};
+use super::{Explain, Process, Target, sockaddr_target};
+use crate::names::{errno_of_ret, family_name, proto_name};
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct Bind {
-    pub v: u8,
-    pub ts: String,
-    pub event: &'static str,
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub uid: u32,
-    pub cgroup_id: u64,
-    /// The cgroup2 path of `cgroup_id`, and the container id it names, if any.
-    pub cgroup: Option<String>,
-    pub container_id: Option<String>,
-    pub netns: Option<u32>,
+    #[serde(flatten)]
+    pub process: Process,
     pub fd: i32,
     pub family: Option<String>,
     pub proto: Option<String>,
@@ -41,11 +30,15 @@ pub struct Bind {
     pub sock_ino: Option<u64>,
     /// On EADDRINUSE: who holds the port, which rule fired, what would fix it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub explain: Option<crate::explain::rules::Explain>,
+    pub explain: Option<Explain>,
+    /// For the explainer, typed: the IP protocol of a TCP or UDP socket and
+    /// the address it asked for.
+    #[serde(skip)]
+    pub request: Option<(u8, SocketAddr)>,
 }
 
 /// `null` where the kernel did not let the hook read the option, never a guessed `false`.
-#[derive(Serialize, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Debug, Default, Clone, PartialEq, Eq)]
 pub struct BindOptions {
     pub reuseaddr: Option<bool>,
     pub reuseport: Option<bool>,
@@ -57,7 +50,7 @@ pub struct BindOptions {
 }
 
 impl Bind {
-    pub fn from_record(r: &BindRecord, clock: &Clock) -> Bind {
+    pub fn from_record(r: &BindRecord) -> Bind {
         let socket = r.flags & flags::SOCKET != 0;
         let inet = socket && matches!(i32::from(r.family), libc::AF_INET | libc::AF_INET6);
         let target = if r.flags & flags::SOCKADDR != 0 {
@@ -67,19 +60,8 @@ impl Bind {
             Target::default()
         };
         let flag = |known: u32, set: u32| (r.flags & known != 0).then_some(r.flags & set != 0);
-        let t = &r.task;
         Bind {
-            v: SCHEMA_VERSION,
-            ts: clock.rfc3339(r.header.ktime_ns).to_string(),
-            event: "bind",
-            pid: t.pid(),
-            tid: t.tid(),
-            comm: c_str(&t.comm),
-            uid: t.uid(),
-            cgroup_id: t.cgroup_id,
-            cgroup: None,
-            container_id: None,
-            netns: (t.netns != 0).then_some(t.netns),
+            process: Process::of(&r.task),
             fd: r.fd,
             family: target.family.map(family_name),
             proto: inet.then(|| proto_name(r.sock_type, r.protocol)),
@@ -101,6 +83,14 @@ impl Bind {
             sock_cookie: (socket && r.sock_cookie != 0).then_some(r.sock_cookie),
             sock_ino: (socket && r.sock_ino != 0).then_some(r.sock_ino),
             explain: None,
+            request: match (inet, i32::from(r.sock_type), i32::from(r.protocol)) {
+                (true, libc::SOCK_STREAM, libc::IPPROTO_TCP)
+                | (true, libc::SOCK_DGRAM, libc::IPPROTO_UDP) => target
+                    .ip
+                    .zip(target.port)
+                    .map(|(ip, port)| (r.protocol as u8, SocketAddr::new(ip, port))),
+                _ => None,
+            },
         }
     }
 }
@@ -125,9 +115,10 @@ fn requested(sa: &[u8], inet_family: Option<u16>) -> Target {
 mod tests {
     use super::*;
 
-    fn clock() -> Clock {
-        Clock::with_offset(1_700_000_000_000_000_000)
-    }
+    use crate::{
+        clock::Clock,
+        schema::{Event, Line},
+    };
 
     fn sockaddr_in(r: &mut BindRecord, ip: [u8; 4], port: u16) {
         r.sockaddr[..2].copy_from_slice(&2u16.to_ne_bytes());
@@ -166,7 +157,13 @@ mod tests {
 
     #[test]
     fn failed_tcp_bind_json_shape() {
-        let json = serde_json::to_value(Bind::from_record(&tcp_v4(), &clock())).unwrap();
+        let r = tcp_v4();
+        let line = Line::at(
+            &Clock::with_offset(1_700_000_000_000_000_000),
+            r.header.ktime_ns,
+            Event::Bind(Bind::from_record(&r)),
+        );
+        let json = serde_json::to_value(line).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
@@ -189,7 +186,7 @@ mod tests {
         r.bound_port = 41000;
         r.enter_ns = 1_500;
         r.flags |= flags::BOUND_PORT | flags::ENTER;
-        let b = Bind::from_record(&r, &clock());
+        let b = Bind::from_record(&r);
         assert_eq!(
             (b.port, b.bound_port, b.errno, b.latency_ns),
             (Some(0), Some(41000), None, Some(500))
@@ -206,7 +203,7 @@ mod tests {
         r.sockaddr[8..24].copy_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
         r.addrlen = 28;
         r.ret = -97;
-        let b = Bind::from_record(&r, &clock());
+        let b = Bind::from_record(&r);
         assert_eq!(
             (b.family.as_deref(), b.addr.as_deref(), b.port),
             (Some("inet6"), Some("::1"), Some(5700))
@@ -215,7 +212,7 @@ mod tests {
         // AF_UNSPEC on an inet socket reads as AF_INET, as inet_bind does.
         let mut r = tcp_v4();
         r.sockaddr[..2].copy_from_slice(&0u16.to_ne_bytes());
-        let b = Bind::from_record(&r, &clock());
+        let b = Bind::from_record(&r);
         assert_eq!(
             (b.family.as_deref(), b.addr.as_deref()),
             (Some("unspec"), Some("127.0.0.1"))
@@ -227,7 +224,7 @@ mod tests {
         let mut r = BindRecord::zeroed();
         r.ret = -9;
         sockaddr_in(&mut r, [10, 0, 0, 1], 8080);
-        let b = Bind::from_record(&r, &clock());
+        let b = Bind::from_record(&r);
         assert_eq!(b.errno.as_deref(), Some("EBADF"));
         assert_eq!(
             (b.family.as_deref(), b.addr.as_deref(), b.port),
@@ -236,7 +233,7 @@ mod tests {
         assert_eq!(b.proto, None);
         assert_eq!(b.options, BindOptions::default());
         assert_eq!(
-            (b.sock_cookie, b.sock_ino, b.bound_port, b.netns),
+            (b.sock_cookie, b.sock_ino, b.bound_port, b.process.netns),
             (None, None, None, None)
         );
     }

@@ -1,0 +1,36 @@
+//! Who made a call: the process part of `bind`, `listen` and `connect`,
+//! decoded from the kernel's one `TaskHeader`.
+
+use observer_common::task::TaskHeader;
+use serde::Serialize;
+
+use super::c_str;
+
+#[derive(Serialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    /// The cgroup2 path of `cgroup_id`, and the container id it names, if
+    /// any: filled by the stream (`Cgroups`), not by the kernel.
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
+    pub netns: Option<u32>,
+}
+
+impl Process {
+    pub fn of(t: &TaskHeader) -> Process {
+        Process {
+            pid: t.pid(),
+            tid: t.tid(),
+            comm: c_str(&t.comm),
+            uid: t.uid(),
+            cgroup_id: t.cgroup_id,
+            cgroup: None,
+            container_id: None,
+            netns: (t.netns != 0).then_some(t.netns),
+        }
+    }
+}
