@@ -264,15 +264,9 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
         }
     }
     s.poll_lost()?;
-    let totals = s.totals();
     s.say(Event::ObserverStop(Stop {
         reason,
-        totals,
-        lost: totals.lost,
-        lost_by_cause: s.lost_by_cause(),
-        filtered: s.filtered(),
-        explain_coalesced: s.explain_counts().0,
-        explain_skipped: s.explain_counts().1,
+        counts: s.counts(),
         programs: attached.program_stats(),
     }));
     // To the writer now: it writes while the programs are detached.

@@ -77,17 +77,17 @@ impl<'a> Facts<'a> {
             Event::TimeWaitEnter(e) => Facts {
                 event: event.name(),
                 pid: e.pid,
-                ports: [Some(e.sport), Some(e.dport)],
+                ports: [Some(e.flow.sport), Some(e.flow.dport)],
                 comm: e.comm.as_deref(),
                 uid: e.uid,
                 cgroup: None,
-                netns: Some(e.netns),
+                netns: Some(e.flow.netns),
                 failed: false,
             },
             Event::TimeWaitExit(e) => Facts {
                 event: event.name(),
-                ports: [Some(e.sport), Some(e.dport)],
-                netns: Some(e.netns),
+                ports: [Some(e.flow.sport), Some(e.flow.dport)],
+                netns: Some(e.flow.netns),
                 ..Facts::default()
             },
             Event::ObserverStart(_) | Event::Lost(_) | Event::Stats(_) | Event::ObserverStop(_) => {

@@ -19,7 +19,8 @@ use crate::{
     filter::Filter,
     output::Output,
     schema::{
-        Bind, Event, Line, Lost, LostByCause, Process, Stats, TcpState, Totals, reuse, tuple,
+        Bind, Counts, Event, Line, Lost, LostByCause, Process, Stats, TcpState, Totals, reuse,
+        tuple,
     },
     time_wait::{
         self, Closer,
@@ -357,13 +358,8 @@ impl Stream {
         Ok(())
     }
 
-    /// Failures explained from an earlier lookup, and written unexplained.
-    pub fn explain_counts(&self) -> (u64, u64) {
-        (self.explainer.coalesced(), self.explainer.skipped)
-    }
-
     /// Records the filters kept out, in the kernel and here.
-    pub fn filtered(&self) -> u64 {
+    fn filtered(&self) -> u64 {
         let kernel: u64 = self
             .kernel_filtered
             .get(&observer_common::FILTERED_SLOT, 0)
@@ -372,22 +368,26 @@ impl Stream {
         self.filtered + kernel
     }
 
-    /// Records lost so far, by cause.
-    pub fn lost_by_cause(&self) -> LostByCause {
-        LostByCause {
+    /// The stream so far: written per type, lost by cause, filtered, explained.
+    pub fn counts(&self) -> Counts {
+        let lost_by_cause = LostByCause {
             ring_buffer: self.lost_seen[LOST_RINGBUF as usize],
             inflight_map: self.lost_seen[LOST_INFLIGHT as usize],
             time_wait_map: self.lost_seen[LOST_TIME_WAIT_MAP as usize],
             time_wait_queue: self.lost_seen[LOST_SLOTS as usize],
             output: self.out.lost(),
-        }
-    }
-
-    /// Records written per type, and lost (every cause).
-    pub fn totals(&self) -> Totals {
-        Totals {
-            lost: self.lost_by_cause().sum(),
-            ..self.totals
+        };
+        let lost = lost_by_cause.sum();
+        Counts {
+            totals: Totals {
+                lost,
+                ..self.totals
+            },
+            lost,
+            lost_by_cause,
+            filtered: self.filtered(),
+            explain_coalesced: self.explainer.coalesced(),
+            explain_skipped: self.explainer.skipped,
         }
     }
 
@@ -400,14 +400,8 @@ impl Stream {
             ms(u.user_time()) + ms(u.system_time())
         });
         let rss_kb = rss_kb();
-        let totals = self.totals();
         self.say(Event::Stats(Stats {
-            totals,
-            lost: totals.lost,
-            lost_by_cause: self.lost_by_cause(),
-            filtered: self.filtered(),
-            explain_coalesced: self.explainer.coalesced(),
-            explain_skipped: self.explainer.skipped,
+            counts: self.counts(),
             cpu_ms,
             rss_kb,
         }));

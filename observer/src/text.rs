@@ -133,7 +133,7 @@ pub fn line(l: &Line) -> String {
                 e.comm.as_deref(),
                 [
                     "tcp".into(),
-                    connection(&e.saddr, e.sport, &e.daddr, e.dport),
+                    connection(&e.flow.saddr, e.flow.sport, &e.flow.daddr, e.flow.dport),
                     String::new(),
                     String::new(),
                     format!("expires in {} ms", e.expires_ms),
@@ -147,7 +147,7 @@ pub fn line(l: &Line) -> String {
                 None,
                 [
                     "tcp".into(),
-                    connection(&x.saddr, x.sport, &x.daddr, x.dport),
+                    connection(&x.flow.saddr, x.flow.sport, &x.flow.daddr, x.flow.dport),
                     String::new(),
                     String::new(),
                     format!("{} after {} ms", x.reason, s(x.held_ms)),
@@ -221,12 +221,7 @@ mod tests {
         assert!(line(&at(Event::TimeWaitExit(x))).contains("expired after 61093 ms"));
         let stop = Stop {
             reason: "SIGINT",
-            totals: Default::default(),
-            lost: 0,
-            lost_by_cause: Default::default(),
-            filtered: 0,
-            explain_coalesced: 0,
-            explain_skipped: 0,
+            counts: Default::default(),
             programs: vec![],
         };
         let l = line(&at(Event::ObserverStop(stop)));

@@ -164,18 +164,11 @@ impl OptionsBook {
     /// A `time_wait_enter`: what a TIME_WAIT blocker on that connection
     /// inherited, and who closed it; the oldest forgotten beyond `CAP`.
     pub fn note_time_wait(&mut self, e: &crate::time_wait::TimeWaitEnter) {
-        let (Ok(src), Ok(dst)) = (e.saddr.parse(), e.daddr.parse()) else {
-            return;
-        };
         let reuse = e.reuseaddr.zip(e.reuseport);
         if let (Some(c), Some((a, p))) = (e.sock_cookie, reuse) {
             self.note(c, a, p);
         }
-        let key = (
-            e.netns,
-            SocketAddr::new(src, e.sport),
-            SocketAddr::new(dst, e.dport),
-        );
+        let key = (e.flow.netns, e.flow.src, e.flow.dst);
         let note = TwNote {
             reuse,
             closer: e.pid.zip(e.comm.clone()),

@@ -73,18 +73,27 @@ impl LostByCause {
     }
 }
 
-#[derive(Serialize, Debug, Clone)]
-pub struct Stats {
+/// What `stats` and `observer_stop` both report: the stream so far.
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Counts {
     /// Records written so far, per type.
     pub totals: Totals,
     pub lost: u64,
     pub lost_by_cause: LostByCause,
     /// Records the filters kept out of the output.
     pub filtered: u64,
+    /// EADDRINUSE failures explained from a lookup made for an earlier failure on
+    /// the same port less than 100 ms before (a storm costs one lookup per port).
     pub explain_coalesced: u64,
     /// EADDRINUSE failures written without an explanation: the explainer was
     /// 1024 lookups behind.
     pub explain_skipped: u64,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Stats {
+    #[serde(flatten)]
+    pub counts: Counts,
     /// The daemon's own CPU time (user + system) and resident memory.
     pub cpu_ms: u64,
     pub rss_kb: u64,
@@ -94,15 +103,8 @@ pub struct Stats {
 pub struct Stop {
     /// `duration`, `SIGINT`, `SIGTERM` or `repro`.
     pub reason: &'static str,
-    pub totals: Totals,
-    pub lost: u64,
-    pub lost_by_cause: LostByCause,
-    /// Records the filters kept out of the output.
-    pub filtered: u64,
-    /// EADDRINUSE failures explained from a lookup made for an earlier failure on
-    /// the same port less than 100 ms before (a storm costs one lookup per port).
-    pub explain_coalesced: u64,
-    pub explain_skipped: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
     /// Per program: runs and time in the kernel (zero unless kernel.bpf_stats_enabled=1).
     pub programs: Vec<ProgramStats>,
 }

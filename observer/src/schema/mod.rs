@@ -17,13 +17,13 @@ mod time_wait;
 use serde::Serialize;
 
 pub use bind::{Bind, BindOptions};
-pub use daemon::{Lost, LostByCause, ProgramStats, Start, Stats, Stop, Totals};
+pub use daemon::{Counts, Lost, LostByCause, ProgramStats, Start, Stats, Stop, Totals};
 pub use explain::{Explain, Holder, Rule};
 pub use process::Process;
 pub use sockaddr::{Target, c_str, ip_from, sockaddr_target};
 pub use sockcall::SockCall;
 pub use tcp::{TcpState, reuse, tuple};
-pub use time_wait::{Closer, TimeWaitEnter, TimeWaitExit};
+pub use time_wait::{Closer, Flow, TimeWaitEnter, TimeWaitExit};
 
 use crate::clock::Clock;
 

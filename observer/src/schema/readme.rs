@@ -66,7 +66,6 @@ fn code_record(event: &str, with_explain: bool) -> Value {
         hint: "a hint".into(),
         blockers: vec![blocker()],
     });
-    let totals = Totals::default();
     let call = |call| {
         let mut e = Event::of_call(&observer_common::SockCallRecord::zeroed(call));
         if let Event::Listen(c) | Event::Connect(c) = &mut e {
@@ -103,23 +102,13 @@ fn code_record(event: &str, with_explain: bool) -> Value {
             cause: "ring_buffer",
         }),
         "stats" => Event::Stats(Stats {
-            totals,
-            lost: 0,
-            lost_by_cause: LostByCause::default(),
-            filtered: 0,
-            explain_coalesced: 0,
-            explain_skipped: 0,
+            counts: Counts::default(),
             cpu_ms: 0,
             rss_kb: 0,
         }),
         "observer_stop" => Event::ObserverStop(Stop {
             reason: "SIGINT",
-            totals,
-            lost: 0,
-            lost_by_cause: LostByCause::default(),
-            filtered: 0,
-            explain_coalesced: 0,
-            explain_skipped: 0,
+            counts: Counts::default(),
             programs: vec![ProgramStats {
                 hook: String::new(),
                 id: 1,

@@ -1,6 +1,45 @@
 //! `time_wait_enter` and `time_wait_exit` (built by `crate::time_wait`).
 
+use std::net::SocketAddr;
+
 use serde::Serialize;
+
+use crate::names::family_name;
+
+/// The connection a timewait socket stands for: the part both records start with.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Flow {
+    /// The timewait socket's kernel address, as `tcp_state`'s `sk` (`null`
+    /// when sock_diag found it).
+    pub sk: Option<String>,
+    pub netns: u32,
+    pub family: String,
+    pub saddr: String,
+    pub sport: u16,
+    pub daddr: String,
+    pub dport: u16,
+    /// Both ends, typed.
+    #[serde(skip)]
+    pub src: SocketAddr,
+    #[serde(skip)]
+    pub dst: SocketAddr,
+}
+
+impl Flow {
+    pub fn new(sk: Option<u64>, netns: u32, src: SocketAddr, dst: SocketAddr) -> Flow {
+        Flow {
+            sk: sk.map(|a| format!("{a:#x}")),
+            netns,
+            family: family_name(if src.is_ipv4() { 2 } else { 10 }),
+            saddr: src.ip().to_string(),
+            sport: src.port(),
+            daddr: dst.ip().to_string(),
+            dport: dst.port(),
+            src,
+            dst,
+        }
+    }
+}
 
 /// The process that closed a connection (moved it to FIN_WAIT1 in process context).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -16,15 +55,8 @@ pub struct TimeWaitEnter {
     /// When it happened (the line's `ts`).
     #[serde(skip)]
     pub ktime_ns: u64,
-    /// The timewait socket's kernel address, as `tcp_state`'s `sk` (`null`
-    /// when sock_diag found it).
-    pub sk: Option<String>,
-    pub netns: u32,
-    pub family: String,
-    pub saddr: String,
-    pub sport: u16,
-    pub daddr: String,
-    pub dport: u16,
+    #[serde(flatten)]
+    pub flow: Flow,
     /// What the kernel's TIME_WAIT timer was armed for (or had left, for
     /// sockets sock_diag found).
     pub expires_ms: u32,
@@ -50,13 +82,8 @@ pub struct TimeWaitExit {
     /// When it happened (the line's `ts`).
     #[serde(skip)]
     pub ktime_ns: u64,
-    pub sk: Option<String>,
-    pub netns: u32,
-    pub family: String,
-    pub saddr: String,
-    pub sport: u16,
-    pub daddr: String,
-    pub dport: u16,
+    #[serde(flatten)]
+    pub flow: Flow,
     /// From the close to the end; `null` for sockets that predate the observer.
     pub held_ms: Option<u64>,
     /// `expired` (the timer ran out), `reused` (a new connection took the

@@ -11,8 +11,7 @@ pub mod timer;
 
 use std::net::SocketAddr;
 
-use crate::names::family_name;
-pub use crate::schema::{Closer, TimeWaitEnter, TimeWaitExit};
+pub use crate::schema::{Closer, Flow, TimeWaitEnter, TimeWaitExit};
 
 /// A connection: its socket's network namespace and both ends.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,12 +19,6 @@ pub struct Key {
     pub netns: u32,
     pub src: SocketAddr,
     pub dst: SocketAddr,
-}
-
-impl Key {
-    fn family(&self) -> String {
-        family_name(if self.src.is_ipv4() { 2 } else { 10 })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,22 +50,12 @@ pub struct Left {
     pub cookie: Option<u64>,
 }
 
-fn sk_hex(sk: Option<u64>) -> Option<String> {
-    sk.map(|a| format!("{a:#x}"))
-}
-
 impl Entered {
     pub fn record(self) -> TimeWaitEnter {
         let k = self.key;
         TimeWaitEnter {
             ktime_ns: self.ktime_ns,
-            sk: sk_hex(self.sk),
-            netns: k.netns,
-            family: k.family(),
-            saddr: k.src.ip().to_string(),
-            sport: k.src.port(),
-            daddr: k.dst.ip().to_string(),
-            dport: k.dst.port(),
+            flow: Flow::new(self.sk, k.netns, k.src, k.dst),
             expires_ms: self.expires_ms,
             confirmed: true,
             preexisting: self.preexisting,
@@ -92,13 +75,7 @@ impl Left {
         let k = self.key;
         TimeWaitExit {
             ktime_ns: self.ktime_ns,
-            sk: sk_hex(self.sk),
-            netns: k.netns,
-            family: k.family(),
-            saddr: k.src.ip().to_string(),
-            sport: k.src.port(),
-            daddr: k.dst.ip().to_string(),
-            dport: k.dst.port(),
+            flow: Flow::new(self.sk, k.netns, k.src, k.dst),
             held_ms: self.held_ms,
             reason: self.reason,
             preexisting: self.preexisting,

@@ -476,7 +476,7 @@ mod tests {
             (59_500, true, false)
         );
         assert_eq!(
-            (e.pid, e.comm.as_deref(), e.sport, e.dport),
+            (e.pid, e.comm.as_deref(), e.flow.sport, e.flow.dport),
             (Some(10), Some("server"), 5700, 41000)
         );
         // Still there: nothing. Then gone without reuse: expired.

@@ -412,7 +412,7 @@ mod tests {
             (e.expires_ms, e.pid, e.comm.as_deref(), e.reuseaddr),
             (60_000, Some(10), Some("server"), Some(true))
         );
-        assert_eq!(e.sk.as_deref(), Some("0xffff888100001000"));
+        assert_eq!(e.flow.sk.as_deref(), Some("0xffff888100001000"));
         let out = t.on_record(&ended(op::EXPIRED, 61_000));
         let [Out::Exit(x)] = out.as_slice() else {
             panic!("{out:?}")
