@@ -3,14 +3,16 @@
 use std::{
     io,
     process::ExitCode,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
+    sync::mpsc,
     time::{MissedTickBehavior, interval, sleep},
 };
 
@@ -19,12 +21,12 @@ use crate::{
     cgroups::Cgroups,
     cli::RunArgs,
     clock::Clock,
-    explain::worker::{self, Worker},
+    explain::worker::{self, Failure, Worker},
     filter::Filter,
     loader, mounts,
     output::{Output, stdout_closed, stdout_closed_watch},
-    repro::{self, ctx::Sink},
-    schema::{Event, Start, Stop},
+    repro::{self, ctx::Sink, scenarios::Scenario},
+    schema::{Event, Line, Start, Stop},
     stream::{Parts, Stream, TimeWait},
     time_wait,
 };
@@ -55,6 +57,27 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     rt.block_on(stream(args))
 }
 
+/// Everything `observer run` has once its programs are attached.
+struct Running {
+    s: Stream,
+    ring: AsyncFd<RingBuf<MapData>>,
+    attached: loader::Attached,
+    /// Failures back from the explainer.
+    explained: mpsc::Receiver<Failure>,
+    /// TIME_WAIT records from the polling tracker (where the timer is not used).
+    time_wait: mpsc::UnboundedReceiver<time_wait::Out>,
+}
+
+/// Why the loop ended.
+enum Ended {
+    /// A signal, the duration, or the `--repro` run (with its report).
+    Stop(&'static str, Option<ReproDone>),
+    /// Nobody reads stdout any more: nothing left to say.
+    StdoutClosed,
+}
+
+type ReproDone = (Vec<&'static Scenario>, repro::Report);
+
 async fn stream(args: RunArgs) -> Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
@@ -64,9 +87,53 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     let handler = std::thread::spawn(time_wait::timer::handler);
     // Signals first: one that arrives while the programs load is served by
     // the loop (a clean stop), not by the default action.
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    let mut signals = Signals::new()?;
+    let mut r = start(&args, handler)?;
+
+    // --repro: the scenarios run beside the stream; their events are kept to check.
+    let (repro_tx, repro_rx) = tokio::sync::oneshot::channel();
+    if let Some(names) = &args.repro {
+        let scenarios = repro::select(names).map_err(anyhow::Error::msg)?;
+        r.s.keep_calls();
+        std::thread::spawn(move || {
+            let report = repro::run(&scenarios, Sink::Stderr);
+            let _ = repro_tx.send((scenarios, report));
+        });
+    }
+    let (reason, report) = match serve(&mut r, &args, &mut signals, repro_rx).await? {
+        Ended::Stop(reason, report) => (reason, report),
+        Ended::StdoutClosed => {
+            log::debug!("stdout closed: stopping");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let kept = stop(r, reason, &args).await?;
+    match report {
+        Some((scenarios, report)) => check_repro(&args, &scenarios, &report, &kept),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// SIGINT, SIGTERM (stop) and SIGHUP (reopen the output).
+struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn new() -> io::Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// From the checks to `observer_start`: the output, the kernel's offsets and
+/// timer, the programs loaded and attached, the stream ready.
+fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Running> {
     let clock = Clock::new();
     let began = Instant::now();
     let phase = |what: &str| log::debug!("startup: {what} at {:?}", began.elapsed());
@@ -74,7 +141,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     // said before anything is loaded.
     let out = Output::open(args.output.as_deref(), args.format, clock)
         .map_err(|e| ConfigError(e.to_string()))?;
-    let filter = filter_of(&args)?;
+    let filter = filter_of(args)?;
     raise_memlock();
     if mounts::ensure_tracefs()? {
         eprintln!(
@@ -111,22 +178,23 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     // Parsing and loading the object allocates and frees megabytes: return them.
     // SAFETY: malloc_trim only returns free memory to the system.
     unsafe { libc::malloc_trim(0) };
-    let ring = RingBuf::try_from(attached.ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
-    let lost = PerCpuArray::try_from(attached.ebpf.take_map("LOST").context("no LOST map")?)?;
-    let filtered = PerCpuArray::try_from(
+    let mut map = |name: &str| {
         attached
             .ebpf
-            .take_map("FILTERED")
-            .context("no FILTERED map")?,
-    )?;
+            .take_map(name)
+            .with_context(|| format!("no {name} map"))
+    };
+    let ring = RingBuf::try_from(map("EVENTS")?)?;
+    let lost = PerCpuArray::try_from(map("LOST")?)?;
+    let filtered = PerCpuArray::try_from(map("FILTERED")?)?;
     // SAFETY: the RingBuf owns its map fd, which stays open until the AsyncFd drops it.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+    let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(io::Error::from)
         .context("polling the ring buffer")?;
 
-    let (tw_tx, mut tw_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tw_tx, tw_rx) = mpsc::unbounded_channel();
     // Explanations come back here, a bounded queue like the one to the worker.
-    let (explained_tx, mut explained_rx) = tokio::sync::mpsc::channel(worker::QUEUE);
+    let (explained_tx, explained_rx) = mpsc::channel(worker::QUEUE);
     // The TIME_WAIT sockets there already: reported right after observer_start.
     let (source, preexisting) = match tw {
         Some((_, hz)) => {
@@ -164,101 +232,101 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     }
     s.out.flush();
     phase("observer_start written");
+    Ok(Running {
+        s,
+        ring,
+        attached,
+        explained: explained_rx,
+        time_wait: tw_rx,
+    })
+}
 
-    // --repro: the scenarios run beside the stream; their events are kept to check.
-    let (repro_tx, mut repro_rx) = tokio::sync::oneshot::channel();
-    let repro = match &args.repro {
-        Some(names) => {
-            let scenarios = repro::select(names).map_err(anyhow::Error::msg)?;
-            s.keep_calls();
-            std::thread::spawn(move || {
-                let report = repro::run(&scenarios, Sink::Stderr);
-                let _ = repro_tx.send((scenarios, report));
-            });
-            true
-        }
-        None => false,
-    };
-    let mut report = None;
-
+/// The event loop, until a signal, the duration, the end of `--repro`, or
+/// a closed stdout.
+async fn serve(
+    r: &mut Running,
+    args: &RunArgs,
+    sig: &mut Signals,
+    mut repro: tokio::sync::oneshot::Receiver<ReproDone>,
+) -> Result<Ended> {
     let deadline = sleep(args.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
-    let stdout_watch = if s.out.is_stdout() {
+    let stdout_watch = if r.s.out.is_stdout() {
         stdout_closed_watch()
     } else {
         None
     };
-    let mut stats = interval(args.stats.unwrap_or(Duration::from_secs(3600)));
-    stats.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let every = |d: Duration| {
+        let mut i = interval(d);
+        i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        i
+    };
+    let mut stats = every(args.stats.unwrap_or(Duration::from_secs(3600)));
     stats.tick().await; // the first tick is immediate
     // The kernel side wakes us only when records pile up (see wake_flags):
     // drain on a short timer too.
-    let mut drain_tick = interval(DRAIN_EVERY);
-    drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut tick = interval(LOST_POLL);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut sweep = interval(SWEEP_EVERY);
-    sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
-
-    let reason = loop {
+    let mut drain_tick = every(DRAIN_EVERY);
+    let mut tick = every(LOST_POLL);
+    let mut sweep = every(SWEEP_EVERY);
+    let s = &mut r.s;
+    loop {
         if s.out.closed() {
-            log::debug!("stdout closed: stopping");
-            return Ok(ExitCode::SUCCESS);
+            return Ok(Ended::StdoutClosed);
         }
         // Biased: the ending conditions first, so that no load on the ring
         // buffer can keep a signal waiting (each drain is bounded too).
         tokio::select! {
             biased;
-            _ = sigint.recv() => break "SIGINT",
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = &mut deadline, if args.duration.is_some() => break "duration",
-            _ = stdout_closed(&stdout_watch) => {
-                log::debug!("stdout closed: stopping");
-                return Ok(ExitCode::SUCCESS);
-            }
-            r = &mut repro_rx, if repro => {
-                report = r.ok();
-                break "repro";
-            }
-            _ = sighup.recv() => s.out.reopen(),
+            _ = sig.int.recv() => return Ok(Ended::Stop("SIGINT", None)),
+            _ = sig.term.recv() => return Ok(Ended::Stop("SIGTERM", None)),
+            _ = &mut deadline, if args.duration.is_some() => return Ok(Ended::Stop("duration", None)),
+            _ = stdout_closed(&stdout_watch) => return Ok(Ended::StdoutClosed),
+            done = &mut repro, if args.repro.is_some() => return Ok(Ended::Stop("repro", done.ok())),
+            _ = sig.hup.recv() => s.out.reopen(),
             // Before the ring buffer: under a storm it is always ready, and
             // explained failures (at most the queue's length) must not starve.
-            Some(f) = explained_rx.recv() => {
+            Some(f) = r.explained.recv() => {
                 s.write_explained(f);
-                while let Ok(f) = explained_rx.try_recv() {
+                while let Ok(f) = r.explained.try_recv() {
                     s.write_explained(f);
                 }
                 s.out.flush();
             }
-            guard = ring.readable_mut() => {
+            guard = r.ring.readable_mut() => {
                 let mut guard = guard?;
                 if !s.drain(guard.get_inner_mut()) {
                     guard.clear_ready();
                 }
             }
-            _ = drain_tick.tick() => { s.drain(ring.get_mut()); }
-            _ = sweep.tick() => attached.sweep_time_wait()?,
+            _ = drain_tick.tick() => { s.drain(r.ring.get_mut()); }
+            _ = sweep.tick() => r.attached.sweep_time_wait()?,
             _ = tick.tick() => {
                 s.poll_lost()?;
                 s.settled();
                 s.out.flush();
             }
             _ = stats.tick(), if args.stats.is_some() => s.stats(),
-            Some(o) = tw_rx.recv() => {
+            Some(o) = r.time_wait.recv() => {
                 s.time_wait_record(o);
-                while let Ok(o) = tw_rx.try_recv() {
+                while let Ok(o) = r.time_wait.try_recv() {
                     s.time_wait_record(o);
                 }
                 s.out.flush();
             }
         }
-    };
+    }
+}
+
+/// What is in flight within `STOP_WITHIN`, `observer_stop`, the programs
+/// detached, the output finished. Returns the call records kept for `--repro`.
+async fn stop(mut r: Running, reason: &'static str, args: &RunArgs) -> Result<Vec<Line>> {
     let stop_by = Instant::now() + STOP_WITHIN;
+    let s = &mut r.s;
     // What is already in the ring buffer, and its explanations, within the time we have.
-    while s.drain(ring.get_mut()) && Instant::now() + STOP_WITHIN / 3 < stop_by {}
+    while s.drain(r.ring.get_mut()) && Instant::now() + STOP_WITHIN / 3 < stop_by {}
     while s.explaining() > 0 {
         let left = (stop_by - STOP_WITHIN / 3).saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, explained_rx.recv()).await {
+        match tokio::time::timeout(left, r.explained.recv()).await {
             Ok(Some(f)) => s.write_explained(f),
             _ => break,
         }
@@ -267,10 +335,13 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     s.say(Event::ObserverStop(Stop {
         reason,
         counts: s.counts(),
-        programs: attached.program_stats(),
+        programs: r.attached.program_stats(),
     }));
     // To the writer now: it writes while the programs are detached.
     s.out.flush();
+    let Running {
+        s, ring, attached, ..
+    } = r;
     drop(ring);
     drop(attached); // detaches every program: their links are owned by this process
     let (out, kept) = s.finish();
@@ -290,10 +361,17 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
             }
         );
     }
-    let Some((scenarios, report)) = report else {
-        return Ok(ExitCode::SUCCESS);
-    };
-    eprint!("{}", report.summary(&scenarios));
+    Ok(kept)
+}
+
+/// `run --repro`: the workload's report, and whether the stream held every step.
+fn check_repro(
+    args: &RunArgs,
+    scenarios: &[&Scenario],
+    report: &repro::Report,
+    kept: &[Line],
+) -> Result<ExitCode> {
+    eprint!("{}", report.summary(scenarios));
     if let Some(path) = &args.repro_log {
         let mut log = String::new();
         for step in &report.steps {
