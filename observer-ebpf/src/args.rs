@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TracePointContext,
 };
-use observer_common::LOST_INFLIGHT;
+use observer_common::{LOST_INFLIGHT, bind::SOCKADDR_MAX};
 
 use crate::maps::count_lost;
 
@@ -88,4 +88,25 @@ pub fn from_entry() -> Option<Args> {
         a: e.a,
         enter_ns: Some(e.enter_ns),
     })
+}
+
+/// Copies the caller's sockaddr (`uaddr`, `addrlen` of its arguments) into
+/// `dst`, as much of it as fits; says whether it could be read.
+#[inline(always)]
+pub fn read_sockaddr(dst: &mut [u8; SOCKADDR_MAX], uaddr: u64, addrlen: u32) -> bool {
+    if uaddr == 0 || addrlen == 0 {
+        return false;
+    }
+    // Bounded right where it is used: the verifier must see `len <= SOCKADDR_MAX`.
+    let len = core::cmp::min(addrlen, SOCKADDR_MAX as u32);
+    // SAFETY: `len <= SOCKADDR_MAX`, the size of `dst`, so the copy stays in it; the
+    // helper checks the user address (an error, never a fault).
+    let copied = unsafe {
+        generated::bpf_probe_read_user(
+            dst.as_mut_ptr().cast(),
+            len,
+            uaddr as *const core::ffi::c_void,
+        )
+    };
+    copied == 0
 }

@@ -8,19 +8,16 @@
 //! `obs_sys_exit_bind_entered` takes the arguments `obs_sys_enter_args` kept.
 
 use aya_ebpf::{helpers::generated, macros::tracepoint, programs::TracePointContext};
-use observer_common::{
-    BindRecord, Kind,
-    bind::{SOCKADDR_MAX, flags},
-    filter::on,
-};
+use observer_common::{BindRecord, Kind, bind::flags, filter::on};
 
 use crate::{
-    args::{self, Args},
+    args::{self, Args, read_sockaddr},
     kernel::{
         Common, FdSocket, Window, fd_socket, inet_bit, inet_flags, sock_common, sock_cookie,
         sock_reuse_in,
     },
     maps::{kernel_offsets, reserve_zeroed, wake_flags},
+    rare::{self, Rare},
     task::{count_filtered, filter, passing_task, ports_pass},
 };
 
@@ -90,23 +87,15 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
         r.enter_ns = enter_ns;
         r.flags |= flags::ENTER;
     }
-    let len = core::cmp::min(addrlen as usize, SOCKADDR_MAX);
-    if uaddr != 0 && len > 0 {
-        // SAFETY: `len <= SOCKADDR_MAX`, the size of `r.sockaddr`, so the copy stays in
-        // the record; the helper checks the user address (an error, never a fault).
-        let copied = unsafe {
-            generated::bpf_probe_read_user(
-                r.sockaddr.as_mut_ptr().cast(),
-                len as u32,
-                uaddr as *const core::ffi::c_void,
-            )
-        };
-        if copied == 0 {
-            r.flags |= flags::SOCKADDR;
-        }
+    if read_sockaddr(&mut r.sockaddr, uaddr, addrlen) {
+        r.flags |= flags::SOCKADDR;
+    } else if ret == 0 {
+        rare::note(Rare::SockaddrUnreadable);
     }
-    if let Some((s, common)) = sock {
-        socket_fields(r, &s, &common, bound_port);
+    match sock {
+        Some((s, common)) => socket_fields(r, &s, &common, bound_port),
+        None if ret == 0 => rare::note(Rare::SocketUnreadable),
+        None => {}
     }
     slot.submit(wake_flags(size_of::<BindRecord>(), ret < 0));
     Ok(())

@@ -8,6 +8,7 @@ mod args;
 mod bind;
 mod kernel;
 mod maps;
+mod rare;
 mod sockcall;
 mod task;
 mod tcp;

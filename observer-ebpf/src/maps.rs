@@ -62,7 +62,11 @@ pub fn count_lost(slot: u32) {
     if let Some(n) = LOST.get_ptr_mut(slot) {
         // SAFETY: this CPU's value, valid for the run; no other tracepoint program runs
         // on this CPU meanwhile (an IRQ during the daemon-run sweep can lose one count).
-        unsafe { *n += 1 };
+        let n = unsafe {
+            *n += 1;
+            *n
+        };
+        crate::rare::note_lost(slot, n);
     }
 }
 

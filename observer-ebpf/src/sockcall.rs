@@ -6,13 +6,12 @@
 use aya_ebpf::{helpers::generated, macros::tracepoint, programs::TracePointContext};
 use observer_common::{
     Kind, SockCallRecord,
-    bind::SOCKADDR_MAX,
     filter::on,
     sockcall::{Call, flags},
 };
 
 use crate::{
-    args::{self, Args},
+    args::{self, Args, read_sockaddr},
     kernel::{fd_socket, sock_local},
     maps::{reserve_zeroed, wake_flags},
     task::{count_filtered, filter, passing_task, ports_pass},
@@ -97,20 +96,8 @@ fn exit(ctx: &TracePointContext, call: Call, args: fn() -> Option<Args>) -> Resu
         r.laddr = local.addr;
         r.flags |= flags::LOCAL;
     }
-    let len = core::cmp::min(addrlen as usize, SOCKADDR_MAX);
-    if uaddr != 0 && len > 0 {
-        // SAFETY: `len <= SOCKADDR_MAX`, the size of `r.sockaddr`, so the copy stays in
-        // the record; the helper checks the user address (an error, never a fault).
-        let copied = unsafe {
-            generated::bpf_probe_read_user(
-                r.sockaddr.as_mut_ptr().cast(),
-                len as u32,
-                uaddr as *const core::ffi::c_void,
-            )
-        };
-        if copied == 0 {
-            r.flags |= flags::SOCKADDR;
-        }
+    if read_sockaddr(&mut r.sockaddr, uaddr, addrlen) {
+        r.flags |= flags::SOCKADDR;
     }
     entry.submit(wake_flags(size_of::<SockCallRecord>(), true));
     Ok(())

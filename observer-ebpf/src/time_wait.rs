@@ -150,6 +150,24 @@ fn tw_of(c: &TimeWaitConfig, timer: u64, function: u64) -> Option<u64> {
         .then(|| timer - c.tw_timer as u64)
 }
 
+/// The timewait socket of a tracepoint that names the timer and its
+/// function (timer_start, timer_expire_entry), at offsets from its format file.
+#[inline(always)]
+fn tw_of_record(
+    ctx: &TracePointContext,
+    c: &TimeWaitConfig,
+    function_at: u32,
+    timer_at: u32,
+) -> Result<Option<u64>, i64> {
+    // SAFETY: the daemon took the offsets from the tracepoint's format file, so they lie
+    // in the record; read_at is bpf_probe_read_kernel, which cannot fault.
+    // `void *function`, `void *timer`.
+    let function: u64 = unsafe { ctx.read_at(function_at as usize)? };
+    // SAFETY: as above.
+    let timer: u64 = unsafe { ctx.read_at(timer_at as usize)? };
+    Ok(tw_of(c, timer, function))
+}
+
 fn now() -> u64 {
     // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
     unsafe { generated::bpf_ktime_get_ns() }
@@ -164,12 +182,7 @@ pub fn obs_timer_start(ctx: TracePointContext) -> u32 {
 fn try_start(ctx: &TracePointContext) -> Result<(), i64> {
     let c = time_wait_config();
     // The function filter first: this runs for every timer armed on the host.
-    // SAFETY: the daemon took the offsets from timer_start's format file, so they lie in
-    // the record; read_at is bpf_probe_read_kernel, which cannot fault. `void *function`.
-    let function: u64 = unsafe { ctx.read_at(c.start_function as usize)? };
-    // SAFETY: as above; `void *timer`.
-    let timer: u64 = unsafe { ctx.read_at(c.start_timer as usize)? };
-    let Some(tw) = tw_of(&c, timer, function) else {
+    let Some(tw) = tw_of_record(ctx, &c, c.start_function, c.start_timer)? else {
         return Ok(());
     };
     let substate: u8 = read(tw, c.tw_substate).ok_or(0i64)?;
@@ -421,12 +434,7 @@ pub fn obs_timer_expire_entry(ctx: TracePointContext) -> u32 {
 
 fn try_expire(ctx: &TracePointContext) -> Result<(), i64> {
     let c = time_wait_config();
-    // SAFETY: `void *function`, at an offset from timer_expire_entry's format file;
-    // read_at is bpf_probe_read_kernel, which cannot fault.
-    let function: u64 = unsafe { ctx.read_at(c.expire_function as usize)? };
-    // SAFETY: as above; `void *timer`.
-    let timer: u64 = unsafe { ctx.read_at(c.expire_timer as usize)? };
-    let Some(tw) = tw_of(&c, timer, function) else {
+    let Some(tw) = tw_of_record(ctx, &c, c.expire_function, c.expire_timer)? else {
         return Ok(());
     };
     // SAFETY: plain data copied out at once; an update or removal on another CPU

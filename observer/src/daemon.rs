@@ -10,7 +10,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use tokio::{
-    io::{Interest, unix::AsyncFd},
+    io::{
+        Interest,
+        unix::{AsyncFd, AsyncFdReadyMutGuard},
+    },
     signal::unix::{Signal, SignalKind, signal},
     sync::mpsc,
     time::{MissedTickBehavior, interval, sleep},
@@ -66,6 +69,8 @@ struct Running {
     explained: mpsc::Receiver<Failure>,
     /// TIME_WAIT records from the polling tracker (where the timer is not used).
     time_wait: mpsc::UnboundedReceiver<time_wait::Out>,
+    /// The programs' log records (rare paths), with `-v`.
+    logs: Option<AsyncFd<loader::KernelLogger>>,
 }
 
 /// Why the loop ended.
@@ -175,6 +180,14 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
         ring_bytes: args.ring_buffer,
     })?;
     phase("programs loaded and attached");
+    let logs = loader::kernel_logger(&mut attached.ebpf)
+        // SAFETY: the logger owns its ring buffer's fd, open until the AsyncFd drops it.
+        .map(|l| {
+            unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                .map_err(io::Error::from)
+        })
+        .transpose()
+        .context("polling the programs' log")?;
     // Parsing and loading the object allocates and frees megabytes: return them.
     // SAFETY: malloc_trim only returns free memory to the system.
     unsafe { libc::malloc_trim(0) };
@@ -238,6 +251,7 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
         attached,
         explained: explained_rx,
         time_wait: tw_rx,
+        logs,
     })
 }
 
@@ -306,6 +320,11 @@ async fn serve(
                 s.out.flush();
             }
             _ = stats.tick(), if args.stats.is_some() => s.stats(),
+            guard = logs_ready(&mut r.logs) => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
             Some(o) = r.time_wait.recv() => {
                 s.time_wait_record(o);
                 while let Ok(o) = r.time_wait.try_recv() {
@@ -314,6 +333,16 @@ async fn serve(
                 s.out.flush();
             }
         }
+    }
+}
+
+/// The programs' log, when there is one to read.
+async fn logs_ready(
+    logs: &mut Option<AsyncFd<loader::KernelLogger>>,
+) -> io::Result<AsyncFdReadyMutGuard<'_, loader::KernelLogger>> {
+    match logs {
+        Some(l) => l.readable_mut().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -332,6 +361,9 @@ async fn stop(mut r: Running, reason: &'static str, args: &RunArgs) -> Result<Ve
         }
     }
     s.poll_lost()?;
+    if let Some(logs) = &mut r.logs {
+        logs.get_mut().flush();
+    }
     s.say(Event::ObserverStop(Stop {
         reason,
         counts: s.counts(),

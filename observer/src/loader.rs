@@ -185,11 +185,38 @@ fn load(s: &Setup) -> Result<Ebpf> {
             true,
         )
         .override_global(FILTER_SYMBOL, s.filter, true)
+        .override_global(aya_log::LEVEL, &kernel_log_level(), false)
         .map_max_entries("EVENTS", s.ring_bytes)
         .load(object)
         .context("loading the eBPF object into the kernel")?;
     fill_filter_maps(&mut ebpf, s)?;
     Ok(ebpf)
+}
+
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// aya-log's level for the kernel side's rare paths (`observer-ebpf/src/rare.rs`):
+/// what the daemon's own log shows (`-v` info, `-vv` debug); off without `-v`,
+/// so that the programs make no log record at all.
+fn kernel_log_level() -> u8 {
+    use aya_log::Level;
+    match log::max_level() {
+        log::LevelFilter::Off | log::LevelFilter::Error | log::LevelFilter::Warn => 0,
+        log::LevelFilter::Info => Level::Info as u8,
+        log::LevelFilter::Debug => Level::Debug as u8,
+        log::LevelFilter::Trace => Level::Trace as u8,
+    }
+}
+
+/// The kernel side's log records, read where `-v` asks for them; `None`
+/// otherwise (the programs then write none).
+pub fn kernel_logger(ebpf: &mut Ebpf) -> Option<KernelLogger> {
+    if kernel_log_level() == 0 {
+        return None;
+    }
+    aya_log::EbpfLogger::init(ebpf)
+        .inspect_err(|e| log::warn!("the programs' log cannot be read: {e}"))
+        .ok()
 }
 
 /// Timewait sockets the kernel map holds where it must be preallocated

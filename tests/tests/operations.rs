@@ -165,6 +165,36 @@ fn kernel_filters_drop_before_the_ring_buffer() {
     );
 }
 
+/// The programs' rare paths reach the daemon's log through aya-log with
+/// `-v` (the first time, then at powers of two), and cost nothing without.
+#[test]
+fn the_programs_log_a_full_ring_buffer_with_v() {
+    require_root!();
+    const N: usize = 300;
+    let run = |verbose: bool| {
+        let mut args = vec!["--ring-buffer", "4096", "--events", "bind"];
+        if verbose {
+            args.push("-v");
+        }
+        let (obs, _) = Observer::start(&args);
+        obs.signal(libc::SIGSTOP);
+        reuseport_binds(&[5736], N);
+        obs.signal(libc::SIGCONT);
+        let done = obs.stop();
+        assert!(done.status.success(), "{}", done.stderr);
+        let (lost, _) = lost_and_filtered(&done);
+        assert!(lost > 0, "one page cannot hold {N} records");
+        done.stderr
+    };
+    let said = run(true);
+    assert!(
+        said.contains("ring buffer full, record lost: 1 time(s) on this CPU"),
+        "{said}"
+    );
+    let quiet = run(false);
+    assert!(!quiet.contains("observer_ebpf"), "{quiet}");
+}
+
 #[test]
 fn two_observers_each_see_everything() {
     require_root!();
