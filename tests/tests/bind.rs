@@ -10,6 +10,40 @@ use observer_tests::{
 };
 use serde_json::Value;
 
+/// From 5.15 (`bpf_task_pt_regs`) one program per call is the design: a
+/// program the verifier refuses must not fall back to the entry hooks unseen.
+#[test]
+fn one_program_per_call_where_the_registers_can_be_read() {
+    require_root!();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    let (obs, start) = Observer::start(&[]);
+    let done = obs.stop();
+    assert!(done.status.success(), "{}", done.stderr);
+    let hooks: Vec<&str> = start["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        hooks.contains(&"tracepoint/syscalls/sys_exit_bind"),
+        "{hooks:?}"
+    );
+    let entries = hooks
+        .iter()
+        .any(|h| h.starts_with("tracepoint/syscalls/sys_enter_"));
+    assert_eq!(
+        entries,
+        (major, minor) < (5, 15),
+        "kernel {release}: hooks {hooks:?}"
+    );
+}
+
 #[test]
 fn every_bind_is_reported_exactly_once() {
     require_root!();
