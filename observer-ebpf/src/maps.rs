@@ -74,6 +74,10 @@ pub fn count_lost(slot: u32) {
 /// lies: built on the stack and copied, a 256-byte record would take half of
 /// the 512 bytes of stack a chain of BPF calls may use. `T` starts with a
 /// `Header`. `None` (and counted) when the ring buffer is full.
+// Inlined: a ring-buffer reference returned from a BPF subprogram and
+// null-checked again by the caller leaks on 6.1's verifier (it cannot prune
+// the second check), which then refuses the program.
+#[inline(always)]
 pub fn reserve_zeroed<T: 'static>(kind: Kind) -> Option<RingBufEntry<T>> {
     let Some(mut slot) = EVENTS.reserve::<T>(0) else {
         count_lost(LOST_RINGBUF);
