@@ -366,6 +366,7 @@ impl Bench {
         let mut rates: Vec<Vec<f64>> = vec![Vec::new(); watchers.len()];
         let (mut events, mut made, mut lost, mut cpu, mut coalesced) =
             (0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut by_cause = std::collections::BTreeMap::<String, u64>::new();
         for round in 0..rounds {
             eprintln!("bench: {mode} round {}/{rounds}", round + 1);
             for (i, (name, w)) in watchers.iter().enumerate() {
@@ -377,6 +378,11 @@ impl Bench {
                     lost += seen.lost;
                     cpu += seen.cpu_ms;
                     coalesced += seen.stop["explain_coalesced"].as_u64().unwrap_or(0);
+                    if let Some(causes) = seen.stop["lost_by_cause"].as_object() {
+                        for (cause, n) in causes {
+                            *by_cause.entry(cause.clone()).or_insert(0) += n.as_u64().unwrap_or(0);
+                        }
+                    }
                 }
             }
         }
@@ -391,6 +397,7 @@ impl Bench {
         m["calls"] = json!(made);
         m["completeness"] = json!(events as f64 / made.max(1) as f64);
         m["lost"] = json!(lost);
+        m["lost_by_cause"] = json!(by_cause);
         m["explain_coalesced"] = json!(coalesced);
         let secs: f64 = LOOP_SECS.parse()?;
         m["daemon_cpu_ms_per_s"] = json!(cpu as f64 / (rounds as f64 * secs));
@@ -660,7 +667,9 @@ pub fn run(t: Tools, root: &Path) -> Result<()> {
     std::thread::sleep(Duration::from_millis(2500));
     let rss = Bench::rss_kb(o.pid());
     results["rss_kb_after_10m_events"] = json!(rss);
-    results["lost_in_10m_events"] = json!(o.stop()?.lost());
+    let stop = o.stop()?;
+    results["lost_in_10m_events"] = json!(stop.lost());
+    results["lost_in_10m_by_cause"] = stop.stop["lost_by_cause"].clone();
 
     // 5: TIME_WAIT: churn, its in-kernel cost, and RSS with 600,000 open.
     results["time_wait_churn"] = time_wait_churn(&b)?;
@@ -730,6 +739,21 @@ fn print_table(r: &Value, peers: &[&str], w: &mut impl Write) -> std::io::Result
         "{:<44} {:>10} {:>10} {:>10}",
         "lost (target 0)", r["udp"]["lost"], r["tcp"]["lost"], r["storm"]["lost"]
     )?;
+    // Where the losses were: in the kernel (ring buffer full) or in the
+    // output (the reader of the observer's pipe fell behind).
+    let cause = |phase: &str, c: &str| r[phase]["lost_by_cause"][c].as_u64().unwrap_or(0);
+    writeln!(
+        w,
+        "{:<44} {:>10} {:>10} {:>10}",
+        "  of which ring buffer / output",
+        format!("{}/{}", cause("udp", "ring_buffer"), cause("udp", "output")),
+        format!("{}/{}", cause("tcp", "ring_buffer"), cause("tcp", "output")),
+        format!(
+            "{}/{}",
+            cause("storm", "ring_buffer"),
+            cause("storm", "output")
+        )
+    )?;
     writeln!(
         w,
         "{:<44} {:>10.0} {:>10.0} {:>10.0}",
@@ -793,9 +817,10 @@ fn print_table(r: &Value, peers: &[&str], w: &mut impl Write) -> std::io::Result
     )?;
     writeln!(
         w,
-        "startup {:.0} ms (median of 10, target < 100); RSS after 10 M events {} kB (target < 20480), lost {}",
+        "startup {:.0} ms (median of 10, target < 100); RSS after 10 M events {} kB (target < 20480), lost {} (by cause: {})",
         f(&r["startup_ms_median"]),
         r["rss_kb_after_10m_events"],
-        r["lost_in_10m_events"]
+        r["lost_in_10m_events"],
+        r["lost_in_10m_by_cause"]
     )
 }
