@@ -127,15 +127,6 @@ pub struct TimeWaitConfig {
     /// `TCP_TIMEWAIT_LEN` (60 s) in jiffies, and a jiffy in ns (from HZ).
     pub timewait_len_jiffies: u64,
     pub ns_per_jiffy: u64,
-    /// Field offsets in the tracepoints' records (their `format` files).
-    pub start_timer: u32,
-    pub start_function: u32,
-    pub start_expires: u32,
-    pub start_now: u32,
-    pub expire_timer: u32,
-    pub expire_function: u32,
-    pub expire_now: u32,
-    pub cancel_timer: u32,
 }
 
 impl TimeWaitConfig {
@@ -149,14 +140,6 @@ impl TimeWaitConfig {
         tw_snd_nxt: 0,
         timewait_len_jiffies: 0,
         ns_per_jiffy: 0,
-        start_timer: 0,
-        start_function: 0,
-        start_expires: 0,
-        start_now: 0,
-        expire_timer: 0,
-        expire_function: 0,
-        expire_now: 0,
-        cancel_timer: 0,
     };
 }
 

@@ -97,7 +97,8 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
         None if ret == 0 => rare::note(Rare::SocketUnreadable),
         None => {}
     }
-    slot.submit(wake_flags(size_of::<BindRecord>(), ret < 0));
+    let now = r.header.ktime_ns;
+    slot.submit(wake_flags(size_of::<BindRecord>(), ret < 0, now));
     Ok(())
 }
 

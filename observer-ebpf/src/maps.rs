@@ -43,19 +43,35 @@ pub fn time_wait_config() -> TimeWaitConfig {
 /// bind. The daemon also drains on a short timer, so nothing waits long.
 const WAKE_BYTES: u64 = 256 * 1024;
 
-/// `flags` for submitting a record of `size` bytes. An `urgent` record (a
-/// failure, which the daemon explains by looking at the sockets before they
-/// go) wakes the daemon if it is idle (the ring buffer's own rule: it had
-/// read everything before this record); a daemon already draining sees it
-/// anyway, so a storm of failures costs one wakeup, not one each.
-pub fn wake_flags(size: usize, urgent: bool) -> u64 {
+/// An urgent record wakes the daemon at most this often per CPU.
+const URGENT_EVERY_NS: u64 = 1_000_000;
+
+/// When this CPU last let an urgent record wake the daemon.
+#[map]
+static WOKE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `flags` for submitting a record of `size` bytes made at `now_ns`. An
+/// `urgent` record (a failure, which the daemon explains by looking at the
+/// sockets before they go) wakes the daemon if it is idle (the ring buffer's
+/// own rule: it had read everything before this record), at most once per
+/// millisecond per CPU: a wakeup costs the failing caller a self-IPI, and in
+/// a storm of failures the daemon, idle between records, would be woken for
+/// each. The rest wait for the next wakeup or the daemon's 10 ms drain.
+pub fn wake_flags(size: usize, urgent: bool, now_ns: u64) -> u64 {
     if EVENTS.query(BPF_RB_AVAIL_DATA as u64) + size as u64 >= WAKE_BYTES {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else if urgent {
-        0
-    } else {
-        BPF_RB_NO_WAKEUP as u64
+        return BPF_RB_FORCE_WAKEUP as u64;
     }
+    if urgent && let Some(last) = WOKE.get_ptr_mut(0) {
+        // SAFETY: this CPU's value, valid for the run; no other program runs on this
+        // CPU meanwhile (see `count_lost`).
+        unsafe {
+            if now_ns.wrapping_sub(*last) >= URGENT_EVERY_NS {
+                *last = now_ns;
+                return 0;
+            }
+        }
+    }
+    BPF_RB_NO_WAKEUP as u64
 }
 
 pub fn count_lost(slot: u32) {

@@ -99,6 +99,7 @@ fn exit(ctx: &TracePointContext, call: Call, args: fn() -> Option<Args>) -> Resu
     if read_sockaddr(&mut r.sockaddr, uaddr, addrlen) {
         r.flags |= flags::SOCKADDR;
     }
-    entry.submit(wake_flags(size_of::<SockCallRecord>(), true));
+    let now = r.header.ktime_ns;
+    entry.submit(wake_flags(size_of::<SockCallRecord>(), true, now));
     Ok(())
 }

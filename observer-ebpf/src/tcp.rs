@@ -2,9 +2,9 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated},
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{LruHashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use observer_common::{
     LOST_RINGBUF, TcpStateRecord,
@@ -33,21 +33,20 @@ static SINCE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(131072, 0);
 #[map]
 static IN_SOFTIRQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
-/// `vec` in `irq:softirq_entry`'s record (stable since the tracepoint exists).
-const SOFTIRQ_VEC: usize = 8;
 const TIMER_SOFTIRQ: u32 = 1;
 
-#[tracepoint]
-pub fn obs_softirq_entry(ctx: TracePointContext) -> u32 {
-    // SAFETY: offset 8 of softirq_entry's record is `unsigned int vec`; read_at is
-    // bpf_probe_read_kernel, which cannot fault.
-    let vec: u32 = unsafe { ctx.read_at(SOFTIRQ_VEC) }.unwrap_or(u32::MAX - 1);
-    set_in_softirq(vec + 1);
+// Raw tracepoints: a classic one is skipped when the softirq runs on the exit
+// of an interrupt taken inside another of our programs (see the loader's `RAW`).
+#[raw_tracepoint]
+pub fn obs_softirq_entry(ctx: RawTracePointContext) -> i32 {
+    // `softirq_entry(unsigned int vec_nr)`.
+    let vec = ctx.arg::<u64>(0) as u32;
+    set_in_softirq(vec.wrapping_add(1));
     0
 }
 
-#[tracepoint]
-pub fn obs_softirq_exit(_ctx: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn obs_softirq_exit(_ctx: RawTracePointContext) -> i32 {
     set_in_softirq(0);
     0
 }
@@ -158,7 +157,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             | if reuseport { flags::REUSEPORT } else { 0 };
     }
     if EVENTS
-        .output::<TcpStateRecord>(&r, wake_flags(size_of::<TcpStateRecord>(), false))
+        .output::<TcpStateRecord>(&r, wake_flags(size_of::<TcpStateRecord>(), false, 0))
         .is_err()
     {
         count_lost(LOST_RINGBUF);

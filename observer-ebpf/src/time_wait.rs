@@ -24,9 +24,9 @@
 
 use aya_ebpf::{
     helpers::generated,
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::RawTracePointContext,
 };
 use observer_common::{
     Kind, LOST_TIME_WAIT_MAP, TimeWaitRecord,
@@ -150,48 +150,48 @@ fn tw_of(c: &TimeWaitConfig, timer: u64, function: u64) -> Option<u64> {
         .then(|| timer - c.tw_timer as u64)
 }
 
-/// The timewait socket of a tracepoint that names the timer and its
-/// function (timer_start, timer_expire_entry), at offsets from its format file.
-#[inline(always)]
-fn tw_of_record(
-    ctx: &TracePointContext,
-    c: &TimeWaitConfig,
-    function_at: u32,
-    timer_at: u32,
-) -> Result<Option<u64>, i64> {
-    // SAFETY: the daemon took the offsets from the tracepoint's format file, so they lie
-    // in the record; read_at is bpf_probe_read_kernel, which cannot fault.
-    // `void *function`, `void *timer`.
-    let function: u64 = unsafe { ctx.read_at(function_at as usize)? };
-    // SAFETY: as above.
-    let timer: u64 = unsafe { ctx.read_at(timer_at as usize)? };
-    Ok(tw_of(c, timer, function))
-}
-
 fn now() -> u64 {
     // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
     unsafe { generated::bpf_ktime_get_ns() }
 }
 
-#[tracepoint]
-pub fn obs_timer_start(ctx: TracePointContext) -> u32 {
+/// The timer a raw timer tracepoint is about (`TP_PROTO`'s first argument on
+/// every kernel), and the timewait socket behind it if it is one's.
+#[inline(always)]
+fn tw_of_timer(ctx: &RawTracePointContext, c: &TimeWaitConfig) -> (u64, Option<u64>) {
+    let timer = ctx.arg::<u64>(0);
+    let function: u64 = read(timer, c.timer_function).unwrap_or(0);
+    (timer, tw_of(c, timer, function))
+}
+
+/// The kernel's jiffies now, from the last (jiffies, ktime) pair an expiry
+/// gave (a raw tracepoint has no `now`); `None` before the first.
+#[inline(always)]
+fn jiffies_at(c: &TimeWaitConfig, t: u64) -> Option<u64> {
+    let [jiffies, ktime] = *CLOCK.get(0)?;
+    if jiffies == 0 || c.ns_per_jiffy == 0 {
+        return None;
+    }
+    Some(jiffies + t.saturating_sub(ktime) / c.ns_per_jiffy)
+}
+
+#[raw_tracepoint]
+pub fn obs_timer_start(ctx: RawTracePointContext) -> i32 {
     let _ = try_start(&ctx);
     0
 }
 
-fn try_start(ctx: &TracePointContext) -> Result<(), i64> {
+fn try_start(ctx: &RawTracePointContext) -> Result<(), i64> {
     let c = time_wait_config();
     // The function filter first: this runs for every timer armed on the host.
-    let Some(tw) = tw_of_record(ctx, &c, c.start_function, c.start_timer)? else {
+    let (timer, Some(tw)) = tw_of_timer(ctx, &c) else {
         return Ok(());
     };
     let substate: u8 = read(tw, c.tw_substate).ok_or(0i64)?;
-    // SAFETY: as above; `unsigned long expires`.
-    let expires: u64 = unsafe { ctx.read_at(c.start_expires as usize)? };
-    // SAFETY: as above; `unsigned long now`.
-    let jiffies: u64 = unsafe { ctx.read_at(c.start_now as usize)? };
+    let expires: u64 = read(timer, c.timer_expires).ok_or(0i64)?;
     let t = now();
-    note_clock(jiffies, t);
+    let timeout_jiffies =
+        jiffies_at(&c, t).map_or(c.timewait_len_jiffies, |j| expires.wrapping_sub(j));
     // A socket already in `TW` without a cancel just before is a stale entry
     // (its end was lost) under a new socket: it starts afresh.
     let prev = take_slot(tw, t, seqs(&c, tw));
@@ -233,7 +233,7 @@ fn try_start(ctx: &TracePointContext) -> Result<(), i64> {
             &Event {
                 op: op::ENTER,
                 at_ns: t,
-                timeout_jiffies: expires.wrapping_sub(jiffies),
+                timeout_jiffies,
                 flags: 0,
             },
         );
@@ -347,23 +347,18 @@ fn take_slot(tw: u64, t: u64, seqs: u64) -> Option<TwState> {
     hit.then_some(s.state)
 }
 
-#[tracepoint]
-pub fn obs_timer_cancel(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn obs_timer_cancel(ctx: RawTracePointContext) -> i32 {
     let _ = try_cancel(&ctx);
     0
 }
 
-fn try_cancel(ctx: &TracePointContext) -> Result<(), i64> {
+fn try_cancel(ctx: &RawTracePointContext) -> Result<(), i64> {
     let c = time_wait_config();
     if c.tw_timer_handler == 0 {
         return Ok(());
     }
-    // SAFETY: `void *timer`, at an offset from timer_cancel's format file; read_at is
-    // bpf_probe_read_kernel, which cannot fault.
-    let timer: u64 = unsafe { ctx.read_at(c.cancel_timer as usize)? };
-    // The record has no function: read it from the timer (cheaper than a map lookup).
-    let function: u64 = read(timer, c.timer_function).unwrap_or(0);
-    let Some(tw) = tw_of(&c, timer, function) else {
+    let (_, Some(tw)) = tw_of_timer(ctx, &c) else {
         return Ok(());
     };
     if in_timer_softirq() {
@@ -426,24 +421,24 @@ fn try_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-#[tracepoint]
-pub fn obs_timer_expire_entry(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn obs_timer_expire_entry(ctx: RawTracePointContext) -> i32 {
     let _ = try_expire(&ctx);
     0
 }
 
-fn try_expire(ctx: &TracePointContext) -> Result<(), i64> {
+fn try_expire(ctx: &RawTracePointContext) -> Result<(), i64> {
     let c = time_wait_config();
-    let Some(tw) = tw_of_record(ctx, &c, c.expire_function, c.expire_timer)? else {
+    let (_, Some(tw)) = tw_of_timer(ctx, &c) else {
         return Ok(());
     };
     // SAFETY: plain data copied out at once; an update or removal on another CPU
     // meanwhile can only make the copy stale or mixed, never fault.
     let known = unsafe { TW.get(&tw) }.copied();
     let _ = TW.remove(&tw);
-    // SAFETY: as for `function`; `unsigned long now`.
-    let jiffies: u64 = unsafe { ctx.read_at(c.expire_now as usize)? };
-    note_clock(jiffies, now());
+    // `timer_expire_entry(struct timer_list *, unsigned long baseclk)`: the
+    // timer wheel's clock, the jiffy being run.
+    note_clock(ctx.arg::<u64>(1), now());
     let substate: u8 = read(tw, c.tw_substate).unwrap_or(0);
     let mut st = known.unwrap_or(TwState {
         enter_ns: 0,
@@ -553,7 +548,7 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
             let _ = CLOSERS.remove(&key);
         }
     }
-    slot.submit(wake_flags(size_of::<TimeWaitRecord>(), false));
+    slot.submit(wake_flags(size_of::<TimeWaitRecord>(), false, 0));
 }
 
 /// A connection reaching SYN_SENT, SYN_RECV or ESTABLISHED on the 4-tuple of
@@ -579,5 +574,5 @@ pub fn note_new_connection(key: &FlowKey, t: u64) {
     r.dport = key.dport;
     r.saddr = key.saddr;
     r.daddr = key.daddr;
-    slot.submit(wake_flags(size_of::<TimeWaitRecord>(), false));
+    slot.submit(wake_flags(size_of::<TimeWaitRecord>(), false, 0));
 }

@@ -304,7 +304,9 @@ async fn serve(
                 while let Ok(f) = r.explained.try_recv() {
                     s.write_explained(f);
                 }
-                s.out.flush();
+                // In a storm the worker always has more: drain the ring buffer
+                // here too (one bounded batch), or it would starve and overflow.
+                s.drain(r.ring.get_mut());
             }
             guard = r.ring.readable_mut() => {
                 let mut guard = guard?;

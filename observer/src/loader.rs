@@ -1,7 +1,8 @@
 //! Loads the embedded eBPF object, writes its configuration (kernel offsets,
 //! the TIME_WAIT timer, the filters), and attaches the programs this run and
-//! this kernel need. Every program is a tracepoint: nothing is attached to a
-//! cgroup, nothing can change what the kernel decides.
+//! this kernel need. Every program is a tracepoint (raw where it must run
+//! nested in another: see `RAW`): nothing is attached to a cgroup, nothing
+//! can change what the kernel decides.
 
 use std::{fs::File, os::fd::AsRawFd};
 
@@ -22,6 +23,14 @@ use crate::schema::ProgramStats;
 
 /// The eBPF object, built by `cargo xtask build` and embedded by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf.o"));
+
+/// The `category` of a program attached as a raw tracepoint. A classic
+/// tracepoint program does not run while another BPF program runs on its CPU
+/// (the kernel's global `bpf_prog_active`): a softirq that runs on the exit
+/// of an interrupt taken inside one of our programs would go unseen, and with
+/// it the expiry of the TIME_WAIT timers it runs. A raw tracepoint program is
+/// only kept from nesting in itself.
+const RAW: &str = "raw";
 
 /// A program and the tracepoint it attaches to.
 struct Program {
@@ -73,16 +82,16 @@ const FROM_ENTRY: [Program; 6] = [
 /// timer's end before its start, so that a socket seen entering is seen leaving.
 #[rustfmt::skip]
 const STATE_PROGRAMS: [Program; 3] = [
-    p("obs_softirq_exit", "irq", "softirq_exit", STATES),
-    p("obs_softirq_entry", "irq", "softirq_entry", STATES),
+    p("obs_softirq_exit", RAW, "softirq_exit", STATES),
+    p("obs_softirq_entry", RAW, "softirq_entry", STATES),
     p("obs_inet_sock_set_state", "sock", "inet_sock_set_state", STATES),
 ];
 
 #[rustfmt::skip]
 const TIMER_PROGRAMS: [Program; 3] = [
-    p("obs_timer_expire_entry", "timer", "timer_expire_entry", event::TIME_WAIT),
-    p("obs_timer_cancel", "timer", "timer_cancel", event::TIME_WAIT),
-    p("obs_timer_start", "timer", "timer_start", event::TIME_WAIT),
+    p("obs_timer_expire_entry", RAW, "timer_expire_entry", event::TIME_WAIT),
+    p("obs_timer_cancel", RAW, "timer_cancel", event::TIME_WAIT),
+    p("obs_timer_start", RAW, "timer_start", event::TIME_WAIT),
 ];
 
 /// Loaded beside the timer programs, never attached: the daemon runs it.
@@ -277,14 +286,10 @@ fn fill_filter_maps(ebpf: &mut Ebpf, s: &Setup) -> Result<()> {
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
-    let p: &mut TracePoint = ebpf
+    let p = ebpf
         .program_mut(name)
-        .with_context(|| format!("program {name} is missing from the eBPF object"))?
-        .try_into()?;
-    if p.fd().is_err() {
-        p.load().with_context(|| format!("loading {name}"))?;
-    }
-    Ok(())
+        .with_context(|| format!("program {name} is missing from the eBPF object"))?;
+    load_each(&mut [(name, p)])
 }
 
 /// Verifying the programs is most of the start-up: they are loaded on two
@@ -327,22 +332,26 @@ fn load_each(progs: &mut [(&str, &mut aya::programs::Program)]) -> Result<()> {
 
 fn attach(ebpf: &mut Ebpf, prog: &Program) -> Result<u32> {
     load_program(ebpf, prog.name)?;
-    let p: &mut TracePoint = ebpf
-        .program_mut(prog.name)
-        .expect("loaded above")
-        .try_into()?;
-    p.attach(prog.category, prog.event).with_context(|| {
-        format!(
-            "attaching {} to tracepoint {}:{}",
-            prog.name, prog.category, prog.event
-        )
-    })?;
-    Ok(p.info()?.id())
+    let p = ebpf.program_mut(prog.name).expect("loaded above");
+    let attached = if prog.category == RAW {
+        let p: &mut RawTracePoint = p.try_into()?;
+        p.attach(prog.event).map(|_| p.info())
+    } else {
+        let p: &mut TracePoint = p.try_into()?;
+        p.attach(prog.category, prog.event).map(|_| p.info())
+    };
+    let info = attached.with_context(|| format!("attaching {} to {}", prog.name, label(prog)))?;
+    Ok(info?.id())
 }
 
-/// `section/name`, as observer_start and observer check name a hook.
+/// `section/name`, as observer_start and observer check name a hook:
+/// `tracepoint/CATEGORY/EVENT` or `raw_tracepoint/EVENT`.
 fn label(p: &Program) -> String {
-    format!("tracepoint/{}/{}", p.category, p.event)
+    if p.category == RAW {
+        format!("raw_tracepoint/{}", p.event)
+    } else {
+        format!("tracepoint/{}/{}", p.category, p.event)
+    }
 }
 
 /// The programs for this run, in attach order, loaded: the syscall exits

@@ -21,7 +21,6 @@ mod sock_diag;
 mod stream;
 mod text;
 mod time_wait;
-mod tracefs;
 
 use std::process::ExitCode;
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use observer_tests::{
-    observer::{loaded_prog_ids, observer_bin},
+    observer::{observer_bin, still_loaded},
     require_root,
     workload::enter_private_netns,
 };
@@ -342,11 +342,8 @@ fn signals_end_the_daemon_with_a_stalled_output() {
                 "{stderr}"
             );
         }
-        let loaded = loaded_prog_ids();
-        assert!(
-            ids.iter().all(|i| !loaded.contains(i)),
-            "its programs were detached"
-        );
+        let left = still_loaded(&ids);
+        assert!(left.is_empty(), "its programs were detached: {left:?} left");
     }
 }
 

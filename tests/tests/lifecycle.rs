@@ -1,7 +1,7 @@
 //! Start, stop and clean-up of the daemon: nothing of ours stays in the kernel.
 
 use observer_tests::{
-    observer::{Observer, loaded_prog_ids},
+    observer::{Observer, loaded_prog_ids, still_loaded},
     require_root,
 };
 use serde_json::Value;
@@ -11,8 +11,8 @@ const HOOKS: [&str; 6] = [
     "tracepoint/syscalls/sys_exit_bind",
     "tracepoint/syscalls/sys_exit_listen",
     "tracepoint/syscalls/sys_exit_connect",
-    "tracepoint/irq/softirq_exit",
-    "tracepoint/irq/softirq_entry",
+    "raw_tracepoint/softirq_exit",
+    "raw_tracepoint/softirq_entry",
     "tracepoint/sock/inet_sock_set_state",
 ];
 
@@ -24,16 +24,16 @@ const HOOKS_WITH_ENTRY: [&str; 9] = [
     "tracepoint/syscalls/sys_enter_bind",
     "tracepoint/syscalls/sys_enter_listen",
     "tracepoint/syscalls/sys_enter_connect",
-    "tracepoint/irq/softirq_exit",
-    "tracepoint/irq/softirq_entry",
+    "raw_tracepoint/softirq_exit",
+    "raw_tracepoint/softirq_entry",
     "tracepoint/sock/inet_sock_set_state",
 ];
 
 /// Attached too where the kernel's TIME_WAIT timer handler can be found.
 const TIMER_HOOKS: [&str; 3] = [
-    "tracepoint/timer/timer_expire_entry",
-    "tracepoint/timer/timer_cancel",
-    "tracepoint/timer/timer_start",
+    "raw_tracepoint/timer_expire_entry",
+    "raw_tracepoint/timer_cancel",
+    "raw_tracepoint/timer_start",
 ];
 
 /// `tw_timer_handler` is in /proc/kallsyms with a real address.
@@ -86,8 +86,7 @@ fn check_start(start: &Value) -> Vec<u32> {
 }
 
 fn check_gone(ids: &[u32]) {
-    let loaded = loaded_prog_ids();
-    let left: Vec<&u32> = ids.iter().filter(|id| loaded.contains(id)).collect();
+    let left = still_loaded(ids);
     assert!(
         left.is_empty(),
         "programs still loaded after exit: {left:?}"

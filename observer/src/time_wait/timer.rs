@@ -19,7 +19,7 @@ use observer_common::{
 };
 
 use super::{Closer, Entered, Key, Left, Out, poll};
-use crate::{clock::Clock, schema::c_str, tracefs};
+use crate::{clock::Clock, schema::c_str};
 
 /// How long an early delete waits for the connection that reused its 4-tuple.
 pub const DECIDE_WITHIN: Duration = Duration::from_millis(500);
@@ -39,14 +39,6 @@ pub fn discover(
     handler: Result<u64, String>,
 ) -> Result<(TimeWaitConfig, u64), String> {
     let handler = handler?;
-    let start = tracefs::fields("timer", "timer_start")?;
-    let expire = tracefs::fields("timer", "timer_expire_entry")?;
-    let cancel = tracefs::fields("timer", "timer_cancel")?;
-    let field = |f: &HashMap<String, u32>, tp: &str, name: &str| {
-        f.get(name)
-            .copied()
-            .ok_or_else(|| format!("timer:{tp} has no field `{name}`"))
-    };
     let (
         Some(tw_timer),
         Some(tw_substate),
@@ -79,14 +71,6 @@ pub fn discover(
         // TCP_TIMEWAIT_LEN is 60 s on every kernel.
         timewait_len_jiffies: 60 * hz,
         ns_per_jiffy: 1_000_000_000 / hz,
-        start_timer: field(&start, "timer_start", "timer")?,
-        start_function: field(&start, "timer_start", "function")?,
-        start_expires: field(&start, "timer_start", "expires")?,
-        start_now: field(&start, "timer_start", "now")?,
-        expire_timer: field(&expire, "timer_expire_entry", "timer")?,
-        expire_function: field(&expire, "timer_expire_entry", "function")?,
-        expire_now: field(&expire, "timer_expire_entry", "now")?,
-        cancel_timer: field(&cancel, "timer_cancel", "timer")?,
     };
     Ok((config, hz))
 }
