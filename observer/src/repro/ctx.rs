@@ -454,6 +454,31 @@ impl Ctx {
         }
     }
 
+    /// Waits (up to 2 s) until `n` TCP sockets on local `port` of this
+    /// namespace are in TIME_WAIT, as /proc/net/tcp lists them.
+    pub fn wait_time_wait(&self, port: u16, n: usize) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let local = format!(":{port:04X}");
+        while std::time::Instant::now() < until {
+            let here = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
+            let in_tw = here
+                .lines()
+                .skip(1)
+                .filter(|l| {
+                    let mut f = l.split_whitespace();
+                    let (Some(l), Some(st)) = (f.nth(1), f.nth(1)) else {
+                        return false;
+                    };
+                    l.ends_with(&local) && st == "06"
+                })
+                .count();
+            if in_tw >= n {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Writes `range` ("LOW HIGH") to this namespace's ip_local_port_range.
     pub fn port_range(&self, range: &str) -> io::Result<()> {
         std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", range)

@@ -296,6 +296,9 @@ fn restart_time_wait(ctx: &mut Ctx) -> io::Result<()> {
             ctx.read_eof(&name)?; // the server closed first
             ctx.close(&name); // the server's sockets enter TIME_WAIT
         }
+        // The client's FIN moves them there in a softirq that may run later
+        // (on a loaded or emulated machine): the restart waits for it.
+        ctx.wait_time_wait(SERVER_PORT, CONNECTIONS);
         ctx.kill_helpers();
         // The TIME_WAIT sockets inherited the old listener's options.
         ctx.time_wait_reuse = Some((old_ra, false));
