@@ -121,6 +121,14 @@ fn workload() -> Done {
             for port in [REUSED_CLIENT, EXPIRED_CLIENT] {
                 server_closes_first(client_from(port), &main);
             }
+            // Take the first connection's 4-tuple again, before the burst (which
+            // can outlast the 60 s timer on a slow machine): the SYN lands on the
+            // server's TIME_WAIT socket, which gives way. A moment first, so that
+            // its TCP timestamp is newer than the old connection's last.
+            std::thread::sleep(Duration::from_millis(20));
+            let mut again = client_from(REUSED_CLIENT);
+            let (a, _) = main.accept().unwrap();
+            again.write_all(b"x").unwrap();
             // The burst, server-first too; a client port that comes back to the
             // same server port takes over that TIME_WAIT socket (`reused`).
             let burst: Vec<TcpListener> = BURST_SERVERS.iter().map(|&p| listener(p)).collect();
@@ -135,11 +143,6 @@ fn workload() -> Done {
             std::thread::sleep(Duration::from_millis(1500));
             let checkpoint = (time_wait_in_this_netns(), rfc3339_now());
 
-            // Take the first connection's 4-tuple again: the SYN lands on the
-            // server's TIME_WAIT socket, which gives way.
-            let mut again = client_from(REUSED_CLIENT);
-            let (a, _) = main.accept().unwrap();
-            again.write_all(b"x").unwrap();
             let mut keep = burst;
             keep.push(main);
             Done {
