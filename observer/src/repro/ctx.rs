@@ -455,11 +455,12 @@ impl Ctx {
     }
 
     /// Waits (up to 2 s) until `n` TCP sockets on local `port` of this
-    /// namespace are in TIME_WAIT, as /proc/net/tcp lists them.
-    pub fn wait_time_wait(&self, port: u16, n: usize) {
+    /// namespace are in TIME_WAIT, as /proc/net/tcp lists them; returns how
+    /// many it saw.
+    pub fn wait_time_wait(&self, port: u16, n: usize) -> usize {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let local = format!(":{port:04X}");
-        while std::time::Instant::now() < until {
+        loop {
             let here = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
             let in_tw = here
                 .lines()
@@ -472,8 +473,8 @@ impl Ctx {
                     l.ends_with(&local) && st == "06"
                 })
                 .count();
-            if in_tw >= n {
-                return;
+            if in_tw >= n || std::time::Instant::now() >= until {
+                return in_tw;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }

@@ -298,7 +298,13 @@ fn restart_time_wait(ctx: &mut Ctx) -> io::Result<()> {
         }
         // The client's FIN moves them there in a softirq that may run later
         // (on a loaded or emulated machine): the restart waits for it.
-        ctx.wait_time_wait(SERVER_PORT, CONNECTIONS);
+        let in_tw = ctx.wait_time_wait(SERVER_PORT, CONNECTIONS);
+        if in_tw < CONNECTIONS {
+            // The restart's expected answer assumes them: say so if they are not there.
+            eprintln!(
+                "restart-time-wait ({what}): {in_tw} of {CONNECTIONS} old server sockets in TIME_WAIT after 2 s"
+            );
+        }
         ctx.kill_helpers();
         // The TIME_WAIT sockets inherited the old listener's options.
         ctx.time_wait_reuse = Some((old_ra, false));
