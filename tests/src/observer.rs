@@ -173,11 +173,11 @@ pub fn loaded_prog_ids() -> Vec<u32> {
         .collect()
 }
 
-/// Those of `ids` still loaded after up to 2 s. A process's exit closes its
-/// links at once, but the kernel frees a raw tracepoint's program after a
-/// grace period on a work queue: under load, a moment later.
-pub fn still_loaded(ids: &[u32]) -> Vec<u32> {
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+/// Those of `ids` still loaded after up to `within`. A process's exit closes
+/// its links at once, but the kernel frees a program after a grace period
+/// (RCU, a work queue): under load, a moment later.
+pub fn still_loaded(ids: &[u32], within: std::time::Duration) -> Vec<u32> {
+    let until = std::time::Instant::now() + within;
     loop {
         let loaded = loaded_prog_ids();
         let left: Vec<u32> = ids.iter().copied().filter(|i| loaded.contains(i)).collect();

@@ -342,7 +342,7 @@ fn signals_end_the_daemon_with_a_stalled_output() {
                 "{stderr}"
             );
         }
-        let left = still_loaded(&ids);
+        let left = still_loaded(&ids, Duration::from_secs(2));
         assert!(left.is_empty(), "its programs were detached: {left:?} left");
     }
 }
