@@ -127,17 +127,12 @@ static FW2_WAIT: Queue<u64> = Queue::with_max_entries(1 << 16, 0);
 #[map]
 static FW2_WAIT_LEN: Array<u64> = Array::with_max_entries(1, 0);
 
-/// A recent (jiffies, ktime) pair, from the timer tracepoints' `now`: to turn
-/// a timer's `expires` into a ktime.
-#[map]
-static CLOCK: Array<[u64; 2]> = Array::with_max_entries(1, 0);
-
-fn note_clock(jiffies: u64, ktime: u64) {
-    if let Some(p) = CLOCK.get_ptr_mut(0) {
-        // SAFETY: an array value lives as long as the map; two CPUs writing at once can
-        // leave a mixed pair of u64s, off by about a jiffy, the precision it works to.
-        unsafe { *p = [jiffies, ktime] };
-    }
+/// The kernel's jiffies now (`bpf_jiffies64`): turns a timer's `expires`
+/// into a ktime, exactly, at any moment.
+#[inline(always)]
+fn jiffies() -> u64 {
+    // SAFETY: bpf_jiffies64 takes no arguments; nothing to uphold.
+    unsafe { generated::bpf_jiffies64() }
 }
 
 /// A start more than this long after a cancel is not its re-arm (the memory
@@ -164,17 +159,6 @@ fn tw_of_timer(ctx: &RawTracePointContext, c: &TimeWaitConfig) -> (u64, Option<u
     (timer, tw_of(c, timer, function))
 }
 
-/// The kernel's jiffies now, from the last (jiffies, ktime) pair an expiry
-/// gave (a raw tracepoint has no `now`); `None` before the first.
-#[inline(always)]
-fn jiffies_at(c: &TimeWaitConfig, t: u64) -> Option<u64> {
-    let [jiffies, ktime] = *CLOCK.get(0)?;
-    if jiffies == 0 || c.ns_per_jiffy == 0 {
-        return None;
-    }
-    Some(jiffies + t.saturating_sub(ktime) / c.ns_per_jiffy)
-}
-
 #[raw_tracepoint]
 pub fn obs_timer_start(ctx: RawTracePointContext) -> i32 {
     let _ = try_start(&ctx);
@@ -190,8 +174,7 @@ fn try_start(ctx: &RawTracePointContext) -> Result<(), i64> {
     let substate: u8 = read(tw, c.tw_substate).ok_or(0i64)?;
     let expires: u64 = read(timer, c.timer_expires).ok_or(0i64)?;
     let t = now();
-    let timeout_jiffies =
-        jiffies_at(&c, t).map_or(c.timewait_len_jiffies, |j| expires.wrapping_sub(j));
+    let timeout_jiffies = expires.wrapping_sub(jiffies());
     // A socket already in `TW` without a cancel just before is a stale entry
     // (its end was lost) under a new socket: it starts afresh.
     let prev = take_slot(tw, t, seqs(&c, tw));
@@ -252,7 +235,7 @@ fn catch_up(c: &TimeWaitConfig, tw: u64, st: &mut TwState) {
     }
     let expires: u64 = read(tw + c.tw_timer as u64, c.timer_expires).unwrap_or(0);
     let t = now();
-    let entered = enter_time(c, expires).unwrap_or(t).min(t);
+    let entered = enter_time(c, expires, t);
     st.substate = state::TIME_WAIT;
     st.enter_ns = entered;
     emit(
@@ -267,16 +250,18 @@ fn catch_up(c: &TimeWaitConfig, tw: u64, st: &mut TwState) {
     );
 }
 
-/// When a TIME_WAIT timer that runs out at `expires` (jiffies) was armed.
+/// When a TIME_WAIT timer that runs out at `expires` (jiffies) was armed,
+/// as a ktime no later than `t` (now): it was armed `TCP_TIMEWAIT_LEN` before.
 #[inline(always)]
-fn enter_time(c: &TimeWaitConfig, expires: u64) -> Option<u64> {
-    let [jiffies, ktime] = *CLOCK.get(0)?;
-    if jiffies == 0 || c.ns_per_jiffy == 0 {
-        return None;
+fn enter_time(c: &TimeWaitConfig, expires: u64, t: u64) -> u64 {
+    let armed = expires.wrapping_sub(c.timewait_len_jiffies);
+    let ago = jiffies().wrapping_sub(armed) as i64;
+    if ago <= 0 {
+        return t;
     }
-    let armed = expires.wrapping_sub(c.timewait_len_jiffies) as i64;
-    let ago = (jiffies as i64).wrapping_sub(armed);
-    Some(ktime.wrapping_sub((ago as u64).wrapping_mul(c.ns_per_jiffy)))
+    // Bounded first (a real one is at most TCP_TIMEWAIT_LEN): no 128-bit product.
+    let ago = (ago as u64).min(c.timewait_len_jiffies);
+    t.saturating_sub(ago.wrapping_mul(c.ns_per_jiffy))
 }
 
 /// How many queued sockets one run of the sweep looks at (the verifier walks
@@ -395,7 +380,7 @@ fn try_cancel(ctx: &RawTracePointContext) -> Result<(), i64> {
     }
     if enter_pending {
         let expires: u64 = read(tw + c.tw_timer as u64, c.timer_expires).unwrap_or(0);
-        st.enter_ns = enter_time(&c, expires).unwrap_or(t).min(t).max(st.enter_ns);
+        st.enter_ns = enter_time(&c, expires, t).max(st.enter_ns);
         emit(
             tw,
             &st,
@@ -436,9 +421,6 @@ fn try_expire(ctx: &RawTracePointContext) -> Result<(), i64> {
     // meanwhile can only make the copy stale or mixed, never fault.
     let known = unsafe { TW.get(&tw) }.copied();
     let _ = TW.remove(&tw);
-    // `timer_expire_entry(struct timer_list *, unsigned long baseclk)`: the
-    // timer wheel's clock, the jiffy being run.
-    note_clock(ctx.arg::<u64>(1), now());
     let substate: u8 = read(tw, c.tw_substate).unwrap_or(0);
     let mut st = known.unwrap_or(TwState {
         enter_ns: 0,

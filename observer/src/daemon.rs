@@ -317,7 +317,7 @@ async fn serve(
             _ = drain_tick.tick() => { s.drain(r.ring.get_mut()); }
             _ = sweep.tick() => r.attached.sweep_time_wait()?,
             _ = tick.tick() => {
-                s.poll_lost()?;
+                s.poll_lost(r.attached.recursion_misses())?;
                 s.settled();
                 s.out.flush();
             }
@@ -362,7 +362,7 @@ async fn stop(mut r: Running, reason: &'static str, args: &RunArgs) -> Result<Ve
             _ => break,
         }
     }
-    s.poll_lost()?;
+    s.poll_lost(r.attached.recursion_misses())?;
     if let Some(logs) = &mut r.logs {
         logs.get_mut().flush();
     }

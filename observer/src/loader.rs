@@ -158,10 +158,40 @@ impl Attached {
                     id: *id,
                     run_count: info.run_count(),
                     run_time_ns: info.run_time().as_nanos() as u64,
+                    recursion_misses: self.recursion_misses_of(name),
                 })
             })
             .collect()
     }
+
+    /// Runs of the attached programs the kernel skipped because the same
+    /// program was already running on that CPU (an interrupt came inside it)
+    /// or, for tracepoints, another BPF program was: each may have been a record.
+    pub fn recursion_misses(&self) -> u64 {
+        self.names.iter().map(|n| self.recursion_misses_of(n)).sum()
+    }
+
+    /// `recursion_misses` of one program, from its fdinfo (0 on kernels
+    /// that do not count them, before 5.12).
+    fn recursion_misses_of(&self, name: &str) -> u64 {
+        let Some(fd) = self.ebpf.program(name).and_then(|p| p.fd().ok()) else {
+            return 0;
+        };
+        use std::os::fd::AsFd;
+        let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| fdinfo_field(&text, "recursion_misses"))
+            .unwrap_or(0)
+    }
+}
+
+/// A number field (`name:\tvalue`) of an fdinfo file.
+fn fdinfo_field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == name).then(|| v.trim().parse().ok())?
+    })
 }
 
 /// Loads the object (maps and globals); programs are loaded by `load_program`.

@@ -31,6 +31,9 @@ use crate::{
 
 /// At most this many records per drain: the event loop turns between batches.
 const DRAIN_BATCH: usize = 4096;
+/// `lost_seen` slots after the kernel's: the TIME_WAIT tracker's queue, skipped runs.
+const QUEUE_SLOT: u32 = LOST_SLOTS;
+const RECURSION_SLOT: u32 = LOST_SLOTS + 1;
 /// How often early TIME_WAIT ends are decided (they wait `timer::DECIDE_WITHIN`).
 const DECIDE_EVERY_NS: u64 = 100_000_000;
 
@@ -83,7 +86,9 @@ pub struct Stream {
     kernel_filtered: PerCpuArray<MapData, u64>,
     filter: Filter,
     cgroups: Cgroups,
-    lost_seen: [u64; LOST_SLOTS as usize + 1],
+    /// Per cause, what `lost` records said so far: the kernel's slots, then
+    /// the TIME_WAIT queue and the kernel's skipped runs.
+    lost_seen: [u64; LOST_SLOTS as usize + 2],
     lost: PerCpuArray<MapData, u64>,
     time_wait: TimeWait,
     /// When early TIME_WAIT ends were last decided.
@@ -115,7 +120,7 @@ impl Stream {
             kernel_filtered,
             filter,
             cgroups,
-            lost_seen: [0; LOST_SLOTS as usize + 1],
+            lost_seen: [0; LOST_SLOTS as usize + 2],
             lost,
             time_wait,
             decided_ns: 0,
@@ -329,24 +334,26 @@ impl Stream {
     }
 
     /// Emits a `lost` record per cause whose counter moved: the kernel's per-CPU
-    /// counters, and the TIME_WAIT tracker's full queue. Never filtered. (Lines
-    /// the output could not write are reported by the output itself.)
-    pub fn poll_lost(&mut self) -> Result<()> {
-        const QUEUE_SLOT: u32 = LOST_SLOTS;
+    /// counters, the TIME_WAIT tracker's full queue, and the program runs the
+    /// kernel skipped (`recursion_misses`, summed over the programs). Never
+    /// filtered. (Lines the output could not write are reported by the output itself.)
+    pub fn poll_lost(&mut self, recursion_misses: u64) -> Result<()> {
         for (slot, cause) in [
             (LOST_RINGBUF, "ring_buffer"),
             (LOST_INFLIGHT, "inflight_map"),
             (LOST_TIME_WAIT_MAP, "time_wait_map"),
             (QUEUE_SLOT, "time_wait_queue"),
+            (RECURSION_SLOT, "recursion"),
         ] {
-            let total: u64 = if slot == QUEUE_SLOT {
-                self.time_wait.dropped()
-            } else {
-                self.lost
+            let total: u64 = match slot {
+                QUEUE_SLOT => self.time_wait.dropped(),
+                RECURSION_SLOT => recursion_misses,
+                _ => self
+                    .lost
                     .get(&slot, 0)
                     .context("reading the LOST counters")?
                     .iter()
-                    .sum()
+                    .sum(),
             };
             let seen = &mut self.lost_seen[slot as usize];
             if total > *seen {
@@ -374,8 +381,9 @@ impl Stream {
             ring_buffer: self.lost_seen[LOST_RINGBUF as usize],
             inflight_map: self.lost_seen[LOST_INFLIGHT as usize],
             time_wait_map: self.lost_seen[LOST_TIME_WAIT_MAP as usize],
-            time_wait_queue: self.lost_seen[LOST_SLOTS as usize],
+            time_wait_queue: self.lost_seen[QUEUE_SLOT as usize],
             output: self.out.lost(),
+            recursion: self.lost_seen[RECURSION_SLOT as usize],
         };
         let lost = lost_by_cause.sum();
         Counts {

@@ -187,7 +187,17 @@ fn time_wait_lifecycle_and_a_burst_of_a_hundred_thousand() {
     let states = states_obs.stop();
     assert!(end.status.success(), "{}: {}", end.status, end.stderr);
     let records = end.records();
-    if exits != BURST + 2 {
+    // Program runs the kernel skipped (an interrupt came inside one of the
+    // programs, and the same program ran for it): each may have been a record.
+    // Counts below may fall short by that much, never by more, and never unsaid.
+    let skipped = records
+        .last()
+        .and_then(|s| s["lost_by_cause"]["recursion"].as_u64())
+        .unwrap_or(0) as usize;
+    if skipped > 0 {
+        eprintln!("the kernel skipped {skipped} program runs (`lost` cause `recursion`)");
+    }
+    if exits + skipped < BURST + 2 {
         // What the stream says about the ones missing: losses, the last stats.
         let lost: Vec<&Value> = records.iter().filter(|v| v["event"] == "lost").collect();
         let stats = records.iter().rev().find(|v| v["event"] == "stats");
@@ -343,9 +353,9 @@ fn time_wait_lifecycle_and_a_burst_of_a_hundred_thousand() {
         .iter()
         .filter(|v| BURST_SERVERS.contains(&port(v, "sport")))
         .count();
-    assert_eq!(
-        burst_enters, BURST,
-        "one time_wait_enter per server-side close"
+    assert!(
+        burst_enters <= BURST && BURST - burst_enters <= skipped,
+        "one time_wait_enter per server-side close: {burst_enters} of {BURST}, {skipped} runs skipped"
     );
     // Against the kernel's table at the checkpoint: what entered minus what left.
     let (in_kernel, at) = &done.checkpoint;
@@ -354,10 +364,10 @@ fn time_wait_lifecycle_and_a_burst_of_a_hundred_thousand() {
             .filter(|v| v["ts"].as_str().unwrap() <= at.as_str())
             .count()
     };
-    assert_eq!(
-        by(&enters) - by(&exits),
-        *in_kernel,
-        "open TIME_WAIT sockets by the stream = the kernel's count at {at}"
+    let open = by(&enters) - by(&exits);
+    assert!(
+        open.abs_diff(*in_kernel) <= skipped,
+        "open TIME_WAIT sockets by the stream ({open}) = the kernel's count at {at} ({in_kernel}); {skipped} runs skipped"
     );
     // No duplicates: per connection, enter and exit alternate, starting with enter.
     let mut per_tuple: BTreeMap<(u16, u16), Vec<(&str, &str)>> = BTreeMap::new();
@@ -367,22 +377,30 @@ fn time_wait_lifecycle_and_a_burst_of_a_hundred_thousand() {
             .or_default()
             .push((v["ts"].as_str().unwrap(), v["event"].as_str().unwrap()));
     }
+    let mut broken = Vec::new();
     for (tuple, mut seq) in per_tuple {
         seq.sort();
-        for (i, (_, e)) in seq.iter().enumerate() {
-            let want = if i % 2 == 0 {
+        let alternates = seq.iter().enumerate().all(|(i, (_, e))| {
+            *e == if i % 2 == 0 {
                 "time_wait_enter"
             } else {
                 "time_wait_exit"
-            };
-            assert_eq!(*e, want, "{tuple:?}: {seq:?}");
+            }
+        });
+        if !alternates {
+            broken.push(format!("{tuple:?}: {seq:?}"));
         }
     }
+    assert!(
+        broken.len() <= skipped,
+        "enter and exit alternate per connection ({skipped} runs skipped): {broken:#?}"
+    );
     // Everything that entered has left, each once; reasons are the kernel's.
-    assert_eq!(
-        exits.len(),
+    assert!(
+        exits.len().abs_diff(enters.len()) <= skipped,
+        "every TIME_WAIT socket that entered left: {} enters, {} exits, {skipped} runs skipped",
         enters.len(),
-        "every TIME_WAIT socket that entered left"
+        exits.len()
     );
     let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
     for x in &exits {
@@ -397,7 +415,7 @@ fn time_wait_lifecycle_and_a_burst_of_a_hundred_thousand() {
         "{reasons:?}"
     );
     let stop = records.last().unwrap();
-    assert_eq!(stop["lost"], 0, "{stop}");
+    assert_eq!(stop["lost"], skipped, "only skipped runs, if any: {stop}");
     let stats: Vec<&Value> = records.iter().filter(|r| r["event"] == "stats").collect();
     let cpu = |r: &Value| r["cpu_ms"].as_u64().unwrap_or(0);
     eprintln!(

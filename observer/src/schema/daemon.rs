@@ -61,6 +61,9 @@ pub struct LostByCause {
     pub time_wait_queue: u64,
     /// Records the output could not write (disk full, a stalled reader).
     pub output: u64,
+    /// Program runs the kernel skipped (one already running on that CPU):
+    /// each may have been a record, so at most this many are missing.
+    pub recursion: u64,
 }
 
 impl LostByCause {
@@ -70,6 +73,7 @@ impl LostByCause {
             + self.time_wait_map
             + self.time_wait_queue
             + self.output
+            + self.recursion
     }
 }
 
@@ -116,4 +120,6 @@ pub struct ProgramStats {
     pub id: u32,
     pub run_count: u64,
     pub run_time_ns: u64,
+    /// Runs the kernel skipped (see `lost` cause `recursion`).
+    pub recursion_misses: u64,
 }

@@ -114,6 +114,7 @@ fn code_record(event: &str, with_explain: bool) -> Value {
                 id: 1,
                 run_count: 0,
                 run_time_ns: 0,
+                recursion_misses: 0,
             }],
         }),
         other => panic!("the README shows an event the test does not know: {other}"),
