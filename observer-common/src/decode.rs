@@ -113,7 +113,7 @@ mod tests {
     fn other_layouts_have_no_padding() {
         assert_eq!(
             size_of::<TcpStateRecord>(),
-            16 + 4 * 8 + 4 + 2 + 2 + 4 * 2 + 3 * 16
+            16 + 2 * 8 + size_of::<TaskHeader>() + 4 + 2 + 2 + 4 * 2 + 2 * 16
         );
         assert_eq!(
             size_of::<SockCallRecord>(),
@@ -127,7 +127,7 @@ mod tests {
         );
         assert_eq!(
             size_of::<TimeWaitRecord>(),
-            16 + 6 * 8 + 4 + 1 + 1 + 2 + 4 * 2 + 3 * 16
+            16 + 4 * 8 + size_of::<TaskHeader>() + 4 + 1 + 1 + 2 + 4 * 2 + 2 * 16
         );
     }
 

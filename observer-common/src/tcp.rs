@@ -2,8 +2,7 @@
 
 /// Bits of [`TcpStateRecord::flags`].
 pub mod flags {
-    /// The change happened in process context: `pid_tgid`, `uid_gid` and `comm` are the
-    /// process that caused it. Without it, it ran in softirq or hardirq context, where
+    /// The change happened in process context: `task` is the process that caused it. Without it, it ran in softirq or hardirq context, where
     /// "current" is whichever task was interrupted.
     pub const PROCESS_CONTEXT: u16 = 1 << 0;
     /// `prev_state_ns` is known (the previous change of this socket was seen).
@@ -20,8 +19,8 @@ pub struct TcpStateRecord {
     pub header: crate::Header,
     /// The kernel's `struct sock *`: the socket's id for as long as it lives.
     pub skaddr: u64,
-    pub pid_tgid: u64,
-    pub uid_gid: u64,
+    /// The process that caused the change (with `flags::PROCESS_CONTEXT`; else zero).
+    pub task: crate::task::TaskHeader,
     /// Time spent in `oldstate`.
     pub prev_state_ns: u64,
     /// Inode of the socket's network namespace; 0 when unknown.
@@ -37,7 +36,6 @@ pub struct TcpStateRecord {
     /// 4 bytes for IPv4, 16 for IPv6, network order.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    pub comm: [u8; 16],
 }
 
 impl TcpStateRecord {
@@ -49,8 +47,7 @@ impl TcpStateRecord {
                 ktime_ns: 0,
             },
             skaddr: 0,
-            pid_tgid: 0,
-            uid_gid: 0,
+            task: crate::task::TaskHeader::ZERO,
             prev_state_ns: 0,
             netns: 0,
             oldstate: 0,
@@ -62,7 +59,6 @@ impl TcpStateRecord {
             _pad: 0,
             saddr: [0; 16],
             daddr: [0; 16],
-            comm: [0; 16],
         }
     }
 }

@@ -34,7 +34,7 @@ pub mod flags {
     pub const REUSE_KNOWN: u16 = 1 << 0;
     pub const REUSEADDR: u16 = 1 << 1;
     pub const REUSEPORT: u16 = 1 << 2;
-    /// `pid_tgid`, `uid_gid`, `comm`: the process that closed the connection.
+    /// `closer` is the process that closed the connection.
     pub const CLOSER: u16 = 1 << 3;
     /// `enter_ns` is when the socket entered TIME_WAIT (the enter was seen).
     pub const ENTER_KNOWN: u16 = 1 << 4;
@@ -59,8 +59,8 @@ pub struct TimeWaitRecord {
     pub cookie: u64,
     /// `ENTER`: jiffies its timer was armed for (`expires - now`).
     pub timeout_jiffies: u64,
-    pub pid_tgid: u64,
-    pub uid_gid: u64,
+    /// The process that moved the connection to FIN_WAIT1 (with `flags::CLOSER`).
+    pub closer: crate::task::TaskHeader,
     /// Inode of the socket's network namespace; 0 when unknown.
     pub netns: u32,
     /// An [`op`] value.
@@ -76,7 +76,6 @@ pub struct TimeWaitRecord {
     /// 4 bytes for IPv4, 16 for IPv6, network order.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    pub comm: [u8; 16],
 }
 
 impl TimeWaitRecord {
@@ -91,8 +90,7 @@ impl TimeWaitRecord {
             enter_ns: 0,
             cookie: 0,
             timeout_jiffies: 0,
-            pid_tgid: 0,
-            uid_gid: 0,
+            closer: crate::task::TaskHeader::ZERO,
             netns: 0,
             op: 0,
             substate: 0,
@@ -103,7 +101,6 @@ impl TimeWaitRecord {
             _pad: 0,
             saddr: [0; 16],
             daddr: [0; 16],
-            comm: [0; 16],
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Every TCP state change on the host, from `sock:inet_sock_set_state`.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated},
+    helpers::generated,
     macros::{map, raw_tracepoint, tracepoint},
     maps::{LruHashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
@@ -16,8 +16,8 @@ use observer_common::{
 use crate::{
     kernel::{sock_netns, sock_reuse},
     maps::{EVENTS, count_lost, time_wait_config, wake_flags},
-    task::{count_filtered, filter, ports_pass, task_passes},
-    time_wait::{CLOSERS, Closer, FlowKey, note_new_connection},
+    task::{count_filtered, current_task, filter, ports_pass, task_passes},
+    time_wait::{CLOSERS, FlowKey, note_new_connection},
 };
 
 /// When each socket entered its current state, for `prev_state_ms`. LRU: a
@@ -125,9 +125,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         r.daddr = unsafe { ctx.read_at(DADDR_V6)? };
     }
     if !in_softirq() {
-        r.pid_tgid = bpf_get_current_pid_tgid();
-        r.uid_gid = bpf_get_current_uid_gid();
-        r.comm = bpf_get_current_comm().unwrap_or_default();
+        r.task = current_task();
         r.flags |= flags::PROCESS_CONTEXT;
     }
     r.netns = sock_netns(r.skaddr);
@@ -181,13 +179,10 @@ fn state_passes(f: &FilterConfig, r: &TcpStateRecord) -> bool {
     if (f.has(on::PIDS) || f.has(on::UID) || f.has(on::COMM)) && !process {
         return false;
     }
+    // The namespace was compared above, against the socket's.
     let task = TaskHeader {
-        pid_tgid: r.pid_tgid,
-        uid_gid: r.uid_gid,
-        cgroup_id: 0,
-        netns: f.netns, // compared above, against the socket's
-        _pad: 0,
-        comm: r.comm,
+        netns: f.netns,
+        ..r.task
     };
     task_passes(f, &task) && ports_pass(f, [r.sport, r.dport])
 }
@@ -210,12 +205,7 @@ fn note_closer(r: &TcpStateRecord) {
     };
     match r.newstate {
         state::FIN_WAIT1 if r.flags & flags::PROCESS_CONTEXT != 0 => {
-            let closer = Closer {
-                pid_tgid: r.pid_tgid,
-                uid_gid: r.uid_gid,
-                comm: r.comm,
-            };
-            let _ = CLOSERS.insert(&key, &closer, 0);
+            let _ = CLOSERS.insert(&key, &r.task, 0);
         }
         // FIN_WAIT2/CLOSING -> CLOSE comes after the timewait socket entered
         // (which took the closer); any other way to CLOSE ends the story.

@@ -31,6 +31,7 @@ use aya_ebpf::{
 use observer_common::{
     Kind, LOST_TIME_WAIT_MAP, TimeWaitRecord,
     filter::{event, on},
+    task::TaskHeader,
     tcp::state,
     time_wait::{TimeWaitConfig, flags, op},
 };
@@ -55,19 +56,11 @@ pub struct FlowKey {
     pub daddr: [u8; 16],
 }
 
-/// The process that closed a connection (moved it to FIN_WAIT1).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Closer {
-    pub pid_tgid: u64,
-    pub uid_gid: u64,
-    pub comm: [u8; 16],
-}
-
-/// Closers of connections on their way to TIME_WAIT. LRU: one that never
-/// gets there (reset, orphan limits) cannot pin an entry.
+/// The processes that closed connections on their way to TIME_WAIT (moved
+/// them to FIN_WAIT1). LRU: one that never gets there (reset, orphan limits)
+/// cannot pin an entry.
 #[map]
-pub static CLOSERS: LruHashMap<FlowKey, Closer> = LruHashMap::with_max_entries(65536, 0);
+pub static CLOSERS: LruHashMap<FlowKey, TaskHeader> = LruHashMap::with_max_entries(65536, 0);
 
 /// Timewait sockets deleted early, by connection, for a moment: a new
 /// connection on the same 4-tuple right after makes that end a reuse.
@@ -524,8 +517,7 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
         if let Some(c) = CLOSERS.get_ptr(&key) {
             // SAFETY: an LRU value stays valid memory for the run, though another CPU may
             // reuse it; its plain fields are copied out at once: at worst they are wrong.
-            let c = unsafe { &*c };
-            (r.pid_tgid, r.uid_gid, r.comm) = (c.pid_tgid, c.uid_gid, c.comm);
+            r.closer = unsafe { *c };
             r.flags |= flags::CLOSER;
             let _ = CLOSERS.remove(&key);
         }

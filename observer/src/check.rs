@@ -2,7 +2,7 @@
 
 use std::{path::Path, process::ExitCode};
 
-use crate::{btf_offsets, loader, mounts, sock_diag::Diag};
+use crate::kernel::{btf_offsets, loader, mounts, sock_diag::Diag};
 
 /// Capabilities the daemon uses: BPF programs and maps, perf-style tracing
 /// reads, cgroup attach and sock_diag, mounting tracefs.
@@ -132,7 +132,7 @@ pub fn run() -> ExitCode {
     match Diag::open() {
         Ok(_) => {
             line(true, "sock_diag (NETLINK_SOCK_DIAG)", "opens");
-            let listed = crate::sock_diag::lists_bound_only();
+            let listed = crate::kernel::sock_diag::lists_bound_only();
             line(
                 true,
                 "sock_diag: bound, not listening TCP",

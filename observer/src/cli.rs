@@ -121,7 +121,7 @@ fn parse_cgroup_dir(s: &str) -> Result<CgroupDir, String> {
             "'{s}' is not a cgroup2 directory (a cgroup v1 hierarchy cannot be filtered on)"
         ));
     }
-    let root = crate::mounts::cgroup2_mount()
+    let root = crate::kernel::mounts::cgroup2_mount()
         .and_then(|r| Ok(r.canonicalize()?))
         .map_err(|e| format!("'{s}': {e:#}"))?;
     if !dir.starts_with(&root) {
@@ -131,7 +131,7 @@ fn parse_cgroup_dir(s: &str) -> Result<CgroupDir, String> {
         ));
     }
     Ok(CgroupDir {
-        rel: crate::cgroups::relative(&root, &dir),
+        rel: crate::kernel::cgroups::relative(&root, &dir),
         dir,
     })
 }
@@ -159,7 +159,7 @@ pub fn parse_netns_path(s: &str) -> Result<String, String> {
 
 fn netns_file(s: &str) -> Result<(String, u32), String> {
     use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
-    let path = crate::netns::path_of(s);
+    let path = crate::kernel::netns::path_of(s);
     let not = |why: String| format!("'{s}' is not a network namespace ({why})");
     let file = std::fs::File::open(&path).map_err(|e| not(format!("{path}: {e}")))?;
     if fs_magic(std::path::Path::new(&path)) != Some(NSFS_MAGIC) {

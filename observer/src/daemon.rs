@@ -20,13 +20,11 @@ use tokio::{
 };
 
 use crate::{
-    btf_offsets,
-    cgroups::Cgroups,
     cli::RunArgs,
     clock::Clock,
     explain::worker::{self, Failure, Worker},
     filter::Filter,
-    loader, mounts,
+    kernel::{btf_offsets, cgroups::Cgroups, loader, mounts},
     output::{Output, stdout_closed, stdout_closed_watch},
     repro::{self, ctx::Sink, scenarios::Scenario},
     schema::{Event, Line, Start, Stop},

@@ -1,23 +1,16 @@
 //! `observer`: watches every socket bind() on the host and streams JSON Lines.
 
-mod btf;
-mod btf_offsets;
-mod cgroups;
 mod check;
 mod cli;
 mod clock;
 mod daemon;
 mod explain;
 mod filter;
-mod kallsyms;
-mod loader;
-mod mounts;
+mod kernel;
 mod names;
-mod netns;
 mod output;
 mod repro;
 mod schema;
-mod sock_diag;
 mod stream;
 mod text;
 mod time_wait;

@@ -10,13 +10,13 @@ use observer_common::{
 };
 
 use crate::{
-    cgroups::{Cgroups, container_id},
     clock::Clock,
     explain::{
         Bound, rules,
         worker::{Failure, Worker},
     },
     filter::Filter,
+    kernel::cgroups::{Cgroups, container_id},
     output::Output,
     schema::{
         Bind, Counts, Event, Line, Lost, LostByCause, Process, Stats, TcpState, Totals, reuse,

@@ -13,7 +13,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{Ask, OptionsBook, Owners, env::Env, holders, rules};
-use crate::sock_diag::Diag;
+use crate::kernel::sock_diag::Diag;
 
 #[derive(Args, Debug)]
 pub struct ExplainArgs {
@@ -184,7 +184,7 @@ pub fn explain(args: ExplainArgs) -> Result<ExitCode> {
     };
     let e = rules::verdict(&r, &env, &on_port);
     // Nothing in the way, on a kernel that cannot show every socket: say so.
-    let unknown = e.is_none() && !args.udp && !crate::sock_diag::lists_bound_only();
+    let unknown = e.is_none() && !args.udp && !crate::kernel::sock_diag::lists_bound_only();
     let v = Verdict {
         addr: args.addr.ip.to_string(),
         port: r.port,
@@ -247,7 +247,7 @@ pub fn who(args: WhoArgs) -> Result<ExitCode> {
     } else {
         print_table(&on_port);
     }
-    if !crate::sock_diag::lists_bound_only() {
+    if !crate::kernel::sock_diag::lists_bound_only() {
         eprintln!(
             "observer: note: this kernel's sock_diag cannot list TCP sockets bound and not listening (Linux 6.3 can): they are not shown"
         );

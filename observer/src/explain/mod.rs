@@ -17,8 +17,8 @@ use std::{
 use rules::{Holder, Request};
 
 use crate::{
+    kernel::sock_diag::{Diag, IPPROTO_TCP, IPPROTO_UDP, InetSock},
     names::socket_state_name,
-    sock_diag::{Diag, IPPROTO_TCP, IPPROTO_UDP, InetSock},
 };
 
 /// Socket options (and the binding process) by socket cookie or inode, as the

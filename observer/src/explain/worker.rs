@@ -20,8 +20,8 @@ use super::{
     socket_inode,
 };
 use crate::{
+    kernel::sock_diag::{Diag, lists_bound_only},
     schema::{Bind, Event, Line, SockCall},
-    sock_diag::{Diag, lists_bound_only},
 };
 
 /// Failures waiting for a lookup, at most: beyond it a failure is written
@@ -100,7 +100,7 @@ impl Explainer {
             owners: Owners::every(Duration::from_secs(10)),
             coalescer: Coalescer::new(),
             coalesced,
-            own_netns: crate::netns::own(),
+            own_netns: crate::kernel::netns::own(),
             own: None,
             lists_bound: lists_bound_only(),
         }
@@ -148,7 +148,7 @@ impl Explainer {
                 }
                 on_port(own.as_mut().expect("opened"), port)?
             } else {
-                let file = crate::netns::open(netns, Some(tid)).ok_or_else(|| {
+                let file = crate::kernel::netns::open(netns, Some(tid)).ok_or_else(|| {
                     io::Error::other(format!("network namespace {netns} is gone"))
                 })?;
                 on_port(&mut Diag::open_in(&file)?, port)?

@@ -273,7 +273,7 @@ impl Ctx {
     /// the sockets on the port right now and the options this scenario knows.
     fn predict(&self, name: &str, addr: SocketAddr) -> Option<(String, Option<Rule>)> {
         let s = self.sock(name);
-        let mut diag = crate::sock_diag::Diag::open().ok()?;
+        let mut diag = crate::kernel::sock_diag::Diag::open().ok()?;
         let mut holders = explain::holders(
             &mut diag,
             0,
@@ -293,7 +293,7 @@ impl Ctx {
         }
         // What this kernel's sock_diag cannot list (bound, not listening),
         // the scenario knows of its own sockets, as the stream of its binds.
-        if !crate::sock_diag::lists_bound_only() {
+        if !crate::kernel::sock_diag::lists_bound_only() {
             let unlisted: Vec<rules::Holder> = self
                 .sockets
                 .iter()

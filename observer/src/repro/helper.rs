@@ -148,7 +148,7 @@ fn started_by_a_scenario() -> io::Result<()> {
     if own != parent {
         return Err(io::Error::other("not started by a repro scenario"));
     }
-    let ino = |p: &str| crate::netns::inode(std::path::Path::new(p));
+    let ino = |p: &str| crate::kernel::netns::inode(std::path::Path::new(p));
     if ino("/proc/self/ns/net") == ino("/proc/1/ns/net") {
         return Err(io::Error::other(
             "refusing to run in the host's network namespace",

@@ -35,14 +35,14 @@ pub struct TcpState {
 
 impl TcpState {
     pub fn from_record(r: &TcpStateRecord) -> TcpState {
-        let process = r.flags & flags::PROCESS_CONTEXT != 0;
+        let task = (r.flags & flags::PROCESS_CONTEXT != 0).then_some(&r.task);
         let (src, dst) = tuple(r);
         TcpState {
             sk: format!("{:#x}", r.skaddr),
-            pid: process.then_some((r.pid_tgid >> 32) as u32),
-            tid: process.then_some(r.pid_tgid as u32),
-            comm: process.then(|| c_str(&r.comm)),
-            uid: process.then_some(r.uid_gid as u32),
+            pid: task.map(|t| t.pid()),
+            tid: task.map(|t| t.tid()),
+            comm: task.map(|t| c_str(&t.comm)),
+            uid: task.map(|t| t.uid()),
             netns: (r.netns != 0).then_some(r.netns),
             family: family_name(r.family),
             saddr: src.ip().to_string(),
@@ -93,7 +93,7 @@ mod tests {
         r.newstate = state::CLOSE;
         r.prev_state_ns = 1_234_567;
         r.flags = flags::PREV_KNOWN;
-        r.pid_tgid = 99 << 32; // whatever was interrupted: must not show
+        r.task.pid_tgid = 99 << 32; // whatever was interrupted: must not show
         let json = serde_json::to_value(TcpState::from_record(&r)).unwrap();
         assert_eq!(json["sk"], "0xffff888100a0b000");
         assert_eq!(
@@ -115,8 +115,8 @@ mod tests {
         r.family = 10;
         r.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
         r.flags = flags::PROCESS_CONTEXT;
-        r.pid_tgid = (7 << 32) | 8;
-        r.comm[..4].copy_from_slice(b"curl");
+        r.task.pid_tgid = (7 << 32) | 8;
+        r.task.comm[..4].copy_from_slice(b"curl");
         let t = TcpState::from_record(&r);
         assert_eq!(
             (t.pid, t.tid, t.comm.as_deref()),

@@ -26,8 +26,10 @@ use observer_common::tcp::state;
 use super::{Closer, Entered, Key, Left, Out};
 use crate::{
     clock::Clock,
-    netns,
-    sock_diag::{Diag, IPPROTO_TCP, InetSock, state_mask},
+    kernel::{
+        netns,
+        sock_diag::{Diag, IPPROTO_TCP, InetSock, state_mask},
+    },
 };
 
 /// How often the open set and pending candidates are checked against the kernel.

@@ -29,13 +29,13 @@ const MAX_PENDING: usize = 1 << 18;
 /// The address of the timewait sockets' timer handler. Reading /proc/kallsyms
 /// takes the kernel some 45 ms: the daemon starts it first, on a thread.
 pub fn handler() -> Result<u64, String> {
-    crate::kallsyms::address("tw_timer_handler")
+    crate::kernel::kallsyms::address("tw_timer_handler")
 }
 
 /// The kernel's layout and symbols the timer programs need (`handler`: see
 /// above), or why this kernel cannot give them (then the daemon polls sock_diag).
 pub fn discover(
-    tw: &crate::btf_offsets::TimeWaitOffsets,
+    tw: &crate::kernel::btf_offsets::TimeWaitOffsets,
     handler: Result<u64, String>,
 ) -> Result<(TimeWaitConfig, u64), String> {
     let handler = handler?;
@@ -286,10 +286,10 @@ impl Tracker {
             reuse: known(flags::REUSE_KNOWN)
                 .then(|| (known(flags::REUSEADDR), known(flags::REUSEPORT))),
             closer: known(flags::CLOSER).then(|| Closer {
-                pid: (r.pid_tgid >> 32) as u32,
-                tid: r.pid_tgid as u32,
-                comm: c_str(&r.comm),
-                uid: r.uid_gid as u32,
+                pid: r.closer.pid(),
+                tid: r.closer.tid(),
+                comm: c_str(&r.closer.comm),
+                uid: r.closer.uid(),
             }),
         }
     }
@@ -373,8 +373,8 @@ mod tests {
         let mut r = rec(op::ENTER, ms);
         r.timeout_jiffies = 15_000; // 60 s at HZ=250
         r.flags = flags::CLOSER | flags::REUSE_KNOWN | flags::REUSEADDR;
-        r.pid_tgid = (10 << 32) | 11;
-        r.comm[..6].copy_from_slice(b"server");
+        r.closer.pid_tgid = (10 << 32) | 11;
+        r.closer.comm[..6].copy_from_slice(b"server");
         r
     }
 

@@ -2,7 +2,7 @@
 //! (Rust eBPF has no CO-RE relocations). A member that cannot be found leaves its
 //! offsets 0, and the eBPF side then reports the fields that need it as unknown.
 
-use crate::btf::Btf;
+use crate::kernel::btf::Btf;
 use observer_common::config::KernelOffsets;
 
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
