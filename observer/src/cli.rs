@@ -29,7 +29,7 @@ pub enum Command {
     Repro(crate::repro::ReproArgs),
     /// Would a bind like this succeed right now, and if not, why? Exit 0 if it would.
     Explain(crate::explain::cli::ExplainArgs),
-    /// Every socket on a port: state, ends, owner (the `ss` answer).
+    /// Every socket (or those on a port): state, ends, owner — the `ss -tuanp` answer; `--summary` counts them.
     Who(crate::explain::cli::WhoArgs),
     /// Which hooks load and attach on this kernel, and what is missing; exit 0 when the daemon can run.
     Check,

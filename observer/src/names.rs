@@ -70,12 +70,15 @@ pub fn tcp_state_name(state: u8) -> &'static str {
 }
 
 /// A socket's state as `who` and `explain` show it: TCP states, `BOUND` for
-/// inet_diag's bound-only pseudo-state, `UDP` (`UDP_CONNECTED`) for UDP sockets.
+/// a socket bound and neither listening nor connected, `UDP`
+/// (`UDP_CONNECTED`) for UDP sockets. inet_diag lists bound-only sockets
+/// (asked for by the pseudo-state 13) in their real state, CLOSE: a CLOSE
+/// socket in a dump is one that holds a port and does nothing else.
 pub fn socket_state_name(proto: u8, state: u8) -> &'static str {
     match (proto, state) {
         (17, 1) => "UDP_CONNECTED",
         (17, _) => "UDP",
-        (_, 13) => "BOUND",
+        (_, 7 | 13) => "BOUND",
         (_, s) => tcp_state_name(s),
     }
 }
@@ -83,6 +86,15 @@ pub fn socket_state_name(proto: u8, state: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bound_only_sockets_are_bound() {
+        // As inet_diag lists them (CLOSE), and as the daemon notes them (13).
+        assert_eq!(socket_state_name(6, 7), "BOUND");
+        assert_eq!(socket_state_name(6, 13), "BOUND");
+        assert_eq!(socket_state_name(6, 10), "LISTEN");
+        assert_eq!(socket_state_name(17, 7), "UDP");
+    }
 
     #[test]
     fn errnos() {

@@ -5,8 +5,10 @@ use std::{net::TcpListener, process::Command, sync::mpsc, time::Duration};
 use observer_tests::{observer::observer_bin, require_root, workload::enter_private_netns};
 use serde_json::Value;
 
-/// A thread in a new namespace holding a wildcard listener on 8080 and a
-/// SO_REUSEPORT listener of uid 0 on 8081; returns the namespace's path.
+/// A thread in a new namespace holding a wildcard listener on 8080, a
+/// SO_REUSEPORT listener of uid 0 on 8081, a TCP socket bound to 8083 and
+/// nothing more, and three TIME_WAIT sockets of a server on 8084 (a listener
+/// there too); returns the namespace's path.
 fn namespace_with_listeners() -> (String, mpsc::Sender<()>) {
     let (path_tx, path_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -28,6 +30,24 @@ fn namespace_with_listeners() -> (String, mpsc::Sender<()>) {
         )
         .unwrap();
         rp.listen(8).unwrap();
+        let bound =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        bound
+            .bind(
+                &"127.0.0.1:8083"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
+            .unwrap();
+        let server = TcpListener::bind("127.0.0.1:8084").unwrap();
+        for _ in 0..3 {
+            let mut c = std::net::TcpStream::connect("127.0.0.1:8084").unwrap();
+            let (a, _) = server.accept().unwrap();
+            drop(a); // the server's FIN first
+            let mut buf = [0u8; 1];
+            assert_eq!(std::io::Read::read(&mut c, &mut buf).unwrap(), 0);
+        } // the clients' FINs: the server's three sockets enter TIME_WAIT
         let tid = unsafe { libc::gettid() };
         path_tx
             .send(format!("/proc/{}/task/{tid}/ns/net", std::process::id()))
@@ -120,6 +140,66 @@ fn who_lists_every_socket_on_the_port() {
     let (code, out) = run(&["who", "8081", "--netns", &ns]);
     assert_eq!(code, Some(0));
     assert!(out.lines().count() == 2 && out.contains("LISTEN"), "{out}");
+
+    // A socket bound and doing nothing else is BOUND (listed from 6.3).
+    let (_, out) = run(&["who", "8083", "--netns", &ns]);
+    if observer_tests::kernel_at_least(6, 3) {
+        assert!(out.lines().count() == 2 && out.contains(" BOUND "), "{out}");
+    }
+    // Every socket, with the filters: each state, the process.
+    let json = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["who", "--netns", &ns, "--json"];
+        all.extend(args);
+        let (code, out) = run(&all);
+        assert_eq!(code, Some(0), "{out}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let every = json(&[]);
+    let listening = json(&["--state", "listen"]);
+    let ports = |v: &[Value]| -> Vec<u64> {
+        let mut p: Vec<u64> = v.iter().map(|s| s["port"].as_u64().unwrap()).collect();
+        p.sort();
+        p
+    };
+    assert_eq!(ports(&listening), [8080, 8081, 8084], "{listening:?}");
+    let waiting = json(&["--state", "TIME_WAIT"]);
+    assert_eq!(ports(&waiting), [8084; 3], "{waiting:?}");
+    let mine = json(&["--pid", &std::process::id().to_string()]);
+    let bound_listed = usize::from(observer_tests::kernel_at_least(6, 3));
+    // Ours: the three listeners, the bound one where listed; TIME_WAIT sockets have no owner.
+    assert_eq!(mine.len(), 3 + bound_listed, "{mine:?}");
+    assert_eq!(every.len(), 3 + bound_listed + 3, "{every:?}");
+    // The count per port and state.
+    let counts = json(&["--summary"]);
+    assert_eq!(
+        (
+            &counts[0]["proto"],
+            &counts[0]["port"],
+            &counts[0]["state"],
+            &counts[0]["count"]
+        ),
+        (
+            &Value::from("tcp"),
+            &Value::from(8084),
+            &Value::from("TIME_WAIT"),
+            &Value::from(3)
+        ),
+        "{counts:?}"
+    );
+    assert_eq!(counts.len(), 4 + bound_listed, "{counts:?}");
+    let (code, text) = run(&["who", "--netns", &ns, "--summary", "--state", "TIME_WAIT"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        text.contains("8084") && text.contains("TIME_WAIT") && text.trim_end().ends_with('3'),
+        "{text}"
+    );
+    let bad = Command::new(observer_bin())
+        .args(["who", "--state", "NOPE"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
     let bad = Command::new(observer_bin())
         .args(["who", "1", "--netns", "/nonexistent"])
         .output()

@@ -51,12 +51,51 @@ pub struct ExplainArgs {
 
 #[derive(Args, Debug)]
 pub struct WhoArgs {
-    pub port: u16,
+    /// Only the sockets on this local port (default: every socket).
+    pub port: Option<u16>,
+    /// Only sockets in these states (LISTEN, ESTABLISHED, TIME_WAIT, BOUND,
+    /// UDP, …); repeat the flag or separate with commas.
+    #[arg(long, value_name = "STATE", value_delimiter = ',', value_parser = parse_state)]
+    pub state: Vec<&'static str>,
+    /// Only sockets of this process (TIME_WAIT sockets have none: the
+    /// process that closed them, when the daemon saw it, is not known here).
+    #[arg(long, value_name = "PID", allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: Option<u32>,
+    /// A count per protocol, port and state instead of one line per socket.
+    #[arg(long)]
+    pub summary: bool,
     #[command(flatten)]
     pub ns: NetnsArg,
-    /// JSON Lines on stdout, one socket per line.
+    /// JSON Lines on stdout, one socket (or one count) per line.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The states `who` shows, as it spells them.
+const STATES: [&str; 14] = [
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+    "BOUND",
+    "UDP",
+    "UDP_CONNECTED",
+];
+
+fn parse_state(s: &str) -> Result<&'static str, String> {
+    let up = s.to_ascii_uppercase();
+    STATES
+        .iter()
+        .find(|&&k| k == up)
+        .copied()
+        .ok_or_else(|| format!("unknown state {s:?}; one of {}", STATES.join(", ")))
 }
 
 #[derive(Args, Debug)]
@@ -231,7 +270,7 @@ pub const UNKNOWN: u8 = 3;
 
 pub fn who(args: WhoArgs) -> Result<ExitCode> {
     let mut diag = args.ns.diag()?;
-    let on_port = holders(
+    let mut socks = holders(
         &mut diag,
         0,
         args.port,
@@ -239,13 +278,37 @@ pub fn who(args: WhoArgs) -> Result<ExitCode> {
         &mut Owners::every(Duration::ZERO),
         Ask::Owner,
     )
-    .context("reading the sockets on the port")?;
-    if args.json {
-        for h in &on_port {
-            println!("{}", serde_json::to_string(h)?);
-        }
+    .context(if args.port.is_some() {
+        "reading the sockets on the port"
     } else {
-        print_table(&on_port);
+        "reading the sockets"
+    })?;
+    socks.retain(|h| {
+        (args.state.is_empty() || args.state.contains(&h.state))
+            && args.pid.is_none_or(|pid| h.pid == Some(pid))
+    });
+    match (args.summary, args.json) {
+        (false, false) => print_table(&socks),
+        (false, true) => {
+            for h in &socks {
+                println!("{}", serde_json::to_string(h)?);
+            }
+        }
+        (true, json) => {
+            if !json {
+                println!("{:<5} {:>5} {:<13} {:>7}", "PROTO", "PORT", "STATE", "SOCKETS");
+            }
+            for c in summary(&socks) {
+                if json {
+                    println!("{}", serde_json::to_string(&c)?);
+                } else {
+                    println!(
+                        "{:<5} {:>5} {:<13} {:>7}",
+                        c.proto, c.port, c.state, c.count
+                    );
+                }
+            }
+        }
     }
     if !crate::kernel::sock_diag::lists_bound_only() {
         eprintln!(
@@ -253,6 +316,35 @@ pub fn who(args: WhoArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sockets per protocol, local port and state.
+#[derive(Serialize, Debug, PartialEq, Eq)]
+struct Count {
+    proto: &'static str,
+    port: u16,
+    state: &'static str,
+    count: usize,
+}
+
+/// The counts, most first (then by port).
+fn summary(socks: &[rules::Holder]) -> Vec<Count> {
+    let mut by: std::collections::BTreeMap<(&'static str, u16, &'static str), usize> =
+        Default::default();
+    for h in socks {
+        *by.entry((h.proto, h.port, h.state)).or_default() += 1;
+    }
+    let mut counts: Vec<Count> = by
+        .into_iter()
+        .map(|((proto, port, state), count)| Count {
+            proto,
+            port,
+            state,
+            count,
+        })
+        .collect();
+    counts.sort_by(|a, b| b.count.cmp(&a.count).then(a.port.cmp(&b.port)));
+    counts
 }
 
 fn print_table(holders: &[rules::Holder]) {
@@ -284,6 +376,13 @@ fn print_table(holders: &[rules::Holder]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn states_as_people_write_them() {
+        assert_eq!(parse_state("time_wait"), Ok("TIME_WAIT"));
+        assert_eq!(parse_state("BOUND"), Ok("BOUND"));
+        assert!(parse_state("CLOSE").unwrap_err().contains("unknown state"));
+    }
 
     #[test]
     fn targets_as_people_write_them() {

@@ -304,18 +304,18 @@ pub enum Ask {
     Owner,
 }
 
-/// Every socket on `port` (TCP in any state, bound-only included, and UDP) in
-/// the namespace `diag` was opened in (`netns`, 0 when unknown), with owners
-/// and known options.
+/// Every socket on `port` (TCP in any state, bound-only included, and UDP;
+/// `None`: on every port) in the namespace `diag` was opened in (`netns`, 0
+/// when unknown), with owners and known options.
 pub fn holders(
     diag: &mut Diag,
     netns: u32,
-    port: u16,
+    port: impl Into<Option<u16>>,
     book: &OptionsBook,
     owners: &mut Owners,
     ask: Ask,
 ) -> io::Result<Vec<Holder>> {
-    let socks = on_port(diag, port)?;
+    let socks = on_port(diag, port.into())?;
     let known: Vec<Known> = socks.iter().map(|s| book.known(netns, s)).collect();
     Ok(socks
         .iter()
@@ -324,13 +324,13 @@ pub fn holders(
         .collect())
 }
 
-/// Every TCP (any state) and UDP socket on local port `port`.
-fn on_port(diag: &mut Diag, port: u16) -> io::Result<Vec<InetSock>> {
+/// Every TCP (any state) and UDP socket on local port `port` (or on any).
+fn on_port(diag: &mut Diag, port: Option<u16>) -> io::Result<Vec<InetSock>> {
     let started = Instant::now();
-    let mut socks = diag.sockets(IPPROTO_TCP, u32::MAX, Some(port))?;
-    socks.extend(diag.sockets(IPPROTO_UDP, u32::MAX, Some(port))?);
+    let mut socks = diag.sockets(IPPROTO_TCP, u32::MAX, port)?;
+    socks.extend(diag.sockets(IPPROTO_UDP, u32::MAX, port)?);
     log::debug!(
-        "port {port}: {} sockets in {:?}",
+        "port {port:?}: {} sockets in {:?}",
         socks.len(),
         started.elapsed()
     );

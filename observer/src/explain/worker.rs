@@ -146,12 +146,12 @@ impl Explainer {
                 if own.is_none() {
                     *own = Some(Diag::open()?);
                 }
-                on_port(own.as_mut().expect("opened"), port)?
+                on_port(own.as_mut().expect("opened"), Some(port))?
             } else {
                 let file = crate::kernel::netns::open(netns, Some(tid)).ok_or_else(|| {
                     io::Error::other(format!("network namespace {netns} is gone"))
                 })?;
-                on_port(&mut Diag::open_in(&file)?, port)?
+                on_port(&mut Diag::open_in(&file)?, Some(port))?
             };
             // The book under its lock, briefly; owners (a /proc walk) after.
             let (known, bound): (Vec<Known>, Vec<Bound>) = {
