@@ -44,6 +44,11 @@ pub mod flags {
     /// a timer event (at `enter_ns`) and was not yet said to enter: unless a
     /// `REARMED`/`ENTER` follows (a re-arm), the daemon reports the enter too.
     pub const ENTER_PENDING: u16 = 1 << 6;
+    /// `ENTER` of a socket whose `CANCELLED` came just before: that cancel was
+    /// the re-arm of its move from FIN_WAIT2, not its end. Without it, an
+    /// `ENTER` at the address of a socket cancelled earlier is a new socket in
+    /// the same memory, and the old one's end still stands.
+    pub const REARM: u16 = 1 << 7;
 }
 
 #[repr(C)]

@@ -210,7 +210,7 @@ fn try_start(ctx: &RawTracePointContext) -> Result<(), i64> {
                 op: op::ENTER,
                 at_ns: t,
                 timeout_jiffies,
-                flags: 0,
+                flags: if prev.is_some() { flags::REARM } else { 0 },
             },
         );
     } else if st.substate != state::TIME_WAIT && FW2_NEW.push(tw, 0).is_err() {

@@ -1,9 +1,11 @@
 //! `--format text`: one aligned line per event, bindsnoop-style, with the
 //! explain hint indented under failures.
 
-use crate::schema::{BindOptions, Event, Line};
+use crate::schema::{BindOptions, Counts, Event, Line};
 
-pub const HEADER: &str = "TIME          PID     COMM             EVENT           PROTO ADDR                                  PORT   OPTS  RESULT";
+/// The column titles, and what the one out-of-order kind means.
+pub const HEADER: &str = "TIME          PID     COMM             EVENT           PROTO ADDR                                  PORT   OPTS  RESULT
+# time_wait_enter: TIME is when the socket entered TIME_WAIT; one that got there without a timer event of its own is told up to a few tens of ms later, after lines that came after it";
 
 /// A value as a column: `-` for none.
 fn s<T: ToString>(v: Option<T>) -> String {
@@ -58,15 +60,11 @@ pub fn line(l: &Line) -> String {
             result
         )
     };
-    let own = |record: serde_json::Result<String>| {
-        // observer_start/stop, lost, stats: the record itself.
+    let own = |what: String| {
+        // observer_start/stop, lost, stats: one readable line of the daemon's own.
         format!(
             "{:<13} {:<7} {:<16} {:<15} {}\n",
-            time,
-            "-",
-            "observer",
-            event,
-            record.expect("records serialize")
+            time, "-", "observer", event, what
         )
     };
     let (mut out, explain) = match &l.event {
@@ -122,7 +120,10 @@ pub fn line(l: &Line) -> String {
                     connection(&t.saddr, t.sport, &t.daddr, t.dport),
                     String::new(),
                     String::new(),
-                    format!("{} -> {} ({} ms)", t.old, t.new, s(t.prev_state_ms)),
+                    match t.prev_state_ms {
+                        Some(ms) => format!("{} -> {} ({ms} ms)", t.old, t.new),
+                        None => format!("{} -> {}", t.old, t.new),
+                    },
                 ],
             ),
             None,
@@ -150,20 +151,73 @@ pub fn line(l: &Line) -> String {
                     connection(&x.flow.saddr, x.flow.sport, &x.flow.daddr, x.flow.dport),
                     String::new(),
                     String::new(),
-                    format!("{} after {} ms", x.reason, s(x.held_ms)),
+                    match x.held_ms {
+                        Some(ms) => format!("{} after {ms} ms", x.reason),
+                        None => x.reason.to_string(),
+                    },
                 ],
             ),
             None,
         ),
-        Event::ObserverStart(r) => (own(serde_json::to_string(r)), None),
-        Event::Lost(r) => (own(serde_json::to_string(r)), None),
-        Event::Stats(r) => (own(serde_json::to_string(r)), None),
-        Event::ObserverStop(r) => (own(serde_json::to_string(r)), None),
+        Event::ObserverStart(r) => (
+            own(format!(
+                "observer {} (pid {}) on Linux {}: {} hooks, ring buffer {} KiB, cgroup {}",
+                r.version,
+                r.pid,
+                r.kernel,
+                r.hooks.len(),
+                r.ring_buffer_bytes / 1024,
+                r.cgroup
+            )),
+            None,
+        ),
+        Event::Lost(r) => (own(format!("{} lost ({})", r.count, r.cause)), None),
+        Event::Stats(r) => (
+            own(format!(
+                "{}; CPU {} ms, RSS {} kB",
+                counts(&r.counts),
+                r.cpu_ms,
+                r.rss_kb
+            )),
+            None,
+        ),
+        Event::ObserverStop(r) => (
+            own(format!("stopped ({}): {}", r.reason, counts(&r.counts))),
+            None,
+        ),
     };
     if let Some(e) = explain {
         out += &format!("              ↳ {}\n", e.hint);
     }
     out
+}
+
+/// `written bind 11, tcp_state 26, …; lost 0; filtered 0`, with the causes of any loss.
+fn counts(c: &Counts) -> String {
+    let t = &c.totals;
+    let lost: Vec<String> = c
+        .lost_by_cause
+        .each()
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(cause, n)| format!("{n} {cause}"))
+        .collect();
+    format!(
+        "written bind {}, tcp_state {}, listen {}, connect {}, time_wait_enter {}, time_wait_exit {}; lost {}{}; filtered {}",
+        t.bind,
+        t.tcp_state,
+        t.listen,
+        t.connect,
+        t.time_wait_enter,
+        t.time_wait_exit,
+        c.lost,
+        if lost.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", lost.join(", "))
+        },
+        c.filtered
+    )
 }
 
 #[cfg(test)]
@@ -225,6 +279,20 @@ mod tests {
             programs: vec![],
         };
         let l = line(&at(Event::ObserverStop(stop)));
-        assert!(l.contains("observer_stop   {\"reason\":\"SIGINT\""), "{l}");
+        assert!(
+            l.contains("observer_stop   stopped (SIGINT): written bind 0, tcp_state 0,")
+                && l.ends_with("; lost 0; filtered 0\n")
+                && l.lines().count() == 1,
+            "{l}"
+        );
+        // Unknown durations are left out, not printed as `-`.
+        let mut t = TcpState::from_record(&observer_common::TcpStateRecord::zeroed());
+        (t.old, t.new, t.prev_state_ms) = ("CLOSE", "LISTEN", None);
+        assert!(line(&at(Event::TcpState(t))).ends_with("CLOSE -> LISTEN\n"));
+        let lost = Event::Lost(crate::schema::Lost {
+            count: 3,
+            cause: "ring_buffer",
+        });
+        assert!(line(&at(lost)).ends_with("lost            3 lost (ring_buffer)\n"));
     }
 }

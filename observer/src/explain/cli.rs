@@ -296,7 +296,10 @@ pub fn who(args: WhoArgs) -> Result<ExitCode> {
         }
         (true, json) => {
             if !json {
-                println!("{:<5} {:>5} {:<13} {:>7}", "PROTO", "PORT", "STATE", "SOCKETS");
+                println!(
+                    "{:<5} {:>5} {:<13} {:>7}",
+                    "PROTO", "PORT", "STATE", "SOCKETS"
+                );
             }
             for c in summary(&socks) {
                 if json {

@@ -459,25 +459,40 @@ impl Ctx {
     /// many it saw.
     pub fn wait_time_wait(&self, port: u16, n: usize) -> usize {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        let local = format!(":{port:04X}");
         loop {
-            let here = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
-            let in_tw = here
-                .lines()
-                .skip(1)
-                .filter(|l| {
-                    let mut f = l.split_whitespace();
-                    let (Some(l), Some(st)) = (f.nth(1), f.nth(1)) else {
-                        return false;
-                    };
-                    l.ends_with(&local) && st == "06"
-                })
+            let in_tw = self
+                .tcp_on(port)
+                .iter()
+                .filter(|(local, _, st)| local.ends_with(&format!(":{port}")) && st == "06")
                 .count();
             if in_tw >= n || std::time::Instant::now() >= until {
                 return in_tw;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    /// The TCP sockets of this thread's namespace with `port` at either end,
+    /// as /proc/net/tcp has them: (local, remote, state in hex).
+    pub fn tcp_on(&self, port: u16) -> Vec<(String, String, String)> {
+        let hex = format!(":{port:04X}");
+        let end = |e: &str| -> String {
+            let (ip, p) = e.split_once(':').unwrap_or((e, "0"));
+            let ip = u32::from_str_radix(ip, 16).unwrap_or(0);
+            let p = u16::from_str_radix(p, 16).unwrap_or(0);
+            format!("{}:{p}", std::net::Ipv4Addr::from(ip.to_le_bytes()))
+        };
+        std::fs::read_to_string("/proc/thread-self/net/tcp")
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (local, remote, st) = (*f.get(1)?, *f.get(2)?, *f.get(3)?);
+                (local.ends_with(&hex) || remote.ends_with(&hex))
+                    .then(|| (end(local), end(remote), st.to_owned()))
+            })
+            .collect()
     }
 
     /// Writes `range` ("LOW HIGH") to this namespace's ip_local_port_range.

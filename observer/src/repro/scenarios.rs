@@ -302,7 +302,8 @@ fn restart_time_wait(ctx: &mut Ctx) -> io::Result<()> {
         if in_tw < CONNECTIONS {
             // The restart's expected answer assumes them: say so if they are not there.
             eprintln!(
-                "restart-time-wait ({what}): {in_tw} of {CONNECTIONS} old server sockets in TIME_WAIT after 2 s"
+                "restart-time-wait ({what}): {in_tw} of {CONNECTIONS} old server sockets in TIME_WAIT after 2 s; sockets on the port (local, remote, state): {:?}",
+                ctx.tcp_on(SERVER_PORT)
             );
         }
         ctx.kill_helpers();

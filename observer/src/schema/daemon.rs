@@ -19,8 +19,9 @@ pub struct Start {
 pub struct Lost {
     /// Events lost since the previous `lost` record of this cause.
     pub count: u64,
-    /// `ring_buffer` (full), `inflight_map` (too many binds in flight at once),
-    /// `time_wait_queue`, or `output` (records the output could not write).
+    /// A [`LostByCause`] name: `ring_buffer` (full), `inflight_map` (too many
+    /// binds in flight at once), `time_wait_map`, `time_wait_queue`, `output`
+    /// (records the output could not write), `recursion` (runs the kernel skipped).
     pub cause: &'static str,
 }
 
@@ -67,13 +68,20 @@ pub struct LostByCause {
 }
 
 impl LostByCause {
+    /// Every cause with its count, as `lost` records name them.
+    pub fn each(&self) -> [(&'static str, u64); 6] {
+        [
+            ("ring_buffer", self.ring_buffer),
+            ("inflight_map", self.inflight_map),
+            ("time_wait_map", self.time_wait_map),
+            ("time_wait_queue", self.time_wait_queue),
+            ("output", self.output),
+            ("recursion", self.recursion),
+        ]
+    }
+
     pub fn sum(&self) -> u64 {
-        self.ring_buffer
-            + self.inflight_map
-            + self.time_wait_map
-            + self.time_wait_queue
-            + self.output
-            + self.recursion
+        self.each().iter().map(|(_, n)| n).sum()
     }
 }
 

@@ -203,7 +203,11 @@ impl Tracker {
         let key = key_of(r);
         match r.op {
             op::ENTER => {
-                self.forget_pending(r.tw);
+                // The re-arm of a cancel just before: that cancel was no end.
+                // (Another ENTER at that address is a new socket there.)
+                if r.flags & flags::REARM != 0 {
+                    self.forget_pending(r.tw);
+                }
                 if self.snapshot.remove(&key) {
                     return Vec::new(); // reported as preexisting already
                 }
@@ -219,7 +223,9 @@ impl Tracker {
                 let left = self.left(r, key, "killed");
                 let entered =
                     (r.flags & flags::ENTER_PENDING != 0).then(|| self.entered(r, key, r.enter_ns));
-                self.pending.insert(
+                // A new socket at the address of one still waiting: the older
+                // one's end is decided now (its reuse would have been told).
+                let older = self.pending.insert(
                     r.tw,
                     Pending {
                         left,
@@ -227,7 +233,7 @@ impl Tracker {
                         entered,
                     },
                 );
-                Vec::new()
+                older.map(|p| self.end(p)).unwrap_or_default()
             }
             op::REARMED => {
                 self.forget_pending(r.tw);
@@ -461,9 +467,40 @@ mod tests {
         assert_eq!(t.open, 0);
         // The same delete followed by the start of the re-arm: only the enter, then.
         t.on_record(&c);
-        assert_eq!(t.on_record(&entered(9_000)).len(), 1);
+        let mut rearm = entered(9_000);
+        rearm.flags |= flags::REARM;
+        assert_eq!(t.on_record(&rearm).len(), 1);
         assert!(t.decide(u64::MAX / 2).is_empty());
         assert_eq!(t.open, 1);
+    }
+
+    #[test]
+    fn a_new_socket_in_the_memory_of_a_killed_one_keeps_its_end() {
+        // Killed (an RST), and 38 ms later a new timewait socket at the same
+        // address enters and is killed too: two ends, each once.
+        let mut t = Tracker::new(Clock::with_offset(0), 250);
+        t.on_record(&entered(1_000));
+        assert!(t.on_record(&ended(op::CANCELLED, 2_000)).is_empty());
+        let mut other = entered(2_038);
+        other.dport = 42000;
+        assert_eq!(
+            t.on_record(&other).len(),
+            1,
+            "a new enter, no end forgotten"
+        );
+        let mut killed = ended(op::CANCELLED, 2_100);
+        killed.dport = 42000;
+        let out = t.on_record(&killed);
+        let [Out::Exit(x)] = out.as_slice() else {
+            panic!("the first one's end, decided: {out:?}")
+        };
+        assert_eq!((x.reason, x.flow.dport), ("killed", 41000));
+        let out = t.decide(u64::MAX / 2);
+        let [Out::Exit(x)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!((x.reason, x.flow.dport), ("killed", 42000));
+        assert_eq!(t.open, 0);
     }
 
     #[test]
