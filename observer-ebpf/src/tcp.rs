@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use observer_common::{
-    LOST_RINGBUF, TcpStateRecord,
+    Kind, TcpStateRecord,
     filter::{FilterConfig, event, on},
     task::TaskHeader,
     tcp::{flags, state},
@@ -15,7 +15,7 @@ use observer_common::{
 
 use crate::{
     kernel::{sock_netns, sock_reuse},
-    maps::{EVENTS, count_lost, time_wait_config, wake_flags},
+    maps::{reserve_zeroed, time_wait_config, wake_flags},
     task::{count_filtered, current_task, filter, ports_pass, task_passes},
     time_wait::{CLOSERS, FlowKey, note_new_connection},
 };
@@ -96,125 +96,137 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if unsafe { ctx.read_at::<u16>(PROTOCOL)? } != IPPROTO_TCP {
         return Ok(());
     }
-    let f = filter();
     // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
     let now = unsafe { generated::bpf_ktime_get_ns() };
-    let mut r = TcpStateRecord::zeroed();
-    r.header.ktime_ns = now;
     // SAFETY: as above; offset 8 is `const void *skaddr`, read as a u64.
-    r.skaddr = unsafe { ctx.read_at(SKADDR)? };
+    let skaddr: u64 = unsafe { ctx.read_at(SKADDR)? };
     // SAFETY: as above; offset 16 is `int oldstate`.
-    r.oldstate = unsafe { ctx.read_at::<i32>(OLDSTATE)? } as u8;
+    let oldstate = unsafe { ctx.read_at::<i32>(OLDSTATE)? } as u8;
     // SAFETY: as above; offset 20 is `int newstate`.
-    r.newstate = unsafe { ctx.read_at::<i32>(NEWSTATE)? } as u8;
-    // SAFETY: as above; offset 24 is `__u16 sport`.
-    r.sport = unsafe { ctx.read_at(SPORT)? };
-    // SAFETY: as above; offset 26 is `__u16 dport`.
-    r.dport = unsafe { ctx.read_at(DPORT)? };
-    // SAFETY: as above; offset 28 is `__u16 family`.
-    r.family = unsafe { ctx.read_at(FAMILY)? };
-    if r.family == AF_INET {
+    let newstate = unsafe { ctx.read_at::<i32>(NEWSTATE)? } as u8;
+    // The connection, read once into the key the TIME_WAIT programs use too.
+    let mut flow = FlowKey {
+        netns: sock_netns(skaddr),
+        // SAFETY: as above; offset 28 is `__u16 family`.
+        family: unsafe { ctx.read_at(FAMILY)? },
+        // SAFETY: as above; offset 24 is `__u16 sport`.
+        sport: unsafe { ctx.read_at(SPORT)? },
+        // SAFETY: as above; offset 26 is `__u16 dport`.
+        dport: unsafe { ctx.read_at(DPORT)? },
+        _pad: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    if flow.family == AF_INET {
         // SAFETY: as above; offset 32 is `__u8 saddr[4]`.
-        r.saddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(SADDR)? });
+        flow.saddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(SADDR)? });
         // SAFETY: as above; offset 36 is `__u8 daddr[4]`.
-        r.daddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(DADDR)? });
+        flow.daddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(DADDR)? });
     } else {
         // SAFETY: as above; offset 40 is `__u8 saddr_v6[16]`.
-        r.saddr = unsafe { ctx.read_at(SADDR_V6)? };
+        flow.saddr = unsafe { ctx.read_at(SADDR_V6)? };
         // SAFETY: as above; offset 56 is `__u8 daddr_v6[16]`.
-        r.daddr = unsafe { ctx.read_at(DADDR_V6)? };
+        flow.daddr = unsafe { ctx.read_at(DADDR_V6)? };
     }
-    if !in_softirq() {
-        r.task = current_task();
-        r.flags |= flags::PROCESS_CONTEXT;
-    }
-    r.netns = sock_netns(r.skaddr);
+    let process = !in_softirq();
     // The TIME_WAIT programs need these changes whatever is written.
-    note_closer(&r);
+    note_closer(&flow, oldstate, newstate, process, now);
+    let f = filter();
     if !f.wants(event::TCP_STATE) {
         return Ok(());
     }
     // SAFETY: LRU entries are preallocated: another CPU may evict and reuse this one,
     // but the u64 is read once, so at worst the duration is wrong.
-    if let Some(since) = unsafe { SINCE.get(r.skaddr) } {
-        r.prev_state_ns = now.saturating_sub(*since);
-        r.flags |= flags::PREV_KNOWN;
-    }
-    if r.newstate == state::CLOSE {
-        let _ = SINCE.remove(r.skaddr);
+    let prev = unsafe { SINCE.get(skaddr) }.map(|since| now.saturating_sub(*since));
+    if newstate == state::CLOSE {
+        let _ = SINCE.remove(skaddr);
     } else {
-        let _ = SINCE.insert(r.skaddr, now, 0);
+        let _ = SINCE.insert(skaddr, now, 0);
     }
-    if !state_passes(&f, &r) {
+    if !state_passes(&f, &flow, process) {
         count_filtered();
         return Ok(());
     }
-    if let Some((reuseaddr, reuseport)) = sock_reuse(r.skaddr) {
+    // Filled where it lies in the ring buffer: on the stack, the record and
+    // the key would take more than 6.1's 512 bytes for the chain of calls.
+    let Some(mut slot) = reserve_zeroed::<TcpStateRecord>(Kind::TcpState) else {
+        return Ok(());
+    };
+    // SAFETY: reserve_zeroed zeroed all of it, and an all-zero `TcpStateRecord`
+    // (integers and byte arrays only) is valid.
+    let r = unsafe { slot.assume_init_mut() };
+    r.header.ktime_ns = now;
+    r.skaddr = skaddr;
+    r.oldstate = oldstate;
+    r.newstate = newstate;
+    r.netns = flow.netns;
+    r.family = flow.family;
+    r.sport = flow.sport;
+    r.dport = flow.dport;
+    r.saddr = flow.saddr;
+    r.daddr = flow.daddr;
+    if process {
+        r.task = current_task();
+        r.flags |= flags::PROCESS_CONTEXT;
+    }
+    if let Some(ns) = prev {
+        r.prev_state_ns = ns;
+        r.flags |= flags::PREV_KNOWN;
+    }
+    if let Some((reuseaddr, reuseport)) = sock_reuse(skaddr) {
         r.flags |= flags::REUSE_KNOWN
             | if reuseaddr { flags::REUSEADDR } else { 0 }
             | if reuseport { flags::REUSEPORT } else { 0 };
     }
-    if EVENTS
-        .output::<TcpStateRecord>(&r, wake_flags(size_of::<TcpStateRecord>(), false, 0))
-        .is_err()
-    {
-        count_lost(LOST_RINGBUF);
-    }
+    slot.submit(wake_flags(size_of::<TcpStateRecord>(), false, 0));
     Ok(())
 }
 
 /// The filters on a state change: never a failure, no cgroup; the process
 /// filters only where a process caused it; the socket's own namespace.
-fn state_passes(f: &FilterConfig, r: &TcpStateRecord) -> bool {
+fn state_passes(f: &FilterConfig, flow: &FlowKey, process: bool) -> bool {
     if f.flags == 0 {
         return true;
     }
     if f.has(on::ERRORS_ONLY) || f.has(on::CGROUP) {
         return false;
     }
-    if f.has(on::NETNS) && r.netns != f.netns {
+    if f.has(on::NETNS) && flow.netns != f.netns {
         return false;
     }
-    let process = r.flags & flags::PROCESS_CONTEXT != 0;
-    if (f.has(on::PIDS) || f.has(on::UID) || f.has(on::COMM)) && !process {
-        return false;
+    if f.has(on::PIDS) || f.has(on::UID) || f.has(on::COMM) {
+        if !process {
+            return false;
+        }
+        // The namespace was compared above, against the socket's.
+        let task = TaskHeader {
+            netns: f.netns,
+            ..current_task()
+        };
+        if !task_passes(f, &task) {
+            return false;
+        }
     }
-    // The namespace was compared above, against the socket's.
-    let task = TaskHeader {
-        netns: f.netns,
-        ..r.task
-    };
-    task_passes(f, &task) && ports_pass(f, [r.sport, r.dport])
+    ports_pass(f, [flow.sport, flow.dport])
 }
 
 /// Who closed a connection that may end in TIME_WAIT: kept from its
 /// FIN_WAIT1 (in process context) until its timewait socket enters, or it
 /// closes some other way.
-fn note_closer(r: &TcpStateRecord) {
+fn note_closer(flow: &FlowKey, oldstate: u8, newstate: u8, process: bool, now: u64) {
     if time_wait_config().tw_timer_handler == 0 {
         return;
     }
-    let key = FlowKey {
-        netns: r.netns,
-        family: r.family,
-        sport: r.sport,
-        dport: r.dport,
-        _pad: 0,
-        saddr: r.saddr,
-        daddr: r.daddr,
-    };
-    match r.newstate {
-        state::FIN_WAIT1 if r.flags & flags::PROCESS_CONTEXT != 0 => {
-            let _ = CLOSERS.insert(&key, &r.task, 0);
+    match newstate {
+        state::FIN_WAIT1 if process => {
+            let _ = CLOSERS.insert(flow, &current_task(), 0);
         }
         // FIN_WAIT2/CLOSING -> CLOSE comes after the timewait socket entered
         // (which took the closer); any other way to CLOSE ends the story.
-        state::CLOSE if !matches!(r.oldstate, state::FIN_WAIT2 | state::CLOSING) => {
-            let _ = CLOSERS.remove(&key);
+        state::CLOSE if !matches!(oldstate, state::FIN_WAIT2 | state::CLOSING) => {
+            let _ = CLOSERS.remove(flow);
         }
-        state::SYN_SENT | state::SYN_RECV | state::ESTABLISHED => {
-            note_new_connection(&key, r.header.ktime_ns)
-        }
+        state::SYN_SENT | state::SYN_RECV | state::ESTABLISHED => note_new_connection(flow, now),
         _ => {}
     }
 }

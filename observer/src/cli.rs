@@ -56,6 +56,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", requires = "repro")]
     pub repro_log: Option<std::path::PathBuf>,
 
+    /// With --repro: write every record of the host, not only those of the
+    /// scenarios' network namespaces.
+    #[arg(long, requires = "repro")]
+    pub all_host: bool,
+
     /// Only these processes (tgid); repeat the flag or separate with commas.
     #[arg(short = 'p', long = "pid", value_name = "PID", value_delimiter = ',',
           allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..))]

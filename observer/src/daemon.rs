@@ -97,9 +97,10 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     let (repro_tx, repro_rx) = tokio::sync::oneshot::channel();
     if let Some(names) = &args.repro {
         let scenarios = repro::select(names).map_err(anyhow::Error::msg)?;
-        r.s.keep_calls();
+        let shared = std::sync::Arc::new(repro::shared::Shared::default());
+        r.s.serve_repro(shared.clone(), args.all_host);
         std::thread::spawn(move || {
-            let report = repro::run(&scenarios, Sink::Stderr);
+            let report = repro::run(&scenarios, Sink::Stderr, Some(shared));
             let _ = repro_tx.send((scenarios, report));
         });
     }
@@ -416,9 +417,9 @@ fn check_repro(
         .iter()
         .map(serde_json::to_value)
         .collect::<Result<_, _>>()?;
-    let problems = repro::check::problems(&report.steps, &kept);
+    let problems = repro::check::problems(&report.steps, &kept, std::process::id());
     for p in &problems {
-        eprintln!("missing from the stream: {p}");
+        eprintln!("in the stream: {p}");
     }
     Ok(if report.passed() && problems.is_empty() {
         ExitCode::SUCCESS

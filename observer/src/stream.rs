@@ -18,6 +18,7 @@ use crate::{
     filter::Filter,
     kernel::cgroups::{Cgroups, container_id},
     output::Output,
+    repro::shared::Shared,
     schema::{
         Bind, Counts, Event, Line, Lost, LostByCause, Process, Stats, TcpState, Totals, reuse,
         tuple,
@@ -95,6 +96,9 @@ pub struct Stream {
     decided_ns: u64,
     /// bind/listen/connect records as written, while a `--repro` run needs them.
     kept: Option<Vec<Line>>,
+    /// `--repro`: its namespaces and per-failure barrier; whether records of
+    /// other namespaces are written too (`--all-host`).
+    repro: Option<(std::sync::Arc<Shared>, bool)>,
     explainer: Worker,
     /// Failures handed to the explainer and not back yet.
     explaining: usize,
@@ -125,14 +129,28 @@ impl Stream {
             time_wait,
             decided_ns: 0,
             kept: None,
+            repro: None,
             explainer,
             explaining: 0,
         }
     }
 
-    /// From now on, keeps the call records written (for `--repro`'s check).
-    pub fn keep_calls(&mut self) {
+    /// `--repro`: from now on, keeps the call records written (for its
+    /// check), tells the scenarios when their failures are written, and,
+    /// unless `all_host`, writes only records of their namespaces.
+    pub fn serve_repro(&mut self, shared: std::sync::Arc<Shared>, all_host: bool) {
         self.kept = Some(Vec::new());
+        self.repro = Some((shared, all_host));
+    }
+
+    /// Whether `--repro` lets a record through (its namespaces only, by default).
+    fn repro_keeps(&self, event: &Event) -> bool {
+        match &self.repro {
+            Some((shared, false)) => {
+                crate::filter::Facts::of(event).is_none_or(|f| shared.watches(f.netns))
+            }
+            _ => true,
+        }
     }
 
     /// The output, and the call records kept.
@@ -197,7 +215,7 @@ impl Stream {
     /// The one way a record of the host goes out: the filters, then the
     /// explainer for an EADDRINUSE failure, then the output.
     fn handle(&mut self, line: Line) {
-        if !self.filter.keeps(&line.event) {
+        if !self.filter.keeps(&line.event) || !self.repro_keeps(&line.event) {
             self.filtered += 1;
             return;
         }
@@ -212,6 +230,9 @@ impl Stream {
     fn write(&mut self, line: Line) {
         self.totals.count(&line.event);
         self.out.emit(&line);
+        if let Some((shared, _)) = &self.repro {
+            shared.written(&line.event);
+        }
         if let Some(kept) = &mut self.kept
             && line.event.is_call()
         {

@@ -58,7 +58,8 @@ fn usage_errors_exit_2_with_one_line() {
             &["explain", "--netns", "/etc/passwd", "127.0.0.1:80"],
             "--netns",
         ),
-        (&["who"], "<PORT>"),
+        (&["who", "--state", "NOPE"], "--state"),
+        (&["who", "99999"], "99999"),
         (&["run", "-o", "/proc/version"], "--output /proc/version"),
     ] {
         let out = Command::new(observer_bin()).args(args).output().unwrap();

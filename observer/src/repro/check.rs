@@ -32,13 +32,31 @@ pub fn matches(step: &Step, e: &Value) -> bool {
         }
 }
 
-/// One line per step whose event is missing from `events` or there more than once.
-pub fn problems(steps: &[Step], events: &[Value]) -> Vec<String> {
+/// One line per step whose event is missing from `events` or there more
+/// than once, and per EADDRINUSE failure of process `waited` (whose steps
+/// waited for their record: see `shared`) whose record does not carry the
+/// rule the explain engine predicted for it.
+pub fn problems(steps: &[Step], events: &[Value], waited: u32) -> Vec<String> {
     steps
         .iter()
         .filter(|s| s.event.is_some())
         .filter_map(|s| {
-            let n = events.iter().filter(|e| matches(s, e)).count();
+            let found: Vec<&Value> = events.iter().filter(|e| matches(s, e)).collect();
+            let n = found.len();
+            if n == 1
+                && s.pid == waited
+                && s.errno.as_deref() == Some("EADDRINUSE")
+                && let Some(rule) = s.explain_rule
+            {
+                let want = serde_json::to_value(rule).unwrap_or_default();
+                let got = &found[0]["explain"]["rule"];
+                return (*got != want).then(|| {
+                    format!(
+                        "{} / {}: explained as {got}, the engine predicted {want}",
+                        s.scenario, s.step
+                    )
+                });
+            }
             (n != 1).then(|| {
                 format!(
                     "{} / {}: {} {} event(s) in the stream, want 1 ({}:{} fd {} tid {} errno {})",
@@ -119,18 +137,33 @@ mod tests {
     fn missing_and_doubled_are_problems_and_silent_calls_are_not() {
         let s = step("bind", Some("EADDRINUSE"));
         assert_eq!(
-            problems(std::slice::from_ref(&s), &[bind_event()]),
+            problems(std::slice::from_ref(&s), &[bind_event()], 0),
             Vec::<String>::new()
         );
-        assert_eq!(problems(std::slice::from_ref(&s), &[]).len(), 1);
+        assert_eq!(problems(std::slice::from_ref(&s), &[], 0).len(), 1);
         assert_eq!(
-            problems(std::slice::from_ref(&s), &[bind_event(), bind_event()]).len(),
+            problems(std::slice::from_ref(&s), &[bind_event(), bind_event()], 0).len(),
             1
         );
         // A successful listen has no event to find.
-        assert!(problems(&[step("listen", None)], &[]).is_empty());
+        assert!(problems(&[step("listen", None)], &[], 0).is_empty());
         let failed = step("connect", Some("EADDRNOTAVAIL"));
         let e = json!({"event": "connect", "pid": 1, "tid": 2, "netns": 3, "fd": 4, "daddr": "127.0.0.1", "dport": 5700, "errno": "EADDRNOTAVAIL"});
-        assert!(problems(&[failed], &[e]).is_empty());
+        assert!(problems(&[failed], &[e], 0).is_empty());
+    }
+
+    #[test]
+    fn a_waited_failure_carries_the_predicted_rule() {
+        let mut s = step("bind", Some("EADDRINUSE"));
+        s.explain_rule = Some(crate::explain::rules::Rule::ListenerConflict);
+        let mut e = bind_event();
+        e["explain"] = json!({"rule": "no_blocker"});
+        // Another process's step (a helper's) is not held to it.
+        assert!(problems(std::slice::from_ref(&s), std::slice::from_ref(&e), 2).is_empty());
+        let p = problems(std::slice::from_ref(&s), std::slice::from_ref(&e), 1);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("explained as \"no_blocker\""), "{p:?}");
+        e["explain"]["rule"] = json!("listener_conflict");
+        assert!(problems(&[s], &[e], 1).is_empty());
     }
 }

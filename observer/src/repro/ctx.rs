@@ -7,12 +7,16 @@ use std::{
     net::SocketAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     process::{Child, Command, Stdio},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::helper;
+use super::{
+    helper,
+    shared::{Shared, WAIT_WITHIN},
+};
 use crate::{
     explain::{self, rules, rules::Rule},
     names::errno_name,
@@ -123,6 +127,8 @@ pub struct Ctx {
     /// What the old server's accepted connections inherited, in TIME_WAIT or
     /// still closing (the scenario knows its old server's options).
     pub time_wait_reuse: Option<(bool, bool)>,
+    /// Under `run --repro`: the stream's side (see `shared`).
+    shared: Option<Arc<Shared>>,
 }
 
 /// Where steps go as they are made.
@@ -136,9 +142,14 @@ pub enum Sink {
 
 impl Ctx {
     /// A scenario's context, in a new network namespace.
-    pub fn new(scenario: &str, sink: Sink) -> io::Result<Ctx> {
+    pub fn new(scenario: &str, sink: Sink, shared: Option<Arc<Shared>>) -> io::Result<Ctx> {
         enter_new_netns()?;
-        Ok(Ctx::here(scenario, sink))
+        let mut ctx = Ctx::here(scenario, sink);
+        if let Some(s) = &shared {
+            s.add_netns(ctx.netns);
+        }
+        ctx.shared = shared;
+        Ok(ctx)
     }
 
     /// A context in the current network namespace (a helper inside its scenario's).
@@ -152,6 +163,7 @@ impl Ctx {
             sink,
             book: crate::explain::OptionsBook::default(),
             time_wait_reuse: None,
+            shared: None,
         }
     }
 
@@ -160,6 +172,9 @@ impl Ctx {
         self.close_all();
         enter_new_netns()?;
         self.netns = thread_netns();
+        if let Some(s) = &self.shared {
+            s.add_netns(self.netns);
+        }
         Ok(())
     }
 
@@ -248,6 +263,18 @@ impl Ctx {
         match self.sink {
             Sink::Stderr => eprintln!("{}", describe(&step)),
             Sink::Stdout => println!("{}", serde_json::to_string(&step).expect("a step is JSON")),
+        }
+        // Under the observer, a failure's blockers stay until the stream has
+        // explained it (they would be gone before the explainer looks).
+        if let Some(s) = &self.shared
+            && step.errno.as_deref() == Some("EADDRINUSE")
+            && matches!(step.call.as_str(), "bind" | "listen")
+            && !s.wait_written(step.tid, step.fd, WAIT_WITHIN)
+        {
+            eprintln!(
+                "{} / {}: the stream did not write this failure within {WAIT_WITHIN:?}",
+                step.scenario, step.step
+            );
         }
         let ok = step.ok;
         self.steps.push(step);

@@ -5,8 +5,9 @@ pub mod check;
 pub mod ctx;
 pub mod helper;
 pub mod scenarios;
+pub mod shared;
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
 use clap::Args;
 use ctx::{Ctx, Sink, Step};
@@ -99,12 +100,17 @@ impl Report {
 
 /// Runs the scenarios one after the other, each on a thread of its own (its
 /// network namespaces are the thread's, gone with it).
-pub fn run(scenarios: &[&'static Scenario], sink: Sink) -> Report {
+pub fn run(
+    scenarios: &[&'static Scenario],
+    sink: Sink,
+    shared: Option<Arc<shared::Shared>>,
+) -> Report {
     let mut report = Report::default();
     for &sc in scenarios {
+        let shared = shared.clone();
         let (steps, err) = std::thread::Builder::new()
             .name(format!("repro-{}", sc.name))
-            .spawn(move || match Ctx::new(sc.name, sink) {
+            .spawn(move || match Ctx::new(sc.name, sink, shared) {
                 Err(e) => (Vec::new(), Some(e)),
                 Ok(mut ctx) => {
                     let r = (sc.run)(&mut ctx);
@@ -149,7 +155,7 @@ pub fn cli(args: ReproArgs) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    let report = run(&scenarios, Sink::Stderr);
+    let report = run(&scenarios, Sink::Stderr, None);
     eprint!("{}", report.summary(&scenarios));
     if args.json {
         for s in &report.steps {
