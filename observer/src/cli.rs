@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Attach the eBPF programs and write one JSON object per event to stdout.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Re-create the classic bind failures, each in its own network namespace.
     Repro(crate::repro::ReproArgs),
     /// Would a bind like this succeed right now, and if not, why? Exit 0 if it would.
@@ -107,6 +107,17 @@ pub struct RunArgs {
     /// Write a `stats` record every SECS seconds (at least 0.1).
     #[arg(long, value_name = "SECS", allow_hyphen_values = true, value_parser = parse_stats_period)]
     pub stats: Option<std::time::Duration>,
+
+    /// Serve Prometheus metrics of the stream at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// An address to listen on, as people write them: `127.0.0.1:9464`, `[::1]:9464`.
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("'{s}' is not ADDR:PORT (an IP address and a port: 127.0.0.1:9464, [::]:9464)")
+    })
 }
 
 /// A cgroup2 directory: where it is, and its path under the cgroup2 mount
@@ -297,6 +308,11 @@ mod tests {
         assert_eq!(run.duration, Some(std::time::Duration::from_millis(2500)));
         assert_eq!(run.ring_buffer, 8 << 20);
         assert_eq!(run.format, crate::output::Format::Json);
+        assert_eq!(run.metrics, None);
+        let Command::Run(run) = parse(&["run", "--metrics", "[::1]:9464"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(run.metrics, Some("[::1]:9464".parse().unwrap()));
     }
 
     #[test]
@@ -332,6 +348,9 @@ mod tests {
             (&["run", "--netns", "/nonexistent"], "--netns"),
             (&["run", "--format", "xml"], "--format"),
             (&["run", "--stats", "0"], "--stats"),
+            (&["run", "--metrics", "9464"], "--metrics"),
+            (&["run", "--metrics", "localhost:9464"], "--metrics"),
+            (&["run", "--metrics", "127.0.0.1:70000"], "--metrics"),
         ] {
             let e = parse(args).unwrap_err();
             let line = one_line(&e.render().to_string());
@@ -358,6 +377,7 @@ mod tests {
             &["run", "--duration", "-1"],
             &["run", "--bogus"],
             &["run", "--ring-buffer", "3000"],
+            &["run", "--metrics", "127.0.0.1"],
             &["frobnicate"],
         ] {
             let e = parse(args).unwrap_err();

@@ -25,6 +25,7 @@ use crate::{
     explain::worker::{self, Failure, Worker},
     filter::Filter,
     kernel::{btf_offsets, cgroups::Cgroups, loader, mounts},
+    metrics::{self, Metrics},
     output::{Output, stdout_closed, stdout_closed_watch},
     repro::{self, ctx::Sink, scenarios::Scenario},
     schema::{Event, Line, Start, Stop},
@@ -146,6 +147,17 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
     let out = Output::open(args.output.as_deref(), args.format, clock)
         .map_err(|e| ConfigError(e.to_string()))?;
     let filter = filter_of(args)?;
+    // The metrics' port next, before anything is loaded: one that cannot be
+    // had is said at once.
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let listener = metrics::http::bind(addr)?;
+            let m = Metrics::new(&filter, args.ring_buffer, out.tally());
+            metrics::http::spawn(listener, m.registry())?;
+            Some(m)
+        }
+        None => None,
+    };
     raise_memlock();
     if mounts::ensure_tracefs()? {
         eprintln!(
@@ -229,6 +241,7 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
         kernel_filtered: filtered,
         time_wait: source,
         explainer: Worker::spawn(explained_tx),
+        metrics,
     });
     s.say(Event::ObserverStart(Start {
         version: env!("CARGO_PKG_VERSION"),

@@ -98,6 +98,25 @@ impl<'a> Facts<'a> {
 }
 
 impl Filter {
+    /// The flags in force, by name (`port,netns`); empty when nothing is filtered.
+    pub fn describe(&self) -> String {
+        [
+            ("pid", !self.pids.is_empty()),
+            ("port", !self.ports.is_empty()),
+            ("comm", self.comm.is_some()),
+            ("uid", self.uid.is_some()),
+            ("cgroup", self.cgroup.is_some()),
+            ("netns", self.netns.is_some()),
+            ("errors_only", self.errors_only),
+            ("events", !self.events.is_empty()),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(",")
+    }
+
     /// Whether a record goes to the output.
     pub fn keeps(&self, event: &Event) -> bool {
         Facts::of(event).is_none_or(|f| self.pass(&f))

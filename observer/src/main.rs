@@ -7,6 +7,7 @@ mod daemon;
 mod explain;
 mod filter;
 mod kernel;
+mod metrics;
 mod names;
 mod output;
 mod repro;
@@ -39,7 +40,7 @@ fn main() -> ExitCode {
                 eprintln!("observer: --repro: {e}");
                 ExitCode::from(2)
             }
-            _ => match daemon::run(args) {
+            _ => match daemon::run(*args) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("observer: {e:#}");

@@ -17,6 +17,7 @@ use crate::{
     },
     filter::Filter,
     kernel::cgroups::{Cgroups, container_id},
+    metrics::Metrics,
     output::Output,
     repro::shared::Shared,
     schema::{
@@ -49,6 +50,8 @@ pub struct Parts {
     pub kernel_filtered: PerCpuArray<MapData, u64>,
     pub time_wait: TimeWait,
     pub explainer: Worker,
+    /// With `--metrics`: what is written is counted there too.
+    pub metrics: Option<Metrics>,
 }
 
 /// Where TIME_WAIT records come from.
@@ -102,6 +105,7 @@ pub struct Stream {
     explainer: Worker,
     /// Failures handed to the explainer and not back yet.
     explaining: usize,
+    metrics: Option<Metrics>,
 }
 
 impl Stream {
@@ -115,6 +119,7 @@ impl Stream {
             kernel_filtered,
             time_wait,
             explainer,
+            metrics,
         } = parts;
         Stream {
             out,
@@ -132,6 +137,7 @@ impl Stream {
             repro: None,
             explainer,
             explaining: 0,
+            metrics,
         }
     }
 
@@ -227,8 +233,12 @@ impl Stream {
         }
     }
 
+    /// Every record of the host that reaches the output passes here, explained.
     fn write(&mut self, line: Line) {
         self.totals.count(&line.event);
+        if let Some(m) = &mut self.metrics {
+            m.observe(&line.event);
+        }
         self.out.emit(&line);
         if let Some((shared, _)) = &self.repro {
             shared.written(&line.event);
@@ -242,6 +252,9 @@ impl Stream {
 
     /// A record of the daemon's own: never filtered, not counted.
     pub fn say(&mut self, event: Event) {
+        if let Some(m) = &mut self.metrics {
+            m.observe(&event);
+        }
         self.out.emit(&Line::now(&self.clock, event));
     }
 

@@ -28,6 +28,8 @@ fn usage_errors_exit_2_with_one_line() {
         (&["run", "--cgroup", "/nonexistent"], "--cgroup"),
         (&["run", "--netns", "/nonexistent"], "--netns"),
         (&["run", "--format", "xml"], "--format"),
+        (&["run", "--metrics", "9464"], "--metrics"),
+        (&["run", "--metrics", "localhost:9464"], "is not ADDR:PORT"),
         (&["launch"], "launch"),
         // Each names its flag, and what would be accepted.
         (&["run", "--stats", "1e-10"], "at least 0.1"),

@@ -225,6 +225,7 @@ fn test(args: &[OsString]) -> Result<()> {
     )
     .context("unit tests")?;
     // Kernel tests: they load programs into the running kernel, one at a time.
+    setup::ensure_test_packages();
     let mut cmd = as_root(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(&root)
         .args(["test", "--release", "--package", "observer-tests"])

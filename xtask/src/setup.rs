@@ -160,9 +160,23 @@ pub fn ensure_vm_packages() -> Result<()> {
     ])
 }
 
+/// What the kernel tests use beyond the daemon: Debian's `prometheus` (with
+/// `promtool`) for the metrics test, without the node exporter it recommends.
+/// Not fatal: without it that test says why it was skipped.
+pub fn ensure_test_packages() {
+    if let Err(e) = ensure_packages_with(&["prometheus"], &["--no-install-recommends"]) {
+        eprintln!("xtask: {e:#}; the metrics test will be skipped");
+    }
+}
+
 /// Installs the Debian packages that are not installed yet; no apt call when all are.
 /// apt's stdout goes to our stderr: xtask's stdout is kept for what it reports.
 fn ensure_packages(packages: &[&str]) -> Result<()> {
+    ensure_packages_with(packages, &[])
+}
+
+/// As `ensure_packages`, with more arguments for `apt-get install`.
+fn ensure_packages_with(packages: &[&str], install_args: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -181,6 +195,7 @@ fn ensure_packages(packages: &[&str]) -> Result<()> {
     status(
         as_root("apt-get")
             .args(["install", "-y", "-q"])
+            .args(install_args)
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdout(std::io::stderr()),

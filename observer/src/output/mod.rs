@@ -156,6 +156,14 @@ impl Output {
         self.shared.lost.load(Ordering::Relaxed)
     }
 
+    /// The writer's counters, for readers on other tasks (the metrics).
+    pub fn tally(&self) -> Tally {
+        Tally {
+            written: self.written.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Stdout's reader went away: the daemon's work is done.
     pub fn closed(&self) -> bool {
         self.shared.closed.load(Ordering::Relaxed)
@@ -173,6 +181,34 @@ impl Output {
         let written = self.written.load(Ordering::Relaxed);
         let reported = self.shared.reported.load(Ordering::Relaxed);
         self.rendered.saturating_sub(written + reported)
+    }
+}
+
+/// What the writer has written and lost so far, readable from anywhere.
+#[derive(Clone, Default)]
+pub struct Tally {
+    written: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+}
+
+impl Tally {
+    /// Lines written.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Lines dropped or not written (the `output` cause of `lost`).
+    pub fn lost(&self) -> u64 {
+        self.shared.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tally")
+            .field("written", &self.written())
+            .field("lost", &self.lost())
+            .finish()
     }
 }
 

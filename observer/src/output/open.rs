@@ -72,6 +72,11 @@ pub fn open_append(path: &Path) -> Result<File, OpenError> {
         Err(e) => return Err(io_err(e)),
     };
     let meta = file.metadata().map_err(io_err)?;
+    // The null device: `--output /dev/null` when only `--metrics` is wanted.
+    if meta.mode() & libc::S_IFMT == libc::S_IFCHR && meta.rdev() == libc::makedev(1, 3) {
+        clear_nonblock(&file).map_err(io_err)?;
+        return Ok(file);
+    }
     if !meta.file_type().is_file() {
         return Err(OpenError::NotRegular {
             path: shown,
@@ -200,6 +205,10 @@ mod tests {
         assert!(e.to_string().starts_with("--output /proc/version:"), "{e}");
         let e = open_append(&dir).unwrap_err();
         assert!(e.to_string().contains("directory"), "{e}");
+        // The null device is the one device taken (metrics only); others are not.
+        open_append(Path::new("/dev/null")).unwrap();
+        let e = open_append(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("character device"), "{e}");
         // Created 0640 whatever the umask.
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let new = dir.join("events.jsonl");

@@ -67,17 +67,28 @@ pub struct LostByCause {
     pub recursion: u64,
 }
 
+/// Every `cause` a `lost` record can name, in [`LostByCause::each`]'s order.
+pub const LOST_CAUSES: [&str; 6] = [
+    "ring_buffer",
+    "inflight_map",
+    "time_wait_map",
+    "time_wait_queue",
+    "output",
+    "recursion",
+];
+
 impl LostByCause {
     /// Every cause with its count, as `lost` records name them.
     pub fn each(&self) -> [(&'static str, u64); 6] {
-        [
-            ("ring_buffer", self.ring_buffer),
-            ("inflight_map", self.inflight_map),
-            ("time_wait_map", self.time_wait_map),
-            ("time_wait_queue", self.time_wait_queue),
-            ("output", self.output),
-            ("recursion", self.recursion),
-        ]
+        let n = [
+            self.ring_buffer,
+            self.inflight_map,
+            self.time_wait_map,
+            self.time_wait_queue,
+            self.output,
+            self.recursion,
+        ];
+        std::array::from_fn(|i| (LOST_CAUSES[i], n[i]))
     }
 
     pub fn sum(&self) -> u64 {

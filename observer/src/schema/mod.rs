@@ -17,7 +17,9 @@ mod time_wait;
 use serde::Serialize;
 
 pub use bind::{Bind, BindOptions};
-pub use daemon::{Counts, Lost, LostByCause, ProgramStats, Start, Stats, Stop, Totals};
+pub use daemon::{
+    Counts, LOST_CAUSES, Lost, LostByCause, ProgramStats, Start, Stats, Stop, Totals,
+};
 pub use explain::{Explain, Holder, Rule};
 pub use process::Process;
 pub use sockaddr::{Target, c_str, ip_from, sockaddr_target};
