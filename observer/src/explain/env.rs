@@ -35,6 +35,8 @@ pub struct Env {
     pub nonlocal_bind_v6: bool,
     /// `net.ipv4.ip_unprivileged_port_start` (ports below it need CAP_NET_BIND_SERVICE).
     pub unprivileged_port_start: u16,
+    /// `net.ipv4.ip_local_port_range`: where bind(0) and connect() pick a port.
+    pub local_port_range: (u16, u16),
 }
 
 impl Default for Env {
@@ -61,6 +63,7 @@ impl Default for Env {
             nonlocal_bind_v4: false,
             nonlocal_bind_v6: false,
             unprivileged_port_start: 1024,
+            local_port_range: (32768, 60999),
         }
     }
 }
@@ -112,6 +115,10 @@ impl Env {
             nonlocal_bind_v6: sysctl("ipv6/ip_nonlocal_bind").unwrap_or(0) != 0,
             unprivileged_port_start: sysctl("ipv4/ip_unprivileged_port_start")
                 .map_or(1024, |p| p.min(65536) as u16),
+            local_port_range: std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .ok()
+                .and_then(|s| parse_range(&s))
+                .unwrap_or((32768, 60999)),
         })
     }
 
@@ -156,6 +163,12 @@ impl Env {
     }
 }
 
+/// `ip_local_port_range`'s "LOW\tHIGH".
+fn parse_range(s: &str) -> Option<(u16, u16)> {
+    let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+    Some((it.next()??, it.next()??))
+}
+
 fn in_prefix(x: u32, net: u32, prefix: u8) -> bool {
     let mask = if prefix == 0 {
         0
@@ -187,6 +200,13 @@ mod tests {
         assert!(!env.is_local("::1".parse().unwrap(), Some(2)));
         assert!(!env.is_local("fe80::1".parse().unwrap(), Some(1)));
         assert_eq!(env.ifindex("lo"), Some(1));
+    }
+
+    #[test]
+    fn port_ranges_as_the_kernel_writes_them() {
+        assert_eq!(parse_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_range("40000 40003"), Some((40000, 40003)));
+        assert_eq!(parse_range("x"), None);
     }
 
     #[test]

@@ -191,11 +191,12 @@ impl OptionsBook {
         }
     }
 
-    /// The sockets seen bound on this port in this namespace.
-    pub fn bound_on(&self, netns: u32, port: u16) -> Vec<Bound> {
+    /// The sockets seen bound on this port (`None`: on any) in this namespace.
+    pub fn bound_on(&self, netns: u32, port: impl Into<Option<u16>>) -> Vec<Bound> {
+        let port = port.into();
         self.bound
             .iter()
-            .filter(|b| b.netns == netns && b.local.port() == port)
+            .filter(|b| b.netns == netns && port.is_none_or(|p| b.local.port() == p))
             .cloned()
             .collect()
     }

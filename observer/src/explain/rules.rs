@@ -271,6 +271,64 @@ pub fn verdict(r: &Request, env: &super::env::Env, holders: &[Holder]) -> Option
     precheck(r, env).or_else(|| explain(r, holders))
 }
 
+/// Most blockers an explanation lists.
+const LISTED: usize = 10;
+
+/// The explanation of a bind to port 0 that got EADDRINUSE: the kernel found
+/// no free port in `range` (`ip_local_port_range`). `holders` are the
+/// namespace's sockets of the request's protocol; `None` when they leave a
+/// port of the range free for it now (the ports were released since).
+pub fn ephemeral_exhausted(r: &Request, range: (u16, u16), holders: &[Holder]) -> Option<Explain> {
+    let (low, high) = range;
+    let in_range: Vec<&Holder> = holders
+        .iter()
+        .filter(|h| (low..=high).contains(&h.port))
+        .collect();
+    // A port is taken for this request when a socket on it blocks it.
+    let taken = |port: u16| {
+        let at = Request { port, ..r.clone() };
+        in_range.iter().any(|h| h.port == port && blocks(&at, h))
+    };
+    let size = usize::from(high.saturating_sub(low)) + 1;
+    if (low..=high).any(|p| !taken(p)) {
+        return None;
+    }
+    let time_wait = in_range.iter().filter(|h| h.state_num == TIME_WAIT).count();
+    let mut by_owner: Vec<(String, usize)> = Vec::new();
+    for h in &in_range {
+        let o = owner(h);
+        match by_owner.iter_mut().find(|(k, _)| *k == o) {
+            Some((_, n)) => *n += 1,
+            None => by_owner.push((o, 1)),
+        }
+    }
+    by_owner.sort_by(|a, b| b.1.cmp(&a.1));
+    let top: Vec<String> = by_owner
+        .iter()
+        .take(3)
+        .map(|(o, n)| format!("{n} by {o}"))
+        .collect();
+    Some(Explain {
+        rule: Rule::EphemeralExhausted,
+        hint: format!(
+            "bind to port 0 found no free port: all {size} ports of ip_local_port_range {low}-{high} are in use ({} sockets: {}{}); widen the range (sysctl net.ipv4.ip_local_port_range), release sockets, or connect() without bind() (or with IP_BIND_ADDRESS_NO_PORT) so that ports are shared per destination{}",
+            in_range.len(),
+            top.join(", "),
+            if time_wait > 0 {
+                format!(", {time_wait} of them in TIME_WAIT")
+            } else {
+                String::new()
+            },
+            if time_wait > 0 && !r.reuseaddr {
+                "; SO_REUSEADDR on the new socket would not reuse TIME_WAIT ports for bind(0)"
+            } else {
+                ""
+            }
+        ),
+        blockers: in_range.iter().take(LISTED).map(|h| (*h).clone()).collect(),
+    })
+}
+
 /// The explanation when the kernel said EADDRINUSE but nothing blocks now.
 pub fn no_blocker(port: u16) -> Explain {
     Explain {
@@ -341,6 +399,33 @@ mod tests {
 
     const BOUND: u8 = 13;
     const EST: u8 = 1;
+
+    #[test]
+    fn port_zero_fails_when_every_port_of_the_range_is_taken() {
+        let r = req(TCP, "127.0.0.1", false, false);
+        let mut held: Vec<Holder> = (40000..=40002)
+            .map(|p| holder(TCP, EST, &format!("127.0.0.1:{p}"), false, false, 0))
+            .collect();
+        assert!(
+            ephemeral_exhausted(&r, (40000, 40003), &held).is_none(),
+            "40003 is free"
+        );
+        held.push(holder(TCP, TIME_WAIT, "127.0.0.1:40003", false, false, 0));
+        // Outside the range: not counted.
+        held.push(holder(TCP, LISTEN, "127.0.0.1:8080", false, false, 0));
+        let e = ephemeral_exhausted(&r, (40000, 40003), &held).expect("exhausted");
+        assert_eq!(e.rule, Rule::EphemeralExhausted);
+        assert_eq!(e.blockers.len(), 4);
+        assert!(
+            e.hint.contains("all 4 ports of ip_local_port_range 40000-40003 are in use (4 sockets")
+                && e.hint.contains("1 of them in TIME_WAIT"),
+            "{}",
+            e.hint
+        );
+        // Another address does not conflict with 127.0.0.1's ports.
+        let elsewhere = req(TCP, "127.0.0.2", false, false);
+        assert!(ephemeral_exhausted(&elsewhere, (40000, 40003), &held).is_none());
+    }
 
     fn req(proto: u8, addr: &str, reuseaddr: bool, reuseport: bool) -> Request {
         Request {

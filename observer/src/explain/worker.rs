@@ -200,6 +200,12 @@ impl Explainer {
             ..Request::new(proto, asked.ip(), asked.port())
         };
         let p = &b.process;
+        if r.port == 0 {
+            return Some(
+                self.ephemeral(p.netns.unwrap_or(0), p.tid, &r)
+                    .unwrap_or_else(|e| rules::lookup_failed(0, &e)),
+            );
+        }
         Some(
             match self.holders(p.netns.unwrap_or(0), p.tid, proto, r.port) {
                 // The failing socket is bound to nothing: it is not among them.
@@ -207,6 +213,39 @@ impl Explainer {
                 Err(e) => rules::lookup_failed(r.port, &e),
             },
         )
+    }
+
+    /// A bind to port 0 that got EADDRINUSE: the namespace's port range and
+    /// every socket of the protocol in it (one dump; such failures are rare
+    /// next to those on a port).
+    fn ephemeral(&mut self, netns: u32, tid: u32, r: &Request) -> io::Result<rules::Explain> {
+        let file = crate::kernel::netns::open(netns, Some(tid))
+            .ok_or_else(|| io::Error::other(format!("network namespace {netns} is gone")))?;
+        let env = super::env::Env::of(&file)?;
+        let socks = Diag::open_in(&file)?.sockets(r.proto, u32::MAX, None)?;
+        let (known, bound): (Vec<Known>, Vec<Bound>) = {
+            let b = self.book();
+            let bound = if self.lists_bound || r.proto != rules::TCP {
+                Vec::new()
+            } else {
+                b.bound_on(netns, None)
+            };
+            (socks.iter().map(|s| b.known(netns, s)).collect(), bound)
+        };
+        let mut holders: Vec<Holder> = socks
+            .iter()
+            .zip(known)
+            .map(|(s, k)| holder(s, k, &mut self.owners, Ask::BookOnly))
+            .collect();
+        // Where sock_diag cannot list bound-only sockets: those the stream saw.
+        let unlisted: Vec<Holder> = bound
+            .iter()
+            .filter(|b| b.alive() && !holders.iter().any(|h| u64::from(h.inode) == b.ino))
+            .map(Bound::holder)
+            .collect();
+        holders.extend(unlisted);
+        Ok(rules::ephemeral_exhausted(r, env.local_port_range, &holders)
+            .unwrap_or_else(|| rules::no_blocker(0)))
     }
 
     /// `explain` for a listen() that failed with EADDRINUSE. The failing socket

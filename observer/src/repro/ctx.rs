@@ -289,9 +289,7 @@ impl Ctx {
         addr: SocketAddr,
         expected: Option<&str>,
     ) -> bool {
-        let prediction = (addr.port() != 0)
-            .then(|| self.predict(name, addr))
-            .flatten();
+        let prediction = self.predict(name, addr);
         let errno = errno_of(self.sock(name).bind(&addr.into()));
         self.record(name, what, "bind", addr, expected, errno, prediction)
     }
@@ -301,10 +299,12 @@ impl Ctx {
     fn predict(&self, name: &str, addr: SocketAddr) -> Option<(String, Option<Rule>)> {
         let s = self.sock(name);
         let mut diag = crate::kernel::sock_diag::Diag::open().ok()?;
+        // bind(0): every socket, for the port range.
+        let port = (addr.port() != 0).then_some(addr.port());
         let mut holders = explain::holders(
             &mut diag,
             0,
-            addr.port(),
+            port,
             &self.book,
             &mut explain::Owners::none(),
             explain::Ask::BookOnly,
@@ -350,6 +350,21 @@ impl Ctx {
         };
         // The scenario's thread is inside the namespace it binds in.
         let env = explain::env::Env::here().ok()?;
+        if port.is_none() {
+            // IP_BIND_ADDRESS_NO_PORT: bind(0) takes no port; connect() picks one.
+            if nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::IpBindAddressNoPort)
+                .unwrap_or(false)
+            {
+                return Some(("ok".to_owned(), None));
+            }
+            holders.retain(|h| h.proto_num == proto);
+            return Some(
+                match rules::ephemeral_exhausted(&r, env.local_port_range, &holders) {
+                    Some(e) => (e.rule.errno().to_owned(), Some(e.rule)),
+                    None => ("ok".to_owned(), None),
+                },
+            );
+        }
         Some(match rules::verdict(&r, &env, &holders) {
             Some(e) => (e.rule.errno().to_owned(), Some(e.rule)),
             None => ("ok".to_owned(), None),

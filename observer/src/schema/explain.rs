@@ -67,6 +67,9 @@ pub enum Rule {
     /// Nothing found, on a kernel whose sock_diag cannot list sockets that are
     /// bound but not listening (before 6.3): one of those may hold the port.
     BoundOnlyUnlisted,
+    /// bind() to port 0 found no free port: every port of the namespace's
+    /// `ip_local_port_range` is in use.
+    EphemeralExhausted,
 }
 
 impl Rule {
@@ -77,6 +80,7 @@ impl Rule {
             Rule::LinkLocalNeedsScope => "EINVAL",
             Rule::PrivilegedPort => "EACCES",
             Rule::TimeWaitWithoutReuseaddr
+            | Rule::EphemeralExhausted
             | Rule::WildcardOverlap
             | Rule::DualStackOverlap
             | Rule::ListenerConflict
