@@ -90,6 +90,8 @@ pub struct Stream {
     kernel_filtered: PerCpuArray<MapData, u64>,
     filter: Filter,
     cgroups: Cgroups,
+    /// Command lines and parents of the processes records name, cached.
+    procs: crate::kernel::procs::Procs,
     /// Per cause, what `lost` records said so far: the kernel's slots, then
     /// the TIME_WAIT queue and the kernel's skipped runs.
     lost_seen: [u64; LOST_SLOTS as usize + 2],
@@ -129,6 +131,7 @@ impl Stream {
             kernel_filtered,
             filter,
             cgroups,
+            procs: Default::default(),
             lost_seen: [0; LOST_SLOTS as usize + 2],
             lost,
             time_wait,
@@ -164,14 +167,19 @@ impl Stream {
         (self.out, self.kept.unwrap_or_default())
     }
 
-    /// The cgroup path of the process's cgroup id, and the container id it names.
+    /// The cgroup path of the process's cgroup id, the container id and
+    /// systemd unit it names; the process's parent and command line.
     fn place(&mut self, p: &mut Process) {
         p.cgroup = self.cgroups.path(p.cgroup_id).map(str::to_owned);
-        p.container_id = p
-            .cgroup
-            .as_deref()
-            .and_then(container_id)
+        let cgroup = p.cgroup.as_deref();
+        p.container_id = cgroup.and_then(container_id).map(str::to_owned);
+        p.unit = cgroup
+            .and_then(crate::kernel::procs::systemd_unit)
             .map(str::to_owned);
+        if let Some(i) = self.procs.ident(p.pid) {
+            p.ppid = Some(i.ppid);
+            p.cmdline = i.cmdline.clone();
+        }
     }
 
     /// Writes the records waiting in the ring buffer, at most `DRAIN_BATCH`

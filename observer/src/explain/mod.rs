@@ -81,12 +81,16 @@ impl Bound {
             expires_ms: None,
             pid: Some(self.pid),
             comm: Some(self.comm.clone()),
+            cmdline: None,
+            unit: None,
+            running_s: None,
             sock_cookie: 0,
             inode: self.ino as u32,
             local: self.local,
             state_num: BOUND_STATE,
             proto_num: IPPROTO_TCP,
         }
+        .identified()
     }
 }
 
@@ -405,11 +409,28 @@ fn holder(s: &InetSock, known: Known, owners: &mut Owners, ask: Ask) -> Holder {
         expires_ms: (s.state == observer_common::tcp::state::TIME_WAIT).then_some(s.expires_ms),
         pid: owner.as_ref().map(|o| o.0),
         comm: owner.map(|o| o.1),
+        cmdline: None,
+        unit: None,
+        running_s: None,
         sock_cookie: s.cookie,
         inode: s.inode,
         local,
         state_num: s.state,
         proto_num: s.proto,
+    }
+    .identified()
+}
+
+impl Holder {
+    /// Its owner's command line, unit and age, from /proc (when it has an
+    /// owner still there).
+    pub fn identified(mut self) -> Holder {
+        if let Some(i) = self.pid.and_then(crate::kernel::procs::read) {
+            self.unit = i.unit().map(str::to_owned);
+            self.running_s = Some(i.running_s());
+            self.cmdline = i.cmdline;
+        }
+        self
     }
 }
 

@@ -78,11 +78,37 @@ pub fn blocks(r: &Request, h: &Holder) -> bool {
     !(relaxed || shared)
 }
 
+/// Who holds a socket, as a person finds it: `python3 (pid 20383:
+/// python3 -m http.server 8000, nginx.service, running for 2 h 5 min)`.
 fn owner(h: &Holder) -> String {
     match (&h.comm, h.pid) {
-        (Some(c), Some(p)) => format!("{c} (pid {p})"),
+        (Some(c), Some(p)) => {
+            let about: Vec<String> = [
+                h.cmdline.clone(),
+                h.unit.clone(),
+                h.running_s.map(|s| format!("running for {}", how_long(s))),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            if about.is_empty() {
+                format!("{c} (pid {p})")
+            } else {
+                format!("{c} (pid {p}: {})", about.join(", "))
+            }
+        }
         _ if h.state_num == TIME_WAIT => "the kernel (no owner)".into(),
         _ => "a process the observer could not find".into(),
+    }
+}
+
+/// `45 s`, `12 min`, `2 h 5 min`, `3 d 4 h`.
+fn how_long(s: u64) -> String {
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        3600..86400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d {} h", s / 86400, s % 86400 / 3600),
     }
 }
 
@@ -182,7 +208,7 @@ pub fn explain(r: &Request, holders: &[Holder]) -> Option<Explain> {
             (
                 Rule::ListenerConflict,
                 format!(
-                    "{held}; only SO_REUSEPORT on both (same uid) lets another socket bind a listening address"
+                    "{held}; stop it, or bind another port; SO_REUSEPORT on both (same uid) only if the two are meant to share the port"
                 ),
             )
         } else {
@@ -385,6 +411,9 @@ pub fn holder(
         expires_ms: (state == TIME_WAIT).then_some(43_000),
         pid: None,
         comm: None,
+        cmdline: None,
+        unit: None,
+        running_s: None,
         sock_cookie: 0,
         inode: 0,
         local,

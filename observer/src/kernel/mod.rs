@@ -10,4 +10,5 @@ pub mod kallsyms;
 pub mod loader;
 pub mod mounts;
 pub mod netns;
+pub mod procs;
 pub mod sock_diag;

@@ -169,6 +169,7 @@ mod tests {
             serde_json::json!({
                 "v": 1, "ts": "2023-11-14T22:13:20.000002000Z", "event": "bind",
                 "pid": 1234, "tid": 1240, "comm": "server", "uid": 1000, "cgroup_id": 77, "cgroup": null, "container_id": null,
+                "unit": null, "ppid": null, "cmdline": null,
                 "netns": 4026531840u32, "fd": 3, "family": "inet", "proto": "tcp",
                 "addr": "127.0.0.1", "port": 5700, "bound_port": null,
                 "options": {"reuseaddr": false, "reuseport": true, "freebind": true,

@@ -25,6 +25,11 @@ pub struct Holder {
     pub expires_ms: Option<u32>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
+    /// The owner's command line (at most 256 bytes), systemd unit, and how
+    /// long it has run: who to stop, in words a person knows.
+    pub cmdline: Option<String>,
+    pub unit: Option<String>,
+    pub running_s: Option<u64>,
     pub sock_cookie: u64,
     #[serde(skip)]
     pub inode: u32,

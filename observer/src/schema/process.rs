@@ -17,6 +17,12 @@ pub struct Process {
     /// any: filled by the stream (`Cgroups`), not by the kernel.
     pub cgroup: Option<String>,
     pub container_id: Option<String>,
+    /// The systemd unit its cgroup names, its parent and its command line
+    /// (at most 256 bytes): filled by the stream from /proc, `null` when the
+    /// process was gone before it looked.
+    pub unit: Option<String>,
+    pub ppid: Option<u32>,
+    pub cmdline: Option<String>,
     pub netns: Option<u32>,
 }
 
@@ -30,6 +36,9 @@ impl Process {
             cgroup_id: t.cgroup_id,
             cgroup: None,
             container_id: None,
+            unit: None,
+            ppid: None,
+            cmdline: None,
             netns: (t.netns != 0).then_some(t.netns),
         }
     }
