@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
     about = "Watch every socket bind() on this host, and why it failed, as JSON Lines",
     after_help = "EXAMPLES:\n    \
         observer run                      # stream until Ctrl-C\n    \
-        observer run --duration 10 | jq 'select(.event == \"bind\" and .errno != null)'"
+        observer run --duration 10 | jq 'select(.event == \"bind\" and .errno != null)'\n    \
+        observer report events.jsonl.1 events.jsonl --html report.html"
 )]
 pub struct Cli {
     /// More diagnostics on stderr (-v info, -vv debug). OBSERVER_LOG overrides.
@@ -33,6 +34,9 @@ pub enum Command {
     Who(crate::explain::cli::WhoArgs),
     /// Which hooks load and attach on this kernel, and what is missing; exit 0 when the daemon can run.
     Check,
+    /// Summarize a stream (files, rotated files in order, or stdin): failures by
+    /// errno, port, process and rule, busiest binders, TIME_WAIT, lost records.
+    Report(crate::report::ReportArgs),
 }
 
 #[derive(Args, Debug, Clone)]

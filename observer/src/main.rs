@@ -10,6 +10,7 @@ mod kernel;
 mod metrics;
 mod names;
 mod output;
+mod report;
 mod repro;
 mod schema;
 mod stream;
@@ -56,6 +57,7 @@ fn main() -> ExitCode {
         cli::Command::Explain(args) => report(explain::cli::explain(args)),
         cli::Command::Who(args) => report(explain::cli::who(args)),
         cli::Command::Check => check::run(),
+        cli::Command::Report(args) => report::run(args),
     }
 }
 

@@ -685,6 +685,9 @@ pub fn run(t: Tools, root: &Path) -> Result<()> {
     results["time_wait_churn"] = time_wait_churn(&b)?;
     results["time_wait_600k"] = time_wait_rss(&b)?;
 
+    // 6: `observer report` over a day of logs.
+    results["report_10m"] = report_10m(&b)?;
+
     let path = dir.join("results.json");
     fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     print_table(
@@ -694,6 +697,105 @@ pub fn run(t: Tools, root: &Path) -> Result<()> {
     )?;
     eprintln!("bench: wrote {}", path.display());
     Ok(())
+}
+
+/// Records in the `observer report` row: a day of a busy host's logs.
+const REPORT_RECORDS: u64 = 10_000_000;
+
+/// One record of a synthetic day (`i` of `n`), in the mix a busy host writes:
+/// half TCP state changes, two in five binds (one in forty of them failing with
+/// its explanation), TIME_WAIT enters and exits, now and then a failed connect.
+fn synthetic_record(i: u64, n: u64, out: &mut impl Write) -> std::io::Result<()> {
+    let ns = i * 86_399_000_000_000 / n;
+    let (s, frac) = (ns / 1_000_000_000, ns % 1_000_000_000);
+    let ts = format!(
+        "2026-11-28T{:02}:{:02}:{:02}.{frac:09}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    );
+    let pid = 1000 + (i * 7919) % 50;
+    let port = [80, 443, 5432, 6379, 8080, 9000][(i % 6) as usize];
+    match i % 20 {
+        0..=9 => writeln!(
+            out,
+            r#"{{"v":1,"ts":"{ts}","event":"tcp_state","sk":"0xffff88811ff88940","pid":null,"tid":null,"comm":null,"uid":null,"netns":4026532177,"family":"inet","saddr":"127.0.0.1","sport":{port},"daddr":"127.0.0.1","dport":20000,"old":"FIN_WAIT2","new":"CLOSE","prev_state_ms":0.013,"reuseaddr":false,"reuseport":false}}"#
+        ),
+        10..=15 => writeln!(
+            out,
+            r#"{{"v":1,"ts":"{ts}","event":"bind","pid":{pid},"tid":{pid},"comm":"worker-{pid}","uid":0,"cgroup_id":1,"cgroup":"/","container_id":null,"netns":4026532177,"fd":4,"family":"inet6","proto":"udp","addr":"::1","port":0,"bound_port":39386,"options":{{"reuseaddr":false,"reuseport":false,"freebind":false,"transparent":false,"bind_address_no_port":false,"bound_dev_if":0}},"ret":0,"errno":null,"latency_ns":null,"sock_cookie":null,"sock_ino":10264080}}"#
+        ),
+        16 if i % 100 == 16 => writeln!(
+            out,
+            r#"{{"v":1,"ts":"{ts}","event":"bind","pid":{pid},"tid":{pid},"comm":"worker-{pid}","uid":0,"cgroup_id":1,"cgroup":"/","container_id":null,"netns":4026532177,"fd":3,"family":"inet","proto":"tcp","addr":"127.0.0.1","port":{port},"bound_port":null,"options":{{"reuseaddr":true,"reuseport":false,"freebind":false,"transparent":false,"bind_address_no_port":false,"bound_dev_if":0}},"ret":-98,"errno":"EADDRINUSE","latency_ns":null,"sock_cookie":null,"sock_ino":10264181,"explain":{{"rule":"time_wait_without_reuseaddr","hint":"port {port} is held by 1 TIME_WAIT socket left by a socket without SO_REUSEADDR (they inherit it from the listener that accepted them); on Linux both the old and the new socket need SO_REUSEADDR, or wait 60 s","blockers":[{{"proto":"tcp","state":"TIME_WAIT","addr":"127.0.0.1","port":{port},"raddr":"127.0.0.1","rport":54556,"uid":0,"reuseaddr":false,"reuseport":false,"v6only":null,"expires_ms":59800,"pid":{pid},"comm":"worker-{pid}","sock_cookie":5502375}}]}}}}"#
+        ),
+        16 | 17 => writeln!(
+            out,
+            r#"{{"v":1,"ts":"{ts}","event":"bind","pid":{pid},"tid":{pid},"comm":"worker-{pid}","uid":0,"cgroup_id":1,"cgroup":"/","container_id":null,"netns":4026532177,"fd":5,"family":"inet","proto":"tcp","addr":"0.0.0.0","port":{port},"bound_port":{port},"options":{{"reuseaddr":true,"reuseport":false,"freebind":false,"transparent":false,"bind_address_no_port":false,"bound_dev_if":0}},"ret":0,"errno":null,"latency_ns":null,"sock_cookie":null,"sock_ino":10264082}}"#
+        ),
+        18 => writeln!(
+            out,
+            r#"{{"v":1,"ts":"{ts}","event":"time_wait_enter","sk":"0xffff8882e99ddb00","netns":4026532177,"family":"inet","saddr":"127.0.0.1","sport":{port},"daddr":"127.0.0.1","dport":47424,"expires_ms":60000,"confirmed":true,"preexisting":false,"sock_cookie":null,"reuseaddr":true,"reuseport":false,"pid":{pid},"tid":{pid},"comm":"worker-{pid}","uid":0}}"#
+        ),
+        _ if i % 1000 == 19 => writeln!(
+            out,
+            r#"{{"v":1,"ts":"{ts}","event":"connect","pid":{pid},"tid":{pid},"comm":"worker-{pid}","uid":0,"cgroup_id":1,"cgroup":"/","container_id":null,"netns":4026532177,"fd":9,"family":"inet","laddr":"0.0.0.0","lport":0,"daddr":"127.0.0.1","dport":8080,"ret":-99,"errno":"EADDRNOTAVAIL","latency_ns":null}}"#
+        ),
+        _ => writeln!(
+            out,
+            r#"{{"v":1,"ts":"{ts}","event":"time_wait_exit","sk":"0xffff8882e99ddb00","netns":4026532177,"family":"inet","saddr":"127.0.0.1","sport":{port},"daddr":"127.0.0.1","dport":47424,"held_ms":60329,"reason":"expired","preexisting":false,"sock_cookie":null}}"#
+        ),
+    }
+}
+
+/// `observer report` (and its page) over `REPORT_RECORDS` records in one
+/// file, written first and removed after: records per second.
+fn report_10m(b: &Bench) -> Result<Value> {
+    let path = b.dir.join("report-10m.jsonl");
+    let page = b.dir.join("report-10m.html");
+    eprintln!("bench: writing {REPORT_RECORDS} records for observer report");
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&path)?);
+    for i in 0..REPORT_RECORDS {
+        synthetic_record(i, REPORT_RECORDS, &mut w)?;
+    }
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let bytes = fs::metadata(&path)?.len();
+    // Read once so that both runs find it in the page cache; the median of three.
+    let mut secs = vec![];
+    let mut stdout = String::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let out = Command::new(&b.observer)
+            .arg("report")
+            .arg(&path)
+            .arg("--html")
+            .arg(&page)
+            .output()
+            .context("running observer report")?;
+        secs.push(t.elapsed().as_secs_f64());
+        if !out.status.success() {
+            bail!(
+                "observer report failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    }
+    let _ = fs::remove_file(&path);
+    let records: Option<u64> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("records "))
+        .and_then(|v| v.trim().parse().ok());
+    if records != Some(REPORT_RECORDS) {
+        bail!("observer report counted {records:?} records of {REPORT_RECORDS}");
+    }
+    let secs = median(secs);
+    Ok(json!({
+        "records": REPORT_RECORDS,
+        "bytes": bytes,
+        "secs": secs,
+        "records_per_s": REPORT_RECORDS as f64 / secs,
+    }))
 }
 
 fn print_table(r: &Value, peers: &[&str], w: &mut impl Write) -> std::io::Result<()> {
@@ -834,5 +936,44 @@ fn print_table(r: &Value, peers: &[&str], w: &mut impl Write) -> std::io::Result
         r["own_kb_after_10m_events"],
         r["lost_in_10m_events"],
         r["lost_in_10m_by_cause"]
+    )?;
+    let rep = &r["report_10m"];
+    writeln!(
+        w,
+        "observer report: {} records ({:.1} GB) with its page in {:.2} s, {:.2} M records/s (median of 3, target < 10 s)",
+        rep["records"],
+        f(&rep["bytes"]) / 1e9,
+        f(&rep["secs"]),
+        f(&rep["records_per_s"]) / 1e6
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_synthetic_day_is_records_of_every_kind_in_order() {
+        let mut out = Vec::new();
+        for i in 0..2000 {
+            synthetic_record(i, 2000, &mut out).unwrap();
+        }
+        let mut kinds = HashMap::new();
+        let mut last = String::new();
+        for l in String::from_utf8(out).unwrap().lines() {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            *kinds
+                .entry(v["event"].as_str().unwrap().to_owned())
+                .or_insert(0) += 1;
+            let ts = v["ts"].as_str().unwrap().to_owned();
+            assert!(ts >= last, "{ts} after {last}");
+            last = ts;
+        }
+        assert_eq!(kinds["tcp_state"], 1000);
+        assert_eq!(kinds["bind"], 800);
+        assert_eq!(kinds["time_wait_enter"], 100);
+        assert_eq!(kinds["connect"], 2);
+        assert_eq!(kinds["time_wait_exit"], 98);
+        assert!(last.starts_with("2026-11-28T23:5"), "{last}");
+    }
 }

@@ -212,6 +212,7 @@ fn build() -> Result<PathBuf> {
 
 fn test(args: &[OsString]) -> Result<()> {
     let bin = build()?;
+    setup::ensure_test_packages();
     let root = workspace_root();
     let obj = root.join("target/bpf/bpfel-unknown-none/release/observer-ebpf");
     // Unit tests: no root, no kernel.
@@ -225,7 +226,6 @@ fn test(args: &[OsString]) -> Result<()> {
     )
     .context("unit tests")?;
     // Kernel tests: they load programs into the running kernel, one at a time.
-    setup::ensure_test_packages();
     let mut cmd = as_root(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(&root)
         .args(["test", "--release", "--package", "observer-tests"])

@@ -160,12 +160,16 @@ pub fn ensure_vm_packages() -> Result<()> {
     ])
 }
 
-/// What the kernel tests use beyond the daemon: Debian's `prometheus` (with
-/// `promtool`) for the metrics test, without the node exporter it recommends.
-/// Not fatal: without it that test says why it was skipped.
+/// What the tests use beyond the daemon: Debian's `prometheus` (with
+/// `promtool`) for the metrics test, without the node exporter it
+/// recommends, and `chromium`, in which the `report` test opens `observer
+/// report --html`'s page (headless). Not fatal: without them those tests
+/// say why they were skipped.
 pub fn ensure_test_packages() {
-    if let Err(e) = ensure_packages_with(&["prometheus"], &["--no-install-recommends"]) {
-        eprintln!("xtask: {e:#}; the metrics test will be skipped");
+    for package in ["prometheus", "chromium"] {
+        if let Err(e) = ensure_packages_with(&[package], &["--no-install-recommends"]) {
+            eprintln!("xtask: {e:#}; the test that needs {package} will be skipped");
+        }
     }
 }
 

@@ -446,7 +446,8 @@ mod tests {
         assert_eq!(e.rule, Rule::EphemeralExhausted);
         assert_eq!(e.blockers.len(), 4);
         assert!(
-            e.hint.contains("all 4 ports of ip_local_port_range 40000-40003 are in use (4 sockets")
+            e.hint
+                .contains("all 4 ports of ip_local_port_range 40000-40003 are in use (4 sockets")
                 && e.hint.contains("1 of them in TIME_WAIT"),
             "{}",
             e.hint

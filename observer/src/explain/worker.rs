@@ -244,8 +244,10 @@ impl Explainer {
             .map(Bound::holder)
             .collect();
         holders.extend(unlisted);
-        Ok(rules::ephemeral_exhausted(r, env.local_port_range, &holders)
-            .unwrap_or_else(|| rules::no_blocker(0)))
+        Ok(
+            rules::ephemeral_exhausted(r, env.local_port_range, &holders)
+                .unwrap_or_else(|| rules::no_blocker(0)),
+        )
     }
 
     /// `explain` for a listen() that failed with EADDRINUSE. The failing socket

@@ -66,7 +66,11 @@ pub fn read(pid: u32) -> Option<Ident> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned));
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(str::to_owned)
+        });
     Some(Ident {
         ppid,
         cmdline: cmdline(&raw),
@@ -144,7 +148,10 @@ mod tests {
         assert_eq!(cmdline(b""), None);
         let long = "é".repeat(200);
         let c = cmdline(long.as_bytes()).unwrap();
-        assert!(c.len() <= CMDLINE_MAX + '…'.len_utf8() && c.ends_with('…'), "{c}");
+        assert!(
+            c.len() <= CMDLINE_MAX + '…'.len_utf8() && c.ends_with('…'),
+            "{c}"
+        );
     }
 
     #[test]
@@ -156,9 +163,14 @@ mod tests {
 
     #[test]
     fn units_from_cgroup_paths() {
-        assert_eq!(systemd_unit("/system.slice/nginx.service"), Some("nginx.service"));
         assert_eq!(
-            systemd_unit("/user.slice/user-1000.slice/user@1000.service/app.slice/vte-spawn-1.scope"),
+            systemd_unit("/system.slice/nginx.service"),
+            Some("nginx.service")
+        );
+        assert_eq!(
+            systemd_unit(
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/vte-spawn-1.scope"
+            ),
             Some("vte-spawn-1.scope")
         );
         assert_eq!(systemd_unit("/"), None);

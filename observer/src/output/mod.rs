@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use open::OpenError;
+pub use open::{OpenError, open_truncate};
 use tokio::io::{Interest, unix::AsyncFd};
 use writer::{Msg, Shared, Target, Writer};
 

@@ -1,7 +1,8 @@
 //! Opening `--output FILE` as a root daemon must: a path that another user
 //! could have planted (a symlink to /etc/shadow, a hard link, a FIFO) is
 //! refused, as logrotate and systemd refuse them, and a new file is 0640
-//! whatever the umask.
+//! whatever the umask. `observer report --html FILE` writes its page the same
+//! way (`open_truncate`).
 
 use std::{
     fs::{File, OpenOptions},
@@ -16,21 +17,20 @@ use std::{
 /// The mode of a file the daemon creates: the group (adm, say) may read it.
 pub const MODE: u32 = 0o640;
 
-/// Why a path is not a safe place to append records; the message names the path.
+/// Why a path is not a safe place to write; the message names the flag and
+/// the path (`path` is `--output FILE`, `--html FILE`).
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("--output {path}: {source}")]
+    #[error("{path}: {source}")]
     Io { path: String, source: io::Error },
-    #[error(
-        "--output {path}: is a symbolic link; give the real path (a root daemon does not follow links)"
-    )]
+    #[error("{path}: is a symbolic link; give the real path (a root daemon does not follow links)")]
     Symlink { path: String },
-    #[error("--output {path}: not a regular file ({kind})")]
+    #[error("{path}: not a regular file ({kind})")]
     NotRegular { path: String, kind: &'static str },
-    #[error("--output {path}: is on {fs}, where records cannot be written")]
+    #[error("{path}: is on {fs}, where records cannot be written")]
     PseudoFs { path: String, fs: &'static str },
     #[error(
-        "--output {path}: {why} in {dir}, a directory other users can write; refusing it (it may have been planted)"
+        "{path}: {why} in {dir}, a directory other users can write; refusing it (it may have been planted)"
     )]
     Planted {
         path: String,
@@ -42,7 +42,22 @@ pub enum OpenError {
 /// Opens `path` for appending, creating it 0640 if missing, without following
 /// a symbolic link, and refuses what is not safe for root to write to.
 pub fn open_append(path: &Path) -> Result<File, OpenError> {
-    let shown = path.display().to_string();
+    open_checked(path, "--output", true)
+}
+
+/// Opens `path` (the file of `flag`) to be written whole: the same checks as
+/// `open_append`, then emptied; a new file is 0644 less the umask.
+pub fn open_truncate(path: &Path, flag: &str) -> Result<File, OpenError> {
+    let file = open_checked(path, flag, false)?;
+    file.set_len(0).map_err(|source| OpenError::Io {
+        path: format!("{flag} {}", path.display()),
+        source,
+    })?;
+    Ok(file)
+}
+
+fn open_checked(path: &Path, flag: &str, append: bool) -> Result<File, OpenError> {
+    let shown = format!("{flag} {}", path.display());
     let io_err = |source: io::Error| OpenError::Io {
         path: shown.clone(),
         source,
@@ -50,11 +65,13 @@ pub fn open_append(path: &Path) -> Result<File, OpenError> {
     // O_NONBLOCK: opening a FIFO without a reader must not hang (it is refused below).
     let base = || {
         let mut o = OpenOptions::new();
-        o.append(true)
+        o.append(append)
+            .write(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK);
         o
     };
-    let (file, created) = match base().create_new(true).mode(MODE).open(path) {
+    let mode = if append { MODE } else { 0o644 };
+    let (file, created) = match base().create_new(true).mode(mode).open(path) {
         Ok(f) => (f, true),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match base().open(path) {
             Ok(f) => (f, false),
@@ -86,7 +103,7 @@ pub fn open_append(path: &Path) -> Result<File, OpenError> {
     if let Some(fs) = pseudo_fs(&file) {
         return Err(OpenError::PseudoFs { path: shown, fs });
     }
-    if created {
+    if created && append {
         // The umask may have taken bits away (0600 under 077): say what we mean.
         file.set_permissions(std::fs::Permissions::from_mode(MODE))
             .map_err(io_err)?;
@@ -216,6 +233,14 @@ mod tests {
         nix::sys::stat::umask(old);
         made.unwrap();
         assert_eq!(std::fs::metadata(&new).unwrap().mode() & 0o777, MODE);
+        // A page written whole: through no link, emptied when it exists.
+        let e = open_truncate(&link, "--html").unwrap_err();
+        assert!(e.to_string().starts_with("--html "), "{e}");
+        assert!(matches!(e, OpenError::Symlink { .. }), "{e}");
+        let page = dir.join("page.html");
+        std::fs::write(&page, "old contents, longer than the new").unwrap();
+        std::io::Write::write_all(&mut open_truncate(&page, "--html").unwrap(), b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&page).unwrap(), "new");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
