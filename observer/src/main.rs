@@ -35,6 +35,14 @@ fn main() -> ExitCode {
         .parse_env("OBSERVER_LOG")
         .target(env_logger::Target::Stderr)
         .init();
+    if matches!(cli.command, cli::Command::Repro(_) | cli::Command::Check) {
+        // These end like any Unix tool when their reader stops reading
+        // (`observer repro --json | head`): by SIGPIPE, quietly. (`run`
+        // watches its stdout and stops cleanly; `who`, `explain` and `report`
+        // end with 0 on a broken pipe.)
+        // SAFETY: restoring a signal's default disposition, before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         cli::Command::Run(args) => match args.repro.as_deref().map(repro::select) {
             Some(Err(e)) => {
@@ -61,9 +69,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// A command's result as an exit code: its own, or 1 with one line on stderr.
+/// A command's result as an exit code: its own, or 1 with one line on stderr;
+/// a reader that stopped reading (`| head`) has what it wanted: 0, quietly.
 fn report(r: anyhow::Result<ExitCode>) -> ExitCode {
     r.unwrap_or_else(|e| {
+        let closed = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+        if closed {
+            return ExitCode::SUCCESS;
+        }
         eprintln!("observer: {e:#}");
         ExitCode::FAILURE
     })

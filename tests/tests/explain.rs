@@ -195,6 +195,21 @@ fn who_lists_every_socket_on_the_port() {
         text.contains("8084") && text.contains("TIME_WAIT") && text.trim_end().ends_with('3'),
         "{text}"
     );
+    // `observer who | head`: a reader gone before the table is written ends it quietly.
+    let mut child = Command::new(observer_bin())
+        .args(["who", "--netns", &ns])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bad = Command::new(observer_bin())
         .args(["who", "--state", "NOPE"])
         .output()

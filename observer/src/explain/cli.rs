@@ -8,11 +8,21 @@ use std::{
     time::Duration,
 };
 
+use std::io::Write;
+
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
 use super::{Ask, OptionsBook, Owners, env::Env, holders, rules};
+
+/// A line on stdout; an error (a closed pipe: `observer who | head`) goes
+/// up, where `main` ends quietly on a broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    };
+}
 use crate::kernel::sock_diag::Diag;
 
 #[derive(Args, Debug)]
@@ -235,9 +245,9 @@ pub fn explain(args: ExplainArgs) -> Result<ExitCode> {
         blockers: e.as_ref().map_or(&[], |e| &e.blockers),
     };
     if args.json {
-        println!("{}", serde_json::to_string(&v)?);
+        out!("{}", serde_json::to_string(&v)?);
     } else if let Some(e) = &e {
-        println!(
+        out!(
             "bind {} would fail with {} ({:?}): {}",
             args.addr,
             e.rule.errno(),
@@ -245,17 +255,19 @@ pub fn explain(args: ExplainArgs) -> Result<ExitCode> {
             e.hint
         );
         if !e.blockers.is_empty() {
-            print_table(&e.blockers);
+            print_table(&e.blockers)?;
         }
     } else if unknown {
-        println!(
+        out!(
             "bind {} cannot be judged here: no socket on port {} conflicts that this kernel can show, but its sock_diag cannot list sockets bound and not listening (Linux 6.3 can)",
-            args.addr, r.port
+            args.addr,
+            r.port
         );
     } else {
-        println!(
+        out!(
             "bind {} would succeed: no socket on port {} conflicts",
-            args.addr, r.port
+            args.addr,
+            r.port
         );
     }
     Ok(match (&e, unknown) {
@@ -288,26 +300,32 @@ pub fn who(args: WhoArgs) -> Result<ExitCode> {
             && args.pid.is_none_or(|pid| h.pid == Some(pid))
     });
     match (args.summary, args.json) {
-        (false, false) => print_table(&socks),
+        (false, false) => print_table(&socks)?,
         (false, true) => {
             for h in &socks {
-                println!("{}", serde_json::to_string(h)?);
+                out!("{}", serde_json::to_string(h)?);
             }
         }
         (true, json) => {
             if !json {
-                println!(
+                out!(
                     "{:<5} {:>5} {:<13} {:>7}",
-                    "PROTO", "PORT", "STATE", "SOCKETS"
+                    "PROTO",
+                    "PORT",
+                    "STATE",
+                    "SOCKETS"
                 );
             }
             for c in summary(&socks) {
                 if json {
-                    println!("{}", serde_json::to_string(&c)?);
+                    out!("{}", serde_json::to_string(&c)?);
                 } else {
-                    println!(
+                    out!(
                         "{:<5} {:>5} {:<13} {:>7}",
-                        c.proto, c.port, c.state, c.count
+                        c.proto,
+                        c.port,
+                        c.state,
+                        c.count
                     );
                 }
             }
@@ -350,10 +368,16 @@ fn summary(socks: &[rules::Holder]) -> Vec<Count> {
     counts
 }
 
-fn print_table(holders: &[rules::Holder]) {
-    println!(
+fn print_table(holders: &[rules::Holder]) -> std::io::Result<()> {
+    out!(
         "{:<5} {:<13} {:<28} {:<28} {:>6} {:<22} {:>8}",
-        "PROTO", "STATE", "LOCAL", "REMOTE", "UID", "PROCESS", "EXPIRES"
+        "PROTO",
+        "STATE",
+        "LOCAL",
+        "REMOTE",
+        "UID",
+        "PROCESS",
+        "EXPIRES"
     );
     for h in holders {
         let process = match (&h.comm, h.pid) {
@@ -363,7 +387,7 @@ fn print_table(holders: &[rules::Holder]) {
         let expires = h
             .expires_ms
             .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
-        println!(
+        out!(
             "{:<5} {:<13} {:<28} {:<28} {:>6} {:<22} {:>8}",
             h.proto,
             h.state,
@@ -374,6 +398,7 @@ fn print_table(holders: &[rules::Holder]) {
             expires
         );
     }
+    Ok(())
 }
 
 #[cfg(test)]
