@@ -265,8 +265,10 @@ impl Ctx {
             Sink::Stdout => println!("{}", serde_json::to_string(&step).expect("a step is JSON")),
         }
         // Under the observer, a failure's blockers stay until the stream has
-        // explained it (they would be gone before the explainer looks).
+        // explained it (they would be gone before the explainer looks). A
+        // helper's steps, pushed here too, are its own process's business.
         if let Some(s) = &self.shared
+            && step.pid == std::process::id()
             && step.errno.as_deref() == Some("EADDRINUSE")
             && matches!(step.call.as_str(), "bind" | "listen")
             && !s.wait_written(step.tid, step.fd, WAIT_WITHIN)
