@@ -386,3 +386,34 @@ fn a_metrics_port_in_use_is_one_line_and_metrics_only_works() {
     );
     assert!(text.contains("process_cpu_seconds_total "), "{text}");
 }
+
+/// The README's alert rules ("Many hosts") are valid as written.
+#[test]
+fn the_readme_alert_rules_pass_promtool() {
+    if let Err(why) = prometheus_installed() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let readme = include_str!("../../README.md");
+    let rules = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.starts_with("groups:"))
+        .expect("the README has a block of alert rules");
+    let file = std::env::temp_dir().join(format!("observer-rules-{}.yml", std::process::id()));
+    std::fs::write(&file, rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "promtool check rules: {said}\n{rules}"
+    );
+    assert!(said.contains("SUCCESS: 3 rules found"), "{said}");
+}
