@@ -107,7 +107,28 @@ pub struct Stream {
     explainer: Worker,
     /// Failures handed to the explainer and not back yet.
     explaining: usize,
-    metrics: Option<Metrics>,
+    /// Beside the output, where every written record goes too (`Sink`).
+    sinks: Vec<Box<dyn Sink>>,
+}
+
+/// Where written records go beside the output: the metrics, `--repro`'s
+/// barrier. Each sees every record `Stream::write` writes and every record
+/// of the daemon's own (`Stream::say`); adding one touches only its module
+/// and the line that pushes it.
+pub trait Sink {
+    fn record(&mut self, line: &Line);
+}
+
+impl Sink for Metrics {
+    fn record(&mut self, line: &Line) {
+        self.observe(&line.event);
+    }
+}
+
+impl Sink for std::sync::Arc<Shared> {
+    fn record(&mut self, line: &Line) {
+        self.written(&line.event);
+    }
 }
 
 impl Stream {
@@ -123,6 +144,10 @@ impl Stream {
             explainer,
             metrics,
         } = parts;
+        let sinks: Vec<Box<dyn Sink>> = metrics
+            .into_iter()
+            .map(|m| Box::new(m) as Box<dyn Sink>)
+            .collect();
         Stream {
             out,
             clock,
@@ -140,7 +165,7 @@ impl Stream {
             repro: None,
             explainer,
             explaining: 0,
-            metrics,
+            sinks,
         }
     }
 
@@ -149,6 +174,7 @@ impl Stream {
     /// unless `all_host`, writes only records of their namespaces.
     pub fn serve_repro(&mut self, shared: std::sync::Arc<Shared>, all_host: bool) {
         self.kept = Some(Vec::new());
+        self.sinks.push(Box::new(shared.clone()));
         self.repro = Some((shared, all_host));
     }
 
@@ -244,12 +270,9 @@ impl Stream {
     /// Every record of the host that reaches the output passes here, explained.
     fn write(&mut self, line: Line) {
         self.totals.count(&line.event);
-        if let Some(m) = &mut self.metrics {
-            m.observe(&line.event);
-        }
         self.out.emit(&line);
-        if let Some((shared, _)) = &self.repro {
-            shared.written(&line.event);
+        for s in &mut self.sinks {
+            s.record(&line);
         }
         if let Some(kept) = &mut self.kept
             && line.event.is_call()
@@ -260,10 +283,11 @@ impl Stream {
 
     /// A record of the daemon's own: never filtered, not counted.
     pub fn say(&mut self, event: Event) {
-        if let Some(m) = &mut self.metrics {
-            m.observe(&event);
+        let line = Line::now(&self.clock, event);
+        self.out.emit(&line);
+        for s in &mut self.sinks {
+            s.record(&line);
         }
-        self.out.emit(&Line::now(&self.clock, event));
     }
 
     /// The polling tracker sees every TCP change, whatever the filters say.
