@@ -328,7 +328,7 @@ pub fn ephemeral_exhausted(r: &Request, range: (u16, u16), holders: &[Holder]) -
             None => by_owner.push((o, 1)),
         }
     }
-    by_owner.sort_by(|a, b| b.1.cmp(&a.1));
+    by_owner.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     let top: Vec<String> = by_owner
         .iter()
         .take(3)
