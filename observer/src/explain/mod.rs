@@ -83,6 +83,7 @@ impl Bound {
             comm: Some(self.comm.clone()),
             cmdline: None,
             unit: None,
+            container_id: None,
             running_s: None,
             sock_cookie: 0,
             inode: self.ino as u32,
@@ -411,6 +412,7 @@ fn holder(s: &InetSock, known: Known, owners: &mut Owners, ask: Ask) -> Holder {
         comm: owner.map(|o| o.1),
         cmdline: None,
         unit: None,
+        container_id: None,
         running_s: None,
         sock_cookie: s.cookie,
         inode: s.inode,
@@ -427,6 +429,11 @@ impl Holder {
     pub fn identified(mut self) -> Holder {
         if let Some(i) = self.pid.and_then(crate::kernel::procs::read) {
             self.unit = i.unit().map(str::to_owned);
+            self.container_id = i
+                .cgroup
+                .as_deref()
+                .and_then(crate::kernel::cgroups::container_id)
+                .map(str::to_owned);
             self.running_s = Some(i.running_s());
             self.cmdline = i.cmdline;
         }

@@ -86,6 +86,9 @@ fn owner(h: &Holder) -> String {
             let about: Vec<String> = [
                 h.cmdline.clone(),
                 h.unit.clone(),
+                h.container_id
+                    .as_deref()
+                    .map(|c| format!("container {}", &c[..c.len().min(12)])),
                 h.running_s.map(|s| format!("running for {}", how_long(s))),
             ]
             .into_iter()
@@ -413,6 +416,7 @@ pub fn holder(
         comm: None,
         cmdline: None,
         unit: None,
+        container_id: None,
         running_s: None,
         sock_cookie: 0,
         inode: 0,

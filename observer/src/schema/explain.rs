@@ -29,6 +29,7 @@ pub struct Holder {
     /// long it has run: who to stop, in words a person knows.
     pub cmdline: Option<String>,
     pub unit: Option<String>,
+    pub container_id: Option<String>,
     pub running_s: Option<u64>,
     pub sock_cookie: u64,
     #[serde(skip)]
