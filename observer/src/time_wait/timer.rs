@@ -203,9 +203,13 @@ impl Tracker {
         let key = key_of(r);
         match r.op {
             op::ENTER => {
-                // The re-arm of a cancel just before: that cancel was no end.
-                // (Another ENTER at that address is a new socket there.)
-                if r.flags & flags::REARM != 0 {
+                // The re-arm of a cancel just before (the kernel says so, or,
+                // when the start came too late for it to tell, the connection
+                // is the same): that cancel was no end. An ENTER of another
+                // connection at that address is a new socket in its memory.
+                let rearm = r.flags & flags::REARM != 0
+                    || self.pending.get(&r.tw).is_some_and(|p| p.left.key == key);
+                if rearm {
                     self.forget_pending(r.tw);
                 }
                 if self.snapshot.remove(&key) {
@@ -471,6 +475,13 @@ mod tests {
         rearm.flags |= flags::REARM;
         assert_eq!(t.on_record(&rearm).len(), 1);
         assert!(t.decide(u64::MAX / 2).is_empty());
+        assert_eq!(t.open, 1);
+        // A start too late for the kernel to tie it to the cancel (an
+        // emulated machine): the same connection, so the same re-arm.
+        let mut t = Tracker::new(Clock::with_offset(0), 250);
+        t.on_record(&c);
+        assert_eq!(t.on_record(&entered(9_000)).len(), 1);
+        assert!(t.decide(u64::MAX / 2).is_empty(), "no second enter, no end");
         assert_eq!(t.open, 1);
     }
 
