@@ -252,8 +252,10 @@ fn enter_time(c: &TimeWaitConfig, expires: u64, t: u64) -> u64 {
     if ago <= 0 {
         return t;
     }
-    // Bounded first (a real one is at most TCP_TIMEWAIT_LEN): no 128-bit product.
-    let ago = (ago as u64).min(c.timewait_len_jiffies);
+    // Bounded first, no 128-bit product: a catch-up at the expiry itself comes
+    // TCP_TIMEWAIT_LEN after the arm plus the wheel's lateness (an eighth, or
+    // much more on a loaded machine), so the bound is well above both.
+    let ago = (ago as u64).min(4 * c.timewait_len_jiffies);
     t.saturating_sub(ago.wrapping_mul(c.ns_per_jiffy))
 }
 
