@@ -92,6 +92,18 @@ struct Explainer {
     lists_bound: bool,
 }
 
+/// The sockets the stream saw bound, still open and not among `holders`
+/// (sock_diag before 6.3 cannot list them), added as blockers.
+fn add_unlisted(holders: &mut Vec<Holder>, bound: &[Bound]) {
+    let unlisted: Vec<Holder> = bound
+        .iter()
+        .filter(|b| !holders.iter().any(|h| u64::from(h.inode) == b.ino))
+        .filter(|b| b.alive())
+        .map(Bound::holder)
+        .collect();
+    holders.extend(unlisted);
+}
+
 impl Explainer {
     fn new(book: Arc<Mutex<OptionsBook>>, coalesced: Arc<AtomicU64>) -> Explainer {
         Explainer {
@@ -169,13 +181,7 @@ impl Explainer {
                 .zip(known)
                 .map(|(s, k)| holder(s, k, owners, Ask::BookOnly))
                 .collect();
-            let unlisted: Vec<Holder> = bound
-                .iter()
-                .filter(|b| !holders.iter().any(|h| u64::from(h.inode) == b.ino))
-                .filter(|b| b.alive())
-                .map(Bound::holder)
-                .collect();
-            holders.extend(unlisted);
+            add_unlisted(&mut holders, &bound);
             Ok(holders)
         })
     }
@@ -238,12 +244,7 @@ impl Explainer {
             .map(|(s, k)| holder(s, k, &mut self.owners, Ask::BookOnly))
             .collect();
         // Where sock_diag cannot list bound-only sockets: those the stream saw.
-        let unlisted: Vec<Holder> = bound
-            .iter()
-            .filter(|b| b.alive() && !holders.iter().any(|h| u64::from(h.inode) == b.ino))
-            .map(Bound::holder)
-            .collect();
-        holders.extend(unlisted);
+        add_unlisted(&mut holders, &bound);
         Ok(
             rules::ephemeral_exhausted(r, env.local_port_range, &holders)
                 .unwrap_or_else(|| rules::no_blocker(0)),

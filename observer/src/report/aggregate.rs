@@ -85,18 +85,7 @@ struct RuleOnly<'a> {
 }
 
 /// Every record kind of schema v1, in the README's order.
-pub const EVENTS: [&str; 10] = [
-    "observer_start",
-    "bind",
-    "tcp_state",
-    "time_wait_enter",
-    "time_wait_exit",
-    "listen",
-    "connect",
-    "lost",
-    "stats",
-    "observer_stop",
-];
+pub use crate::schema::EVENT_NAMES as EVENTS;
 
 const TCP_STATE: usize = 2;
 

@@ -31,6 +31,20 @@ use crate::clock::Clock;
 
 pub const SCHEMA_VERSION: u8 = 1;
 
+/// Every `event` tag of schema v1 ([`Event::name`]), in the README's order.
+pub const EVENT_NAMES: [&str; 10] = [
+    "observer_start",
+    "bind",
+    "tcp_state",
+    "time_wait_enter",
+    "time_wait_exit",
+    "listen",
+    "connect",
+    "lost",
+    "stats",
+    "observer_stop",
+];
+
 /// One line of the stream.
 #[derive(Serialize, Debug, Clone)]
 pub struct Line {

@@ -135,19 +135,7 @@ fn every_record_kind_matches_the_readme() {
         differences(event, r, &code, &mut problems);
     }
     assert!(problems.is_empty(), "{problems:#?}");
-    let every = [
-        "observer_start",
-        "bind",
-        "tcp_state",
-        "time_wait_enter",
-        "time_wait_exit",
-        "listen",
-        "connect",
-        "lost",
-        "stats",
-        "observer_stop",
-    ];
-    for e in every {
+    for e in EVENT_NAMES {
         assert!(seen.contains(e), "the README has no example line of `{e}`");
     }
     // And the shape test itself tells a difference.
