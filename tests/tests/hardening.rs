@@ -130,6 +130,27 @@ fn bind_storm(n: usize) {
     .unwrap();
 }
 
+/// Each thread of `pid`: its name, state, wait channel and kernel stack.
+fn where_threads_wait(pid: u32) -> String {
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let mut out = String::new();
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    for t in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+        let d = t.path();
+        let stat = read(d.join("stat"));
+        let state = stat.rsplit(") ").next().and_then(|r| r.split(' ').next());
+        out += &format!(
+            "thread {} {} state {} wchan {}\n{}",
+            t.file_name().to_string_lossy(),
+            read(d.join("comm")).trim(),
+            state.unwrap_or("?"),
+            read(d.join("wchan")),
+            read(d.join("stack")),
+        );
+    }
+    out
+}
+
 fn records(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -317,10 +338,12 @@ fn signals_end_the_daemon_with_a_stalled_output() {
             if let Some(s) = child.try_wait().unwrap() {
                 break s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "signal {sig} (file: {to_file}) did not end the daemon"
-            );
+            if Instant::now() >= deadline {
+                // Where each of its threads waits, so an intermittent failure says why.
+                let threads = where_threads_wait(child.id());
+                let _ = child.kill();
+                panic!("signal {sig} (file: {to_file}) did not end the daemon in 10 s:\n{threads}");
+            }
             std::thread::sleep(Duration::from_millis(10));
         };
         eprintln!(
