@@ -123,9 +123,18 @@ pub fn sock_tuple(sk: u64) -> Option<Tuple> {
     if !off.tuple_known() {
         return None;
     }
-    let family: u16 = read(sk, off.skc_family)?;
-    let sport: u16 = read(sk, off.skc_num)?;
-    let dport: u16 = u16::from_be(read(sk, off.skc_dport)?);
+    // The v4 addresses, ports and family lie together at the head of
+    // `sock_common` (0 to 18 on 6.18): one read for all five.
+    let lo = off
+        .skc_daddr
+        .min(off.skc_rcv_saddr)
+        .min(off.skc_dport)
+        .min(off.skc_num)
+        .min(off.skc_family);
+    let w = Window::<3>::new(sk, lo);
+    let family: u16 = w.get(sk, off.skc_family)?;
+    let sport: u16 = w.get(sk, off.skc_num)?;
+    let dport: u16 = u16::from_be(w.get(sk, off.skc_dport)?);
     let mut t = Tuple {
         family,
         sport,
@@ -137,8 +146,8 @@ pub fn sock_tuple(sk: u64) -> Option<Tuple> {
         t.saddr = read(sk, off.skc_v6_rcv_saddr)?;
         t.daddr = read(sk, off.skc_v6_daddr)?;
     } else {
-        t.saddr[..4].copy_from_slice(&read::<[u8; 4]>(sk, off.skc_rcv_saddr)?);
-        t.daddr[..4].copy_from_slice(&read::<[u8; 4]>(sk, off.skc_daddr)?);
+        t.saddr[..4].copy_from_slice(&w.get::<[u8; 4]>(sk, off.skc_rcv_saddr)?);
+        t.daddr[..4].copy_from_slice(&w.get::<[u8; 4]>(sk, off.skc_daddr)?);
     }
     Some(t)
 }

@@ -1,6 +1,7 @@
 //! Every TCP state change on the host, from `sock:inet_sock_set_state`.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::generated,
     macros::{map, raw_tracepoint, tracepoint},
     maps::{LruHashMap, PerCpuArray},
@@ -90,49 +91,70 @@ pub fn obs_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A field of the tracepoint's record, by a plain load: a tracepoint program
+/// may read its record directly (the verifier checks the constant offset),
+/// which costs far less than a `bpf_probe_read_kernel` call per field.
+///
+/// # Safety
+/// `off` must be a field of type `T` in this tracepoint's record, aligned to
+/// `T`'s size, and at or past byte 8 (the common fields are not readable).
+#[inline(always)]
+unsafe fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: the caller names a field of the record; the verifier refuses any
+    // offset outside it or misaligned.
+    unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
+}
+
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: read_at is bpf_probe_read_kernel (a bad address is an error, never a
-    // fault); the offsets are this record's (stable since 4.16): 30 is `__u16 protocol`.
-    if unsafe { ctx.read_at::<u16>(PROTOCOL)? } != IPPROTO_TCP {
+    // SAFETY (each `field` below): the offsets and types are this record's
+    // (events/sock/inet_sock_set_state/format, stable since 4.16), each aligned.
+    let (protocol, oldstate, newstate) = unsafe {
+        (
+            field::<u16>(ctx, PROTOCOL),
+            field::<i32>(ctx, OLDSTATE) as u8,
+            field::<i32>(ctx, NEWSTATE) as u8,
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let f = filter();
+    let wanted = f.wants(event::TCP_STATE);
+    // Most changes of a connection matter only to the stream: without it
+    // (`--events time_wait`) they end here, before anything is read.
+    if !wanted && !closer_cares(oldstate, newstate) {
         return Ok(());
     }
     // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
     let now = unsafe { generated::bpf_ktime_get_ns() };
-    // SAFETY: as above; offset 8 is `const void *skaddr`, read as a u64.
-    let skaddr: u64 = unsafe { ctx.read_at(SKADDR)? };
-    // SAFETY: as above; offset 16 is `int oldstate`.
-    let oldstate = unsafe { ctx.read_at::<i32>(OLDSTATE)? } as u8;
-    // SAFETY: as above; offset 20 is `int newstate`.
-    let newstate = unsafe { ctx.read_at::<i32>(NEWSTATE)? } as u8;
+    // SAFETY: see above.
+    let skaddr: u64 = unsafe { field(ctx, SKADDR) };
     // The connection, read once into the key the TIME_WAIT programs use too.
     let mut flow = FlowKey {
         netns: sock_netns(skaddr),
-        // SAFETY: as above; offset 28 is `__u16 family`.
-        family: unsafe { ctx.read_at(FAMILY)? },
-        // SAFETY: as above; offset 24 is `__u16 sport`.
-        sport: unsafe { ctx.read_at(SPORT)? },
-        // SAFETY: as above; offset 26 is `__u16 dport`.
-        dport: unsafe { ctx.read_at(DPORT)? },
+        // SAFETY: see above.
+        family: unsafe { field(ctx, FAMILY) },
+        // SAFETY: see above.
+        sport: unsafe { field(ctx, SPORT) },
+        // SAFETY: see above.
+        dport: unsafe { field(ctx, DPORT) },
         _pad: 0,
         saddr: [0; 16],
         daddr: [0; 16],
     };
+    // SAFETY (the four reads): see above; the address arrays sit at offsets
+    // aligned to the width read.
     if flow.family == AF_INET {
-        // SAFETY: as above; offset 32 is `__u8 saddr[4]`.
-        flow.saddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(SADDR)? });
-        // SAFETY: as above; offset 36 is `__u8 daddr[4]`.
-        flow.daddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(DADDR)? });
+        flow.saddr[..4].copy_from_slice(&unsafe { field::<u32>(ctx, SADDR) }.to_ne_bytes());
+        flow.daddr[..4].copy_from_slice(&unsafe { field::<u32>(ctx, DADDR) }.to_ne_bytes());
     } else {
-        // SAFETY: as above; offset 40 is `__u8 saddr_v6[16]`.
-        flow.saddr = unsafe { ctx.read_at(SADDR_V6)? };
-        // SAFETY: as above; offset 56 is `__u8 daddr_v6[16]`.
-        flow.daddr = unsafe { ctx.read_at(DADDR_V6)? };
+        flow.saddr = unsafe { v6(ctx, SADDR_V6) };
+        flow.daddr = unsafe { v6(ctx, DADDR_V6) };
     }
     let process = !in_softirq();
     // The TIME_WAIT programs need these changes whatever is written.
     note_closer(&flow, oldstate, newstate, process, now);
-    let f = filter();
-    if !f.wants(event::TCP_STATE) {
+    if !wanted {
         return Ok(());
     }
     // SAFETY: LRU entries are preallocated: another CPU may evict and reuse this one,
@@ -210,6 +232,29 @@ fn state_passes(f: &FilterConfig, flow: &FlowKey, process: bool) -> bool {
     ports_pass(f, [flow.sport, flow.dport])
 }
 
+/// The changes `note_closer` acts on.
+fn closer_cares(oldstate: u8, newstate: u8) -> bool {
+    match newstate {
+        state::FIN_WAIT1 | state::SYN_SENT | state::SYN_RECV | state::ESTABLISHED => true,
+        state::CLOSE => oldstate == state::FIN_WAIT1,
+        _ => false,
+    }
+}
+
+/// An IPv6 address of the record, as two aligned 8-byte loads.
+///
+/// # Safety
+/// As for `field`: `off` is a 16-byte address field, 8-byte aligned.
+#[inline(always)]
+unsafe fn v6(ctx: &TracePointContext, off: usize) -> [u8; 16] {
+    // SAFETY: as the caller promises.
+    let (hi, lo) = unsafe { (field::<u64>(ctx, off), field::<u64>(ctx, off + 8)) };
+    let mut a = [0u8; 16];
+    a[..8].copy_from_slice(&hi.to_ne_bytes());
+    a[8..].copy_from_slice(&lo.to_ne_bytes());
+    a
+}
+
 /// Who closed a connection that may end in TIME_WAIT: kept from its
 /// FIN_WAIT1 (in process context) until its timewait socket enters, or it
 /// closes some other way.
@@ -221,9 +266,10 @@ fn note_closer(flow: &FlowKey, oldstate: u8, newstate: u8, process: bool, now: u
         state::FIN_WAIT1 if process => {
             let _ = CLOSERS.insert(flow, &current_task(), 0);
         }
-        // FIN_WAIT2/CLOSING -> CLOSE comes after the timewait socket entered
-        // (which took the closer); any other way to CLOSE ends the story.
-        state::CLOSE if !matches!(oldstate, state::FIN_WAIT2 | state::CLOSING) => {
+        // Only FIN_WAIT1 -> CLOSE (a reset, an abort) ends a noted closer
+        // unused: FIN_WAIT2/CLOSING -> CLOSE come after the timewait socket
+        // entered (which took it), and no other state had one.
+        state::CLOSE if oldstate == state::FIN_WAIT1 => {
             let _ = CLOSERS.remove(flow);
         }
         state::SYN_SENT | state::SYN_RECV | state::ESTABLISHED => note_new_connection(flow, now),
