@@ -21,6 +21,12 @@ pub fn obs_floor(_ctx: aya_ebpf::programs::TracePointContext) -> u32 {
     0
 }
 
+/// The same, for the raw tracepoints (softirq, timer).
+#[aya_ebpf::macros::raw_tracepoint]
+pub fn obs_floor_raw(_ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

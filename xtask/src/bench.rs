@@ -243,13 +243,19 @@ impl Bench {
         Ok(Observed { child, reader })
     }
 
-    /// The empty programs on the observer's hooks; returns when attached.
-    fn start_floor(&self) -> Result<Child> {
-        let hooks: Vec<String> = self
-            .hooks
+    /// The empty programs on `hooks` (as `observer_start.hooks` names them);
+    /// returns when attached.
+    fn start_floor(&self, hooks: &[String]) -> Result<Child> {
+        let hooks: Vec<String> = hooks
             .iter()
-            .filter_map(|h| h.strip_prefix("tracepoint/"))
-            .map(|h| h.replacen('/', ":", 1))
+            .filter_map(|h| {
+                h.strip_prefix("tracepoint/")
+                    .map(|h| h.replacen('/', ":", 1))
+                    .or_else(|| {
+                        h.strip_prefix("raw_tracepoint/")
+                            .map(|h| format!("raw:{h}"))
+                    })
+            })
             .collect();
         let mut child = Command::new(&self.floor)
             .arg(&self.object)
@@ -263,6 +269,17 @@ impl Bench {
             bail!("the floor did not attach: {line}");
         }
         Ok(child)
+    }
+
+    /// The hooks an observer run with `extra` attaches here.
+    fn hooks_of(&self, extra: &[&str]) -> Result<Vec<String>> {
+        Ok(self.start_observer(extra)?.stop()?.start["hooks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|h| h.as_str().map(str::to_owned))
+            .collect())
     }
 
     fn cpu_ms(pid: u32) -> u64 {
@@ -305,7 +322,7 @@ impl Bench {
                 Seen::default(),
             )),
             Watcher::Floor => {
-                let floor = self.start_floor()?;
+                let floor = self.start_floor(&self.hooks)?;
                 let run = self.bindloop(mode, LOOP_SECS, None, None);
                 interrupt(&floor);
                 let _ = floor.wait_with_output();
@@ -522,10 +539,16 @@ fn settle_time_wait() {
     }
 }
 
-/// The TIME_WAIT churn: bare and observed rounds in namespaces of their own,
-/// the observer's records against the workload's own count and the kernel's.
+/// The TIME_WAIT churn: bare, floor (the same hooks, empty programs) and
+/// observed rounds in namespaces of their own, the observer's records
+/// against the workload's own count and the kernel's; then one observed run
+/// with the kernel's per-program statistics on (they cost a little, so not
+/// in the timed rounds).
 fn time_wait_churn(b: &Bench) -> Result<Value> {
-    let (mut bare, mut obs, mut cpu, mut rss, mut own) = (vec![], vec![], 0u64, 0u64, 0u64);
+    const EXTRA: [&str; 2] = ["--events", "time_wait"];
+    let hooks = b.hooks_of(&EXTRA)?;
+    let (mut bare, mut floor, mut obs, mut cpu, mut rss, mut own) =
+        (vec![], vec![], vec![], 0u64, 0u64, 0u64);
     let (mut enters, mut closes, mut in_kernel, mut exits, mut lost, mut dups) = (0, 0, 0, 0, 0, 0);
     for round in 0..CHURN_ROUNDS {
         eprintln!("bench: TIME_WAIT churn round {}/{CHURN_ROUNDS}", round + 1);
@@ -534,7 +557,15 @@ fn time_wait_churn(b: &Bench) -> Result<Value> {
         bare.push(parse_run(&held.said)?.rate);
         held.release()?;
         settle_time_wait();
-        let o = b.start_observer(&["--events", "time_wait"])?;
+        let f = b.start_floor(&hooks)?;
+        let held = Held::start(&b.bindloop, &["twchurn", CHURN_SECS]);
+        interrupt(&f);
+        let _ = f.wait_with_output();
+        let held = held?;
+        floor.push(parse_run(&held.said)?.rate);
+        held.release()?;
+        settle_time_wait();
+        let o = b.start_observer(&EXTRA)?;
         let cpu0 = Bench::cpu_ms(o.pid());
         let held = Held::start(&b.bindloop, &["twchurn", CHURN_SECS])?;
         let cpu_ms = Bench::cpu_ms(o.pid()) - cpu0;
@@ -557,16 +588,52 @@ fn time_wait_churn(b: &Bench) -> Result<Value> {
         lost += t.lost();
         cpu += cpu_ms;
     }
+    let programs = churn_program_costs(b, &EXTRA)?;
     let secs: f64 = CHURN_SECS.parse()?;
-    let (bare, obs) = (median(bare), median(obs));
+    let (bare, floor, obs) = (median(bare), median(floor), median(obs));
     Ok(
-        json!({"bare_rate": bare, "observer_rate": obs, "observer_ratio": obs / bare,
+        json!({"bare_rate": bare, "floor_rate": floor, "floor_ratio": floor / bare,
+        "observer_rate": obs, "observer_ratio": obs / bare,
         "server_closes": closes, "time_wait_enter": enters, "time_wait_exit": exits,
         "kernel_time_wait_after": in_kernel, "open_by_the_stream": enters - exits,
         "duplicates": dups, "lost": lost,
         "daemon_cpu_ms_per_s": cpu as f64 / (CHURN_ROUNDS as f64 * secs), "daemon_rss_kb": rss,
-        "daemon_own_kb": own}),
+        "daemon_own_kb": own, "programs": programs}),
     )
+}
+
+/// Per program during one observed churn: runs per connection and ns per run.
+fn churn_program_costs(b: &Bench, extra: &[&str]) -> Result<Value> {
+    let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
+    let before = fs::read_to_string(stats).unwrap_or_else(|_| "0".into());
+    settle_time_wait();
+    fs::write(stats, "1").context("enabling kernel.bpf_stats_enabled")?;
+    let measured = (|| -> Result<(Run, Value)> {
+        let o = b.start_observer(extra)?;
+        let held = Held::start(&b.bindloop, &["twchurn", "5"])?;
+        let run = parse_run(&held.said)?;
+        let t = o.stop()?;
+        held.release()?;
+        Ok((run, t.stop))
+    })();
+    fs::write(stats, before.trim())?;
+    let (run, stop) = measured?;
+    Ok(json!(
+        stop["programs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let runs = p["run_count"].as_u64().unwrap_or(0);
+                let ns = p["run_time_ns"].as_u64().unwrap_or(0);
+                json!({"hook": p["hook"], "runs": runs,
+                   "runs_per_conn": runs as f64 / run.ops.max(1) as f64,
+                   "ns_per_run": if runs > 0 { ns as f64 / runs as f64 } else { 0.0 },
+                   "ns_per_conn": ns as f64 / run.ops.max(1) as f64})
+            })
+            .collect::<Vec<_>>()
+    ))
 }
 
 /// The daemon's RSS with 600,000 TIME_WAIT sockets open.
@@ -595,13 +662,7 @@ pub fn run(t: Tools, root: &Path) -> Result<()> {
         hooks: Vec::new(),
     };
     // The observer's hooks here, for the floor.
-    b.hooks = b.start_observer(&[])?.stop()?.start["hooks"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|h| h.as_str().map(str::to_owned))
-        .collect();
+    b.hooks = b.hooks_of(&[])?;
     let peers = peers();
     let mut results =
         json!({"rounds": ROUNDS, "loop_secs": LOOP_SECS.parse::<f64>()?, "hooks": b.hooks});
@@ -904,10 +965,12 @@ fn print_table(r: &Value, peers: &[&str], w: &mut impl Write) -> std::io::Result
     let c = &r["time_wait_churn"];
     writeln!(
         w,
-        "\nTIME_WAIT churn (server closes first, --events time_wait): bare {:.0} conn/s, observed {:.0} conn/s, ratio {:.3} (target >= 0.95)",
+        "\nTIME_WAIT churn (server closes first, --events time_wait): bare {:.0} conn/s, observed {:.0} conn/s, ratio {:.3} (target >= 0.95); floor (the same hooks, empty programs) {:.0} conn/s, ratio {:.3}",
         f(&c["bare_rate"]),
         f(&c["observer_rate"]),
-        f(&c["observer_ratio"])
+        f(&c["observer_ratio"]),
+        f(&c["floor_rate"]),
+        f(&c["floor_ratio"])
     )?;
     writeln!(
         w,
@@ -922,6 +985,22 @@ fn print_table(r: &Value, peers: &[&str], w: &mut impl Write) -> std::io::Result
         c["daemon_rss_kb"],
         c["daemon_own_kb"]
     )?;
+    writeln!(
+        w,
+        "  in-kernel cost, churn{:>28} {:>10} {:>10} {:>10}",
+        "runs", "per conn", "ns/run", "ns/conn"
+    )?;
+    for p in c["programs"].as_array().into_iter().flatten() {
+        writeln!(
+            w,
+            "    {:<40} {:>10} {:>10.1} {:>10.0} {:>10.0}",
+            p["hook"].as_str().unwrap_or(""),
+            p["runs"],
+            f(&p["runs_per_conn"]),
+            f(&p["ns_per_run"]),
+            f(&p["ns_per_conn"])
+        )?;
+    }
     let t = &r["time_wait_600k"];
     writeln!(
         w,

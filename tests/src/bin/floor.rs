@@ -1,12 +1,16 @@
 //! The benchmark's floor: the observer's own eBPF object, with a program
-//! that does nothing attached to each tracepoint given (`category:event`),
-//! until SIGINT or SIGTERM. Prints `attached N` once attached.
+//! that does nothing attached to each tracepoint given (`category:event`, or
+//! `raw:event` for a raw tracepoint), until SIGINT or SIGTERM. Prints
+//! `attached N` once attached.
 //!
-//!   floor OBJECT syscalls:sys_exit_bind [...]
+//!   floor OBJECT syscalls:sys_exit_bind raw:timer_start [...]
 
 use std::io::Write;
 
-use aya::{EbpfLoader, programs::TracePoint};
+use aya::{
+    EbpfLoader,
+    programs::{RawTracePoint, TracePoint},
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -19,15 +23,27 @@ fn main() {
         .btf(None)
         .load(&bytes)
         .expect("loading the object");
+    let (raw, classic): (Vec<&String>, Vec<&String>) =
+        hooks.iter().partition(|h| h.starts_with("raw:"));
     let prog: &mut TracePoint = ebpf
         .program_mut("obs_floor")
         .expect("obs_floor in the object")
         .try_into()
         .expect("a tracepoint program");
     prog.load().expect("loading obs_floor");
-    for hook in hooks {
+    for hook in classic {
         let (category, event) = hook.split_once(':').expect("CATEGORY:EVENT");
         prog.attach(category, event)
+            .unwrap_or_else(|e| panic!("attaching to {hook}: {e}"));
+    }
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut("obs_floor_raw")
+        .expect("obs_floor_raw in the object")
+        .try_into()
+        .expect("a raw tracepoint program");
+    prog.load().expect("loading obs_floor_raw");
+    for hook in raw {
+        prog.attach(&hook["raw:".len()..])
             .unwrap_or_else(|e| panic!("attaching to {hook}: {e}"));
     }
     println!("attached {}", hooks.len());
