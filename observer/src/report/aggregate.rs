@@ -303,7 +303,7 @@ impl Timeline {
 /// Local ports that keep a TIME_WAIT series of their own, at most.
 pub const TW_SERIES_PORTS: usize = 64;
 /// Bins of all the per-port series together, at most (they widen beyond).
-pub const MAX_PORT_BINS: usize = 1 << 18;
+pub const MAX_PORT_BINS: usize = 1 << 16;
 
 /// TIME_WAIT sockets open over time per local port, with memory bounded
 /// whatever the ports: at most `TW_SERIES_PORTS` ports keep a series (net
