@@ -73,6 +73,13 @@ fn known_stream() -> Vec<String> {
     for i in 0..200 {
         l.push(time_wait(160 + i / 2, (i % 2) * 500, false, 5700));
     }
+    // 20 to 443 closed at minute 5, gone 70 s later.
+    for i in 0..20 {
+        l.push(time_wait(300 + i / 2, (i % 2) * 500, true, 443));
+    }
+    for i in 0..20 {
+        l.push(time_wait(370 + i / 2, (i % 2) * 500, false, 443));
+    }
     // The restart at minute 3: 30 failed binds (20 explained), then one that works.
     for i in 0..30 {
         let rule = (i < 20).then_some("time_wait_without_reuseaddr");
@@ -103,7 +110,7 @@ fn known_stream() -> Vec<String> {
     ));
     l.push("garbage that is not a record".into());
     l.push(format!(
-        r#"{{"v":1,"ts":"{}","event":"observer_stop","reason":"SIGTERM","totals":{{"bind":56,"tcp_state":0,"listen":0,"connect":0,"time_wait_enter":200,"time_wait_exit":200,"lost":42}},"lost":42,"lost_by_cause":{{"ring_buffer":42,"inflight_map":0,"time_wait_map":0,"time_wait_queue":0,"output":0,"recursion":0}},"filtered":0,"explain_coalesced":0,"explain_skipped":0,"programs":[]}}"#,
+        r#"{{"v":1,"ts":"{}","event":"observer_stop","reason":"SIGTERM","totals":{{"bind":56,"tcp_state":0,"listen":0,"connect":0,"time_wait_enter":220,"time_wait_exit":220,"lost":42}},"lost":42,"lost_by_cause":{{"ring_buffer":42,"inflight_map":0,"time_wait_map":0,"time_wait_queue":0,"output":0,"recursion":0}},"filtered":0,"explain_coalesced":0,"explain_skipped":0,"programs":[]}}"#,
         ts(599, 0)
     ));
     l
@@ -242,8 +249,8 @@ fn report_numbers_of_a_known_stream() {
     assert!(stderr.is_empty(), "{stderr}");
     let printed = String::from_utf8(out.stdout).unwrap();
     let t = text_tables(&printed);
-    assert_eq!(row(&t, "SUMMARY", "lines")[1], "460", "{printed}");
-    assert_eq!(row(&t, "SUMMARY", "records")[1], "459");
+    assert_eq!(row(&t, "SUMMARY", "lines")[1], "500", "{printed}");
+    assert_eq!(row(&t, "SUMMARY", "records")[1], "499");
     assert_eq!(row(&t, "SUMMARY", "lines not records (skipped)")[1], "1");
     assert_eq!(row(&t, "SUMMARY", "span")[1], "9 min 59 s");
     assert_eq!(row(&t, "SUMMARY", "binds")[1], "56");
@@ -285,7 +292,39 @@ fn report_numbers_of_a_known_stream() {
         row(&t, "TIME_WAIT BY LOCAL PORT", "5700")[1..],
         ["200", "200", "0", "200", "2026-11-28T21:02:39.500Z"]
     );
+    assert_eq!(
+        row(&t, "TIME_WAIT BY LOCAL PORT", "443")[1..],
+        ["20", "20", "0", "20", "2026-11-28T21:05:09.500Z"]
+    );
     assert_eq!(row(&t, "LOST", "ring_buffer")[1..], ["42", "42"]);
+    // TIME_WAIT open per port: the most at a 10 s bucket's end in each minute.
+    let per_port = t
+        .iter()
+        .find(|t| t.0.starts_with("TIME_WAIT OPEN BY LOCAL PORT OVER TIME"))
+        .unwrap();
+    assert_eq!(
+        per_port.0,
+        "TIME_WAIT OPEN BY LOCAL PORT OVER TIME (columns of 1 min, UTC)"
+    );
+    assert_eq!(
+        per_port.1,
+        [
+            "PORT", "21:00", "21:01", "21:02", "21:03", "21:04", "21:05", "21:06", "21:07",
+            "21:08", "21:09"
+        ]
+    );
+    assert_eq!(
+        per_port.2,
+        [
+            [
+                "5700", "0", "120", "200", "140", "20", "0", "0", "0", "0", "0"
+            ],
+            ["443", "0", "0", "0", "0", "0", "20", "20", "0", "0", "0"],
+            [
+                "(all)", "0", "120", "200", "140", "20", "20", "20", "0", "0", "0"
+            ]
+        ]
+    );
     // Ten minutes in buckets of 10 s.
     let timeline = t.iter().find(|t| t.0.starts_with("OVER TIME")).unwrap();
     assert_eq!(timeline.0, "OVER TIME (buckets of 10 s, UTC)");
@@ -476,10 +515,29 @@ fn report_page_in_chromium() {
     for (page_t, text_t) in shown.iter().zip(&text) {
         assert_eq!(page_t, text_t, "the page's table and the report's");
     }
+    // The table of TIME_WAIT open per port over time among them, cell for cell.
+    let per_port = |t: &Tables| {
+        t.iter()
+            .find(|t| t.0.starts_with("TIME_WAIT OPEN BY LOCAL PORT OVER TIME"))
+            .cloned()
+            .expect("the table of TIME_WAIT open per port over time")
+    };
+    assert_eq!(per_port(&shown), per_port(&text));
+    assert_eq!(per_port(&shown).2.len(), 3, "5700, 443, (all)");
     assert!(
         dom.contains("<svg id=\"chart\""),
         "the chart is in the page"
     );
+    assert!(
+        dom.contains("<svg id=\"chart-ports\""),
+        "the per-port chart is in the page"
+    );
+    for port in ["5700", "443"] {
+        assert!(
+            dom.contains(&format!("<g class=\"port\" data-port=\"{port}\">")),
+            "a line and a legend for port {port}"
+        );
+    }
 
     let png = dir.0.join("page.png");
     let shot = headless(&chromium, &dir.0.join("profile-shot"))

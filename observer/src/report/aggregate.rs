@@ -267,13 +267,15 @@ impl Timeline {
         self.bins = wider;
     }
 
-    /// Buckets of the smallest width that covers `first..=last` in at most
-    /// about `BUCKETS`, from the one holding `first` to the one holding
-    /// `last`, empty ones included: (width in ms, [(start ns, activity)]).
-    pub fn buckets(&mut self, first: i64, last: i64) -> (i64, Vec<(i64, Bin)>) {
+    /// Buckets of the smallest width, of `WIDTHS_MS[at_least]` or wider, that
+    /// covers `first..=last` in at most about `BUCKETS`, from the one holding
+    /// `first` to the one holding `last`, empty ones included: (width in ms,
+    /// [(start ns, activity)]). The width is a multiple of every width up to
+    /// the one chosen (the per-port series are bucketed the same way).
+    pub fn buckets(&mut self, first: i64, last: i64, at_least: usize) -> (i64, Vec<(i64, Bin)>) {
         self.flush();
         let span_ms = ((i128::from(last) - i128::from(first)) / 1_000_000) as i64 + 1;
-        let i = (self.width..WIDTHS_MS.len())
+        let i = (self.width.max(at_least)..WIDTHS_MS.len())
             .find(|&i| span_ms / WIDTHS_MS[i] < BUCKETS)
             .unwrap_or(WIDTHS_MS.len() - 1);
         let mut w_ms = WIDTHS_MS[i];
@@ -295,6 +297,180 @@ impl Timeline {
             }
         }
         (w_ms, out)
+    }
+}
+
+/// Local ports that keep a TIME_WAIT series of their own, at most.
+pub const TW_SERIES_PORTS: usize = 64;
+/// Bins of all the per-port series together, at most (they widen beyond).
+pub const MAX_PORT_BINS: usize = 1 << 16;
+
+/// TIME_WAIT sockets open over time per local port, with memory bounded
+/// whatever the ports: at most `TW_SERIES_PORTS` ports keep a series (net
+/// change per bin, in bins of `WIDTHS_MS[width]`, widened like the
+/// timeline's when they hold more than `MAX_PORT_BINS`); every other port's
+/// changes go to one `other` series. A port is kept when seen while there is
+/// room, or when its most open at once grows past the least of the kept
+/// ports' (`TimeWait::max_open`, exact for every port): that one is folded
+/// into `other`, and the newcomer's open count moves from `other` to it at
+/// that bin. So the kept ports are the 64 with the most open at once, each
+/// series is exact from when its port was kept (before, it is in `other`),
+/// and all the series together are exactly the host's.
+#[derive(Debug, Default)]
+pub struct PortSeries {
+    width: usize,
+    /// Slot + 1 of each port (0: not kept); 65536 entries once a port is seen.
+    slot_of: Vec<u8>,
+    /// The kept ports and their bins.
+    kept: Vec<(u16, HashMap<i64, i64>)>,
+    other: HashMap<i64, i64>,
+    /// Bins in `kept` and `other`.
+    bins: usize,
+    /// No kept port has had fewer open at once than this (`kept` is full).
+    floor: i64,
+}
+
+impl PortSeries {
+    fn width_ns(&self) -> i64 {
+        WIDTHS_MS[self.width] * 1_000_000
+    }
+
+    /// A TIME_WAIT enter (`delta` 1) or exit (-1) on `port` at `ns`; `ports`
+    /// holds every port's counts, this one's already counted.
+    fn add(&mut self, port: u16, ns: i64, delta: i64, ports: &HashMap<u16, TimeWait>) {
+        if self.slot_of.is_empty() {
+            self.slot_of = vec![0; 1 << 16];
+        }
+        let key = ns.div_euclid(self.width_ns());
+        let slot = self.slot_of[usize::from(port)];
+        if slot > 0 {
+            self.bump(Some(usize::from(slot - 1)), key, delta);
+        } else if let Some(slot) = self.admit(port, delta, ports) {
+            // Its sockets open before now were counted in `other`: they move.
+            let now = ports[&port].open;
+            self.bump(Some(slot), key, now);
+            if now != delta {
+                self.bump(None, key, delta - now);
+            }
+        } else {
+            self.bump(None, key, delta);
+        }
+        while self.bins > MAX_PORT_BINS && self.width + 1 < WIDTHS_MS.len() {
+            self.widen();
+        }
+    }
+
+    /// The slot `port` is given, if it is to be kept now.
+    fn admit(&mut self, port: u16, delta: i64, ports: &HashMap<u16, TimeWait>) -> Option<usize> {
+        let rank = |p: u16| {
+            let t = &ports[&p];
+            (t.max_open, t.enters, std::cmp::Reverse(p))
+        };
+        let slot = if self.kept.len() < TW_SERIES_PORTS {
+            self.kept.push((port, HashMap::new()));
+            self.kept.len() - 1
+        } else {
+            let mine = ports[&port].max_open;
+            if delta <= 0 || mine <= self.floor {
+                return None;
+            }
+            let (least, _) = (self.kept.iter().enumerate())
+                .min_by_key(|(_, (p, _))| rank(*p))
+                .expect("kept is full");
+            self.floor = ports[&self.kept[least].0].max_open;
+            if mine <= self.floor {
+                return None;
+            }
+            let (gone, mut bins) = std::mem::take(&mut self.kept[least]);
+            self.slot_of[usize::from(gone)] = 0;
+            for (k, n) in bins.drain() {
+                self.bins -= 1;
+                self.bump(None, k, n);
+            }
+            self.kept[least] = (port, bins);
+            least
+        };
+        self.slot_of[usize::from(port)] = slot as u8 + 1;
+        Some(slot)
+    }
+
+    fn bump(&mut self, slot: Option<usize>, key: i64, n: i64) {
+        let bins = match slot {
+            Some(s) => &mut self.kept[s].1,
+            None => &mut self.other,
+        };
+        match bins.get_mut(&key) {
+            Some(v) => *v += n,
+            None => {
+                bins.insert(key, n);
+                self.bins += 1;
+            }
+        }
+    }
+
+    fn widen(&mut self) {
+        let factor = WIDTHS_MS[self.width + 1] / WIDTHS_MS[self.width];
+        self.width += 1;
+        self.bins = 0;
+        for bins in self
+            .kept
+            .iter_mut()
+            .map(|(_, b)| b)
+            .chain([&mut self.other])
+        {
+            let mut wider: HashMap<i64, i64> = HashMap::with_capacity(bins.len() / 2);
+            for (k, n) in bins.drain() {
+                *wider.entry(k.div_euclid(factor)).or_default() += n;
+            }
+            self.bins += wider.len();
+            *bins = wider;
+        }
+    }
+
+    /// The index into `WIDTHS_MS` of the bins: the chart's may not be narrower.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The kept ports.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.kept.iter().map(|(p, _)| *p)
+    }
+
+    /// Sockets open at the end of each of `n` buckets of `width_ms` (a
+    /// multiple of the bins' width) from the one starting at `start`: of
+    /// `port` (`None`: the ports not kept).
+    pub fn open(&self, port: Option<u16>, width_ms: i64, start: i64, n: usize) -> Vec<i64> {
+        let bins = match port {
+            Some(p) => match self.kept.iter().find(|(q, _)| *q == p) {
+                Some((_, b)) => b,
+                None => return vec![0; n],
+            },
+            None => &self.other,
+        };
+        let factor = width_ms / WIDTHS_MS[self.width];
+        let lo = start.div_euclid(width_ms * 1_000_000);
+        let mut change = vec![0i64; n];
+        for (k, d) in bins {
+            let j = k.div_euclid(factor) - lo;
+            if let Some(slot) = usize::try_from(j).ok().and_then(|j| change.get_mut(j)) {
+                *slot += d;
+            }
+        }
+        let mut now = 0;
+        change
+            .into_iter()
+            .map(|d| {
+                now += d;
+                now
+            })
+            .collect()
+    }
+
+    /// Bins held, of all the series (bounded).
+    #[cfg(test)]
+    pub fn bins(&self) -> usize {
+        self.bins
     }
 }
 
@@ -324,6 +500,8 @@ pub struct Report {
     pub unexplained_in_use: Calls,
     pub time_wait: TimeWait,
     pub tw_ports: HashMap<u16, TimeWait>,
+    /// TIME_WAIT open over time per port (bounded: see `PortSeries`).
+    pub tw_series: PortSeries,
     pub tw_exit_reasons: BTreeMap<Box<str>, u64>,
     /// `lost` records: their counts by cause.
     pub lost: BTreeMap<Box<str>, u64>,
@@ -390,6 +568,7 @@ impl Report {
                 self.timeline.at(ns).tw_enters += 1;
                 if let Some(p) = r.sport {
                     self.tw_ports.entry(p).or_default().enter(ns);
+                    self.tw_series.add(p, ns, 1, &self.tw_ports);
                 }
             }
             "time_wait_exit" => {
@@ -397,6 +576,7 @@ impl Report {
                 self.timeline.at(ns).tw_exits += 1;
                 if let Some(p) = r.sport {
                     self.tw_ports.entry(p).or_default().exit();
+                    self.tw_series.add(p, ns, -1, &self.tw_ports);
                 }
                 let reason = r.reason.as_deref().unwrap_or("-");
                 bump(&mut self.tw_exit_reasons, reason, |n| *n += 1);

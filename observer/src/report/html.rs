@@ -1,5 +1,5 @@
-//! The report as one self-contained page: inline CSS, the time chart as
-//! inline SVG, the same tables as the terminal's. No script, no font, no
+//! The report as one self-contained page: inline CSS, the time chart and the
+//! chart of TIME_WAIT open per port as inline SVG, the same tables as the terminal's. No script, no font, no
 //! image is fetched: the page opens from a file on a machine without network.
 //! Each table is `<table id="t-ID">` with its title as `<caption>`, and every
 //! cell holds exactly the terminal's text, so a test can compare the two.
@@ -54,6 +54,9 @@ pub fn render(tables: &[Table], chart: &Chart, first: Option<i64>, last: Option<
     );
     if !chart.buckets.is_empty() {
         svg(&mut h, chart, first.unwrap_or(0), last.unwrap_or(0));
+        if !chart.ports.is_empty() {
+            ports_svg(&mut h, chart, first.unwrap_or(0), last.unwrap_or(0));
+        }
     }
     h.push_str("<div class=\"grid\">\n");
     for t in tables {
@@ -205,6 +208,127 @@ fn svg(h: &mut String, c: &Chart, first: i64, last: i64) {
                 esc(&label(c.buckets[i].0))
             );
         }
+    }
+    h.push_str("</svg>\n");
+}
+
+/// Colours of the per-port lines, in the order of the table's rows (then again).
+const PORTS: [&str; 9] = [
+    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
+    "#9c755f",
+];
+/// The line of `(other)`.
+const OTHER: &str = "#9a9a9a";
+
+/// TIME_WAIT sockets open at each bucket's end per local port: one line per
+/// port of the table `time_wait_by_port_over_time`, `(other)` dashed, a legend.
+fn ports_svg(h: &mut String, c: &Chart, first: i64, last: i64) {
+    const W: f64 = 1100.0;
+    const LEFT: f64 = 70.0;
+    const RIGHT: f64 = 20.0;
+    const PANEL: f64 = 180.0;
+    let n = c.buckets.len();
+    let plot_w = W - LEFT - RIGHT;
+    let bw = plot_w / n as f64;
+    // The legend: names in rows as wide as the plot.
+    let names: Vec<(String, &str, f64, f64)> = {
+        let (mut x, mut y) = (LEFT, 38.0);
+        let mut v = Vec::new();
+        for (k, (port, _)) in c.ports.iter().enumerate() {
+            let (name, colour) = if port == "(other)" {
+                (port.clone(), OTHER)
+            } else {
+                (format!("port {port}"), PORTS[k % PORTS.len()])
+            };
+            let w = 14.0 + 7.5 * name.chars().count() as f64 + 16.0;
+            if x + w > W - RIGHT && x > LEFT {
+                (x, y) = (LEFT, y + 18.0);
+            }
+            v.push((name, colour, x, y));
+            x += w;
+        }
+        v
+    };
+    let legend = names.last().map_or(38.0, |l| l.3);
+    let top = legend + 14.0;
+    let height = top + PANEL + 30.0;
+    let label = bucket_label(c.width_ms, first, last);
+    let _ = write!(
+        h,
+        "<svg id=\"chart-ports\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{height}\" \
+         viewBox=\"0 0 {W} {height}\" role=\"img\" aria-label=\"TIME_WAIT open over time per local port\">\
+         <rect width=\"{W}\" height=\"{height}\" fill=\"#fff\"/>\
+         <text x=\"{LEFT}\" y=\"18\" font-weight=\"600\">TIME_WAIT sockets open per local port</text>"
+    );
+    let base = top + PANEL;
+    let values = c.ports.iter().flat_map(|(_, v)| v.iter().copied());
+    let max = values.clone().max().unwrap_or(0).max(1);
+    let min = values.min().unwrap_or(0).min(0);
+    let scale = PANEL / (max - min) as f64;
+    let y = |v: i64| base - (v - min) as f64 * scale;
+    for v in [min, (max + min) / 2, max] {
+        let _ = write!(
+            h,
+            "<line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#e3e7ec\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text>",
+            W - RIGHT,
+            LEFT - 6.0,
+            y(v) + 4.0,
+            yy = y(v)
+        );
+    }
+    for ((port, values), (name, colour, lx, ly)) in c.ports.iter().zip(&names) {
+        let other = port == "(other)";
+        let _ = write!(
+            h,
+            "<g class=\"port\" data-port=\"{}\"><rect x=\"{lx:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{colour}\"/>\
+             <text x=\"{:.1}\" y=\"{ly:.1}\">{}</text>",
+            esc(port),
+            ly - 9.0,
+            lx + 14.0,
+            esc(name)
+        );
+        let pts: Vec<String> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("{:.1},{:.1}", LEFT + (i as f64 + 0.5) * bw, y(*v)))
+            .collect();
+        let _ = write!(
+            h,
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"{}/>",
+            pts.join(" "),
+            if other {
+                " stroke-dasharray=\"5 4\""
+            } else {
+                ""
+            }
+        );
+        for (i, v) in values.iter().enumerate() {
+            let _ = write!(
+                h,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2\" fill=\"{colour}\"><title>{} {} {v}</title></circle>",
+                LEFT + (i as f64 + 0.5) * bw,
+                y(*v),
+                esc(name),
+                esc(&label(c.buckets[i].0))
+            );
+        }
+        h.push_str("</g>");
+    }
+    let ticks = 6.min(n);
+    for k in 0..ticks {
+        let i = if ticks == 1 {
+            0
+        } else {
+            k * (n - 1) / (ticks - 1)
+        };
+        let _ = write!(
+            h,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            LEFT + (i as f64 + 0.5) * bw,
+            base + 16.0,
+            esc(&label(c.buckets[i].0))
+        );
     }
     h.push_str("</svg>\n");
 }

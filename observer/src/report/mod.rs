@@ -1,8 +1,9 @@
 //! `observer report [FILE…|-] [--html FILE] [--top N]`: what an on-call
 //! person asks first of a stream — failures by errno, port, process and
-//! rule, the busiest binders, TIME_WAIT per port and over time, what was
-//! lost, and the time span — in one pass over the JSON Lines, with memory
-//! bounded by the distinct ports, processes and rules, not by the records.
+//! rule, the busiest binders, TIME_WAIT per port, over time and per port over
+//! time, what was lost, and the time span — in one pass over the JSON Lines,
+//! with memory bounded by the distinct ports, processes and rules, not by the
+//! records (the per-port series: by a fixed number of ports and bins).
 
 pub mod aggregate;
 mod html;
@@ -26,8 +27,8 @@ pub struct ReportArgs {
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
 
-    /// Also write the report to FILE as one self-contained HTML page (tables
-    /// and a time chart in inline SVG; nothing fetched).
+    /// Also write the report to FILE as one self-contained HTML page (tables,
+    /// a time chart and one of TIME_WAIT open per port, in inline SVG; nothing fetched).
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
 

@@ -2,7 +2,7 @@
 //! examples, and every number the report says about it.
 
 use super::{
-    aggregate::{Calls, ProcStats, Report, TimeWait},
+    aggregate::{Calls, MAX_PORT_BINS, ProcStats, Report, TW_SERIES_PORTS, TimeWait},
     html, text, time,
 };
 
@@ -351,6 +351,7 @@ fn every_number_of_a_known_stream() {
             "binders",
             "time_wait_by_port",
             "timeline",
+            "time_wait_by_port_over_time",
             "lost"
         ]
     );
@@ -472,6 +473,50 @@ fn every_number_of_a_known_stream() {
     assert_eq!(tl[45], ["21:01:30", "0", "0", "0", "2", "2"]);
     assert_eq!(tl[46], ["21:01:32", "0", "0", "0", "1", "1"]);
     assert_eq!(tl[50], ["21:01:40", "0", "0", "0", "0", "1"]);
+    // TIME_WAIT open per port: 51 buckets in 9 columns of 6 (12 s).
+    let t = tables
+        .iter()
+        .find(|t| t.id == "time_wait_by_port_over_time")
+        .unwrap();
+    assert_eq!(
+        t.title,
+        "TIME_WAIT OPEN BY LOCAL PORT OVER TIME (columns of 12 s, UTC)"
+    );
+    assert_eq!(
+        t.head,
+        [
+            "PORT", "21:00:00", "21:00:12", "21:00:24", "21:00:36", "21:00:48", "21:01:00",
+            "21:01:12", "21:01:24", "21:01:36"
+        ]
+    );
+    assert_eq!(
+        rows("time_wait_by_port_over_time"),
+        [
+            ["5700", "0", "0", "3", "3", "3", "3", "3", "3", "1"],
+            ["5800", "0", "0", "1", "1", "1", "1", "1", "1", "0"],
+            ["(all)", "0", "0", "4", "4", "4", "4", "4", "4", "1"]
+        ],
+        "no (other): every port is shown"
+    );
+    // The chart's series, bucket by bucket: 5700 enters at 30, 31, 32 s and
+    // exits at 90, 91 s; 5800 enters at 33 s and exits at 92 s.
+    let series = |at: &[(usize, i64)]| -> Vec<i64> {
+        (0..51)
+            .map(|i| {
+                at.iter()
+                    .rev()
+                    .find(|(from, _)| i >= *from)
+                    .map_or(0, |a| a.1)
+            })
+            .collect()
+    };
+    assert_eq!(
+        chart.ports,
+        [
+            ("5700".to_owned(), series(&[(15, 2), (16, 3), (45, 1)])),
+            ("5800".to_owned(), series(&[(16, 1), (46, 0)])),
+        ]
+    );
     let sum = |c: usize| tl.iter().map(|r| r[c].parse::<u64>().unwrap()).sum::<u64>();
     assert_eq!([sum(1), sum(2), sum(3), sum(4)], [15, 9, 4, 3]);
     assert_eq!(chart.open.iter().copied().max(), Some(4));
@@ -491,6 +536,11 @@ fn every_number_of_a_known_stream() {
     );
     let page = html::render(&tables, &chart, r.first, r.last);
     assert!(page.contains("<svg id=\"chart\""));
+    assert!(page.contains("<svg id=\"chart-ports\""));
+    for port in ["5700", "5800"] {
+        assert!(page.contains(&format!("<g class=\"port\" data-port=\"{port}\">")));
+        assert!(page.contains(&format!(">port {port}</text>")));
+    }
     assert!(
         !page.contains("http://")
             || page
@@ -668,6 +718,180 @@ fn top_n_keeps_the_largest_and_says_how_many_more() {
         ["30", "29", "28"]
     );
     assert!(t.note.as_deref().unwrap().starts_with("27 more ports"));
+}
+
+/// A stream of TIME_WAIT records only, over ten minutes from `T0`: (time s, port, enter).
+fn tw_stream(events: &[(f64, u16, bool)]) -> Report {
+    let mut r = Report::default();
+    r.line(bind(0.0, 1, "a", Some(1), None, None).as_bytes());
+    for &(t, port, enter) in events {
+        let l = if enter {
+            tw_enter(t, port)
+        } else {
+            tw_exit(t, port, "expired")
+        };
+        r.line(l.as_bytes());
+    }
+    r.line(bind(599.0, 1, "a", Some(1), None, None).as_bytes());
+    r
+}
+
+#[test]
+fn time_wait_per_port_over_time_of_two_ports() {
+    // Port 80: 5 enters at 5..9 s, exits 60 s later; 443: 3 enters at 150 s, exits at 300 s.
+    let mut ev = Vec::new();
+    for i in 0..5 {
+        ev.push((5.0 + f64::from(i), 80, true));
+    }
+    for _ in 0..3 {
+        ev.push((150.0, 443, true));
+    }
+    for i in 0..5 {
+        ev.push((65.0 + f64::from(i), 80, false));
+    }
+    for _ in 0..3 {
+        ev.push((300.0, 443, false));
+    }
+    ev.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut r = tw_stream(&ev);
+    let (tables, chart) = text::tables(&mut r, &["-".into()], 10);
+    let t = tables
+        .iter()
+        .find(|t| t.id == "time_wait_by_port_over_time")
+        .unwrap();
+    // 60 buckets of 10 s in 10 columns of a minute.
+    assert_eq!(chart.width_ms, 10_000);
+    assert_eq!(
+        t.title,
+        "TIME_WAIT OPEN BY LOCAL PORT OVER TIME (columns of 1 min, UTC)"
+    );
+    assert_eq!(
+        t.head,
+        [
+            "PORT", "21:00", "21:01", "21:02", "21:03", "21:04", "21:05", "21:06", "21:07",
+            "21:08", "21:09"
+        ]
+    );
+    // Ranked by the most open at once; each column the most at a bucket's end
+    // (the five of port 80 are open at 21:01:00, the end of the first minute's
+    // last bucket, and gone by 21:01:10).
+    assert_eq!(
+        t.rows,
+        [
+            ["80", "5", "0", "0", "0", "0", "0", "0", "0", "0", "0"],
+            ["443", "0", "0", "3", "3", "3", "0", "0", "0", "0", "0"],
+            ["(all)", "5", "0", "3", "3", "3", "0", "0", "0", "0", "0"]
+        ]
+    );
+    let at = |port: &str| &chart.ports.iter().find(|p| p.0 == port).unwrap().1;
+    let mut want80 = vec![0; 60];
+    want80[0] = 5;
+    want80[1..=5].fill(5);
+    want80[6] = 0;
+    assert_eq!(at("80"), &want80);
+    let mut want443 = vec![0; 60];
+    want443[15..30].fill(3);
+    assert_eq!(at("443"), &want443);
+    assert_eq!(chart.ports.len(), 2);
+
+    // --top 1: the other port is (other), and said so.
+    let (tables, chart) = text::tables(&mut r, &["-".into()], 1);
+    let t = tables
+        .iter()
+        .find(|t| t.id == "time_wait_by_port_over_time")
+        .unwrap();
+    assert_eq!(
+        t.rows.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(),
+        ["80", "(other)", "(all)"]
+    );
+    assert_eq!(t.rows[1][1..6], ["0", "0", "3", "3", "3"]);
+    assert!(
+        t.note
+            .as_deref()
+            .unwrap()
+            .starts_with("1 more ports in (other)")
+    );
+    assert_eq!(chart.ports[1], ("(other)".to_owned(), want443));
+}
+
+#[test]
+fn time_wait_series_are_kept_for_64_ports_and_sum_to_the_host() {
+    // 100 ports with one socket each come first and fill the 64 series; then
+    // port 9999 has 5 at once: it takes a series (from its third, when it
+    // passes the one the kept ports have), and its sockets open until then move with it.
+    let mut ev: Vec<(f64, u16, bool)> = (0..100).map(|i| (1.0, 2000 + i, true)).collect();
+    for i in 0..5 {
+        ev.push((100.0 + f64::from(i), 9999, true));
+    }
+    for i in 0..5 {
+        ev.push((200.0 + f64::from(i), 9999, false));
+    }
+    for i in 0..100 {
+        ev.push((400.0, 2000 + i, false));
+    }
+    let mut r = tw_stream(&ev);
+    let kept: Vec<u16> = r.tw_series.ports().collect();
+    assert_eq!(kept.len(), TW_SERIES_PORTS);
+    assert!(kept.contains(&9999));
+    let (_, chart) = text::tables(&mut r, &["-".into()], 3);
+    let (w, start, n) = (chart.width_ms, chart.buckets[0].0, chart.buckets.len());
+    let mine = r.tw_series.open(Some(9999), w, start, n);
+    let secs = |s: i64| (s * 1000 / w) as usize;
+    for (i, v) in mine.iter().enumerate() {
+        let want = match i {
+            _ if i < secs(100) => 0,
+            _ if i < secs(104) => i as i64 - secs(100) as i64 + 1,
+            _ if i < secs(200) => 5,
+            _ if i < secs(204) => 5 - (i as i64 - secs(200) as i64 + 1),
+            _ => 0,
+        };
+        assert_eq!(*v, want, "bucket {i}");
+    }
+    assert_eq!(chart.ports[0].0, "9999");
+    // The kept series and `other` together are the host's, bucket by bucket.
+    let mut sum = r.tw_series.open(None, w, start, n);
+    for p in &kept {
+        for (s, v) in sum.iter_mut().zip(r.tw_series.open(Some(*p), w, start, n)) {
+            *s += v;
+        }
+    }
+    assert_eq!(sum, chart.open);
+    assert_eq!(chart.width_ms, 10_000);
+    assert_eq!(chart.open[secs(100)], 105);
+    assert_eq!(
+        mine[secs(100)],
+        5,
+        "all five, the two before it was kept too"
+    );
+}
+
+#[test]
+fn time_wait_series_bins_are_bounded() {
+    // 100,000 enters half a second apart on 64 ports: more bins than the
+    // bound at 10 ms, so the series widen; every port's count is still exact.
+    let mut r = Report::default();
+    for i in 0..100_000u32 {
+        r.line(tw_enter(f64::from(i) * 0.5, 1000 + (i % 64) as u16).as_bytes());
+    }
+    assert!(
+        r.tw_series.bins() <= MAX_PORT_BINS,
+        "{}",
+        r.tw_series.bins()
+    );
+    assert!(r.tw_series.width() > 0);
+    let (tables, chart) = text::tables(&mut r, &["-".into()], 64);
+    let t = tables
+        .iter()
+        .find(|t| t.id == "time_wait_by_port_over_time")
+        .unwrap();
+    assert_eq!(t.rows.len(), 65, "64 ports and (all)");
+    for row in &t.rows[..64] {
+        let port: u32 = row[0].parse().unwrap();
+        let enters = (0..100_000u32).filter(|i| 1000 + i % 64 == port).count();
+        assert_eq!(row.last().unwrap(), &enters.to_string(), "{port}");
+    }
+    assert_eq!(t.rows[64].last().unwrap(), "100000");
+    assert_eq!(chart.open.last(), Some(&100_000));
 }
 
 mod properties {

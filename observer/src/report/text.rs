@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::{
-    aggregate::{Bin, Calls, EVENTS, ProcStats, Report, TimeWait},
+    aggregate::{Bin, Calls, EVENTS, ProcStats, Report, TW_SERIES_PORTS, TimeWait},
     time,
 };
 
@@ -14,7 +14,7 @@ pub struct Table {
     /// A stable id (`failures_by_errno`): the page's `id="t-…"`.
     pub id: &'static str,
     pub title: String,
-    pub head: Vec<&'static str>,
+    pub head: Vec<String>,
     /// How many leading columns are labels (left-aligned); the rest are numbers.
     pub labels: usize,
     pub rows: Vec<Vec<String>>,
@@ -28,7 +28,13 @@ pub struct Chart {
     pub buckets: Vec<(i64, Bin)>,
     /// TIME_WAIT sockets open at the end of each bucket.
     pub open: Vec<i64>,
+    /// The same per local port, for the ports of the table
+    /// `time_wait_by_port_over_time` (`(other)` last when it has a row).
+    pub ports: Vec<(String, Vec<i64>)>,
 }
+
+/// Columns of the table of TIME_WAIT open per port over time, at most.
+pub const TW_COLUMNS: usize = 10;
 
 /// The tables of the report, in order, and the timeline for the chart.
 pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Chart) {
@@ -39,7 +45,7 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     out.push(Table {
         id: "summary",
         title: "SUMMARY".into(),
-        head: vec!["WHAT", "VALUE"],
+        head: heads(["WHAT", "VALUE"]),
         labels: 2,
         rows: vec![
             row(["input", &files.join(", ")]),
@@ -77,7 +83,7 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     out.push(Table {
         id: "records",
         title: "RECORDS BY EVENT".into(),
-        head: vec!["EVENT", "RECORDS"],
+        head: heads(["EVENT", "RECORDS"]),
         labels: 1,
         rows,
         note: None,
@@ -93,7 +99,7 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     out.push(Table {
         id: "failures_by_errno",
         title: "FAILURES BY ERRNO".into(),
-        head: vec!["ERRNO", "FAILURES", "BIND", "LISTEN", "CONNECT"],
+        head: heads(["ERRNO", "FAILURES", "BIND", "LISTEN", "CONNECT"]),
         labels: 1,
         rows: errnos
             .into_iter()
@@ -108,7 +114,7 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     out.push(Table {
         id: "failures_by_port",
         title: "FAILURES BY PORT".into(),
-        head: vec!["PORT", "FAILURES", "BIND", "LISTEN", "CONNECT"],
+        head: heads(["PORT", "FAILURES", "BIND", "LISTEN", "CONNECT"]),
         labels: 1,
         rows: ports
             .into_iter()
@@ -139,7 +145,7 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     out.push(Table {
         id: "failures_by_process",
         title: "FAILURES BY PROCESS".into(),
-        head: vec!["PROCESS", "PID", "FAILURES", "BIND", "LISTEN", "CONNECT"],
+        head: heads(["PROCESS", "PID", "FAILURES", "BIND", "LISTEN", "CONNECT"]),
         labels: 2,
         rows: failing
             .into_iter()
@@ -174,7 +180,7 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     out.push(Table {
         id: "failures_by_rule",
         title: "FAILURES BY EXPLAIN RULE".into(),
-        head: vec!["RULE", "FAILURES", "BIND", "LISTEN"],
+        head: heads(["RULE", "FAILURES", "BIND", "LISTEN"]),
         labels: 1,
         rows,
         note: r
@@ -195,7 +201,7 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     out.push(Table {
         id: "binders",
         title: "BUSIEST BINDERS".into(),
-        head: vec!["PROCESS", "PID", "BINDS", "FAILED"],
+        head: heads(["PROCESS", "PID", "BINDS", "FAILED"]),
         labels: 2,
         rows: binders
             .into_iter()
@@ -250,7 +256,7 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     out.push(Table {
         id: "time_wait_by_port",
         title: "TIME_WAIT BY LOCAL PORT".into(),
-        head: vec!["PORT", "ENTERS", "EXITS", "OPEN AT END", "MAX OPEN", "MAX AT"],
+        head: heads(["PORT", "ENTERS", "EXITS", "OPEN AT END", "MAX OPEN", "MAX AT"]),
         labels: 1,
         rows,
         note: joined([
@@ -264,7 +270,7 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     });
 
     let (width_ms, buckets) = match r.first {
-        Some(first) => r.timeline.buckets(first, last),
+        Some(first) => r.timeline.buckets(first, last, r.tw_series.width()),
         None => (1000, Vec::new()),
     };
     let mut open = Vec::with_capacity(buckets.len());
@@ -277,14 +283,14 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     out.push(Table {
         id: "timeline",
         title: format!("OVER TIME (buckets of {}, UTC)", time::width(width_ms)),
-        head: vec![
+        head: heads([
             "START",
             "BINDS",
             "FAILURES",
             "TW ENTERS",
             "TW EXITS",
             "TW OPEN",
-        ],
+        ]),
         labels: 1,
         rows: buckets
             .iter()
@@ -304,6 +310,9 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
             "failures: failed binds, listens and connects; TW OPEN: at the bucket's end".into(),
         ),
     });
+
+    let (table, ports) = tw_over_time(r, top, (first, last), width_ms, &buckets, &open);
+    out.push(table);
 
     let mut causes: Vec<&str> = r.lost.keys().map(AsRef::as_ref).collect();
     if let Some(l) = &r.last_counts {
@@ -342,7 +351,7 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
     out.push(Table {
         id: "lost",
         title: "LOST".into(),
-        head: vec!["CAUSE", "IN LOST RECORDS", "IN LAST STOP/STATS"],
+        head: heads(["CAUSE", "IN LOST RECORDS", "IN LAST STOP/STATS"]),
         labels: 1,
         rows,
         note: Some(match last {
@@ -365,8 +374,108 @@ pub fn tables(r: &mut Report, files: &[String], top: usize) -> (Vec<Table>, Char
             width_ms,
             buckets,
             open,
+            ports,
         },
     )
+}
+
+/// TIME_WAIT open over time for the top ports: per port a row of the most
+/// open at the end of any bucket in each of at most `TW_COLUMNS` columns of
+/// whole buckets; the series it is made of, for the page's chart.
+fn tw_over_time(
+    r: &Report,
+    top: usize,
+    (first, last): (i64, i64),
+    width_ms: i64,
+    buckets: &[(i64, Bin)],
+    all: &[i64],
+) -> (Table, Vec<(String, Vec<i64>)>) {
+    let n = buckets.len();
+    let start = buckets.first().map_or(0, |b| b.0);
+    // Ranked as in `time_wait_by_port`, among the ports with a series.
+    let mut kept: Vec<u16> = r.tw_series.ports().collect();
+    kept.sort_by(|a, b| {
+        let (ta, tb) = (&r.tw_ports[a], &r.tw_ports[b]);
+        (tb.max_open.cmp(&ta.max_open))
+            .then(tb.enters.cmp(&ta.enters))
+            .then(a.cmp(b))
+    });
+    let (kept, _) = cut(kept, top);
+    let mut series: Vec<(String, Vec<i64>)> = kept
+        .iter()
+        .map(|p| {
+            (
+                p.to_string(),
+                r.tw_series.open(Some(*p), width_ms, start, n),
+            )
+        })
+        .collect();
+    // The host's less the ports shown: the other ports' and any without one.
+    let mut rest = all.to_vec();
+    for (_, s) in &series {
+        for (o, v) in rest.iter_mut().zip(s) {
+            *o -= v;
+        }
+    }
+    let more = r.tw_ports.len() - kept.len();
+    if more > 0 || rest.iter().any(|v| *v != 0) {
+        series.push(("(other)".into(), rest));
+    }
+
+    let per = n.div_ceil(TW_COLUMNS).max(1);
+    let col_ms = width_ms * per as i64;
+    let label = bucket_label(width_ms, first, last);
+    // Whole minutes need no seconds.
+    let minutes = col_ms % 60_000 == 0 && start.rem_euclid(60_000_000_000) == 0;
+    let mut head = vec!["PORT".to_owned()];
+    head.extend(buckets.iter().step_by(per).map(|(s, _)| {
+        let l = label(*s);
+        match l.strip_suffix(":00") {
+            Some(hm) if minutes => hm.to_owned(),
+            _ => l,
+        }
+    }));
+    let columns = |v: &[i64]| -> Vec<String> {
+        v.chunks(per)
+            .map(|c| c.iter().max().unwrap_or(&0).to_string())
+            .collect()
+    };
+    let mut rows: Vec<Vec<String>> = series
+        .iter()
+        .map(|(p, v)| std::iter::once(p.clone()).chain(columns(v)).collect())
+        .collect();
+    if !rows.is_empty() {
+        rows.push(
+            std::iter::once("(all)".to_owned())
+                .chain(columns(all))
+                .collect(),
+        );
+    }
+    let table = Table {
+        id: "time_wait_by_port_over_time",
+        title: format!(
+            "TIME_WAIT OPEN BY LOCAL PORT OVER TIME (columns of {}, UTC)",
+            time::width(col_ms)
+        ),
+        head,
+        labels: 1,
+        rows,
+        note: joined([
+            (more > 0).then(|| format!("{more} more ports in (other)")),
+            Some(format!(
+                "the most open at the end of any {} bucket in the column from the time heading it; \
+                 series are kept for the {TW_SERIES_PORTS} ports with the most open at once, \
+                 each from when it became one of them (before, in (other)); \
+                 (other): the rest of the host's",
+                time::width(width_ms)
+            )),
+        ]),
+    };
+    (table, series)
+}
+
+fn heads<const N: usize>(names: [&str; N]) -> Vec<String> {
+    names.iter().map(|h| h.to_string()).collect()
 }
 
 /// How a bucket's start is shown: no more than its width needs.
@@ -445,7 +554,7 @@ pub fn render(tables: &[Table]) -> String {
             }
             let _ = writeln!(out, "{}", s.trim_end());
         };
-        line(&mut t.head.iter().copied(), &mut out);
+        line(&mut t.head.iter().map(String::as_str), &mut out);
         for r in &t.rows {
             line(&mut r.iter().map(String::as_str), &mut out);
         }

@@ -91,14 +91,18 @@ pub fn human(ns: i64) -> String {
     }
 }
 
-/// A bucket width for people: `100 ms`, `10 s`, `2 min`, `1 h`, `1 d`.
+/// A bucket width for people: `100 ms`, `10 s`, `2 min`, `1 h`, `1 d`, in
+/// the largest unit it is a whole number of (`70 s`, not `1 min`).
 pub fn width(ms: i64) -> String {
-    match ms {
-        _ if ms < 1000 => format!("{ms} ms"),
-        _ if ms < 60_000 => format!("{} s", ms / 1000),
-        _ if ms < 3_600_000 => format!("{} min", ms / 60_000),
-        _ if ms < 86_400_000 => format!("{} h", ms / 3_600_000),
-        _ => format!("{} d", ms / 86_400_000),
+    let units = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "min"),
+        (1000, "s"),
+    ];
+    match units.iter().find(|(u, _)| ms >= *u && ms % u == 0) {
+        Some((u, name)) => format!("{} {name}", ms / u),
+        None => format!("{ms} ms"),
     }
 }
 
