@@ -363,11 +363,25 @@ fn metrics_in_prometheus_are_the_numbers_the_workload_made() {
         .rfind(|r| r["event"] == "port_pressure" && r["addr"] == "127.0.0.1")
         .expect("a port_pressure record for 127.0.0.1");
     assert_eq!(
-        (&last["level"], &last["in_use"], &last["range"], &last["scope"]),
-        (&json!(95), &json!(RANGE_PORTS), &json!(RANGE_PORTS), &json!("local")),
+        (
+            &last["level"],
+            &last["in_use"],
+            &last["range"],
+            &last["scope"]
+        ),
+        (
+            &json!(95),
+            &json!(RANGE_PORTS),
+            &json!(RANGE_PORTS),
+            &json!("local")
+        ),
         "{last}"
     );
-    assert_eq!(last["holders"][0]["pid"], json!(std::process::id()), "{last}");
+    assert_eq!(
+        last["holders"][0]["pid"],
+        json!(std::process::id()),
+        "{last}"
+    );
 }
 
 #[test]

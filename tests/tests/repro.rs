@@ -19,9 +19,11 @@ fn same(step: &Value, e: &Value) -> bool {
         return e["event"] == "port_pressure"
             && e["netns"] == step["netns"]
             && e["addr"] == step["addr"]
-            && ["proto", "scope", "port", "in_use", "range", "level", "previous"]
-                .iter()
-                .all(|k| e[*k] == p[*k]);
+            && [
+                "proto", "scope", "port", "in_use", "range", "level", "previous",
+            ]
+            .iter()
+            .all(|k| e[*k] == p[*k]);
     }
     let common = ["pid", "tid", "netns", "fd", "errno"]
         .iter()
@@ -91,7 +93,11 @@ fn every_scenario_step_is_in_the_stream_exactly_once() {
         let n = events.iter().filter(|e| same(s, e)).count();
         // A namespace's inode number is reused once it is gone: steps of two
         // namespaces may predict the same port_pressure record, each once.
-        let want = observable.iter().filter(|o| same(o, &pressure_as_event(s))).count().max(1);
+        let want = observable
+            .iter()
+            .filter(|o| same(o, &pressure_as_event(s)))
+            .count()
+            .max(1);
         assert_eq!(n, want, "{n} events for step {s}");
     }
     // ephemeral-exhaustion: its 20-port range crossed 80 % and 95 % and came
@@ -105,7 +111,11 @@ fn every_scenario_step_is_in_the_stream_exactly_once() {
         .iter()
         .filter(|e| e["event"] == "port_pressure")
         .collect();
-    assert!(predicted.len() >= 16, "{} port_pressure steps", predicted.len());
+    assert!(
+        predicted.len() >= 16,
+        "{} port_pressure steps",
+        predicted.len()
+    );
     assert_eq!(predicted.len(), written.len(), "{written:#?}");
     for (level, previous, in_use) in [(80, 0, 16), (95, 80, 19), (80, 95, 17), (0, 80, 14)] {
         assert!(

@@ -30,8 +30,8 @@ use prometheus_client::{
 
 use crate::{
     filter::Filter,
-    pressure::worker::{GAUGE_PAIRS, Top},
     output::Tally,
+    pressure::worker::{GAUGE_PAIRS, PairGauge, Top},
     schema::{Bind, Event, LOST_CAUSES},
 };
 
@@ -387,7 +387,8 @@ impl Collector for Pressure {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let worst = self.0.worst();
         debug_assert!(worst.len() <= GAUGE_PAIRS);
-        let families: [(&str, &str, fn(&crate::pressure::worker::PairGauge) -> f64); 3] = [
+        type Value = fn(&PairGauge) -> f64;
+        let families: [(&str, &str, Value); 3] = [
             (
                 "observer_ephemeral_ports_in_use",
                 "Ports of the ephemeral range held, for the 8 pairs (local address or destination, per protocol and network namespace) nearest to running out",

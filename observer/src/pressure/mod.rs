@@ -219,10 +219,8 @@ pub fn count(socks: &[Sock], range: &Range) -> Vec<Count> {
             add(p, Scope::Local(ip), port, i);
         }
         // The wildcards' own pairs.
-        if ip.is_ipv4() || ip == v6_any {
-            if families.contains(&(p, true)) {
-                add(p, Scope::Local(v4_any), port, i);
-            }
+        if (ip.is_ipv4() || ip == v6_any) && families.contains(&(p, true)) {
+            add(p, Scope::Local(v4_any), port, i);
         }
         if families.contains(&(p, false)) {
             add(p, Scope::Local(v6_any), port, i);
@@ -405,7 +403,11 @@ mod tests {
         let mut udp = tcp("127.0.0.1:40005", "0.0.0.0:0", CLOSE);
         udp.proto = IPPROTO_UDP;
         let socks = [
-            tcp("[::ffff:127.0.0.1]:40000", "[::ffff:127.0.0.1]:7000", ESTABLISHED),
+            tcp(
+                "[::ffff:127.0.0.1]:40000",
+                "[::ffff:127.0.0.1]:7000",
+                ESTABLISHED,
+            ),
             tcp("[::]:40001", "[::]:0", LISTEN),
             tcp("[::1]:40002", "[::1]:80", ESTABLISHED),
             udp,
@@ -424,7 +426,10 @@ mod tests {
     fn reserved_ports_are_out_of_the_range_and_of_the_count() {
         let mut range = Range::new(40000, 40019);
         range.reserved = parse_reserved("40000-40003,40010, 50000\n");
-        assert_eq!(range.reserved, [(40000, 40003), (40010, 40010), (50000, 50000)]);
+        assert_eq!(
+            range.reserved,
+            [(40000, 40003), (40010, 40010), (50000, 50000)]
+        );
         assert_eq!(range.reserved_in(), 5);
         assert_eq!(range.size(), 15);
         assert!(parse_reserved("\n").is_empty());
@@ -455,7 +460,11 @@ mod tests {
             (10, 95, 0),
         ];
         for (in_use, previous, want) in steps {
-            assert_eq!(level(in_use, 20, previous), want, "{in_use} from {previous}");
+            assert_eq!(
+                level(in_use, 20, previous),
+                want,
+                "{in_use} from {previous}"
+            );
         }
         assert_eq!(level(4, 4, 0), 95, "4 ports: 100 % at once");
         assert_eq!(level(3, 4, 0), 0, "75 %");

@@ -384,11 +384,7 @@ pub fn read_here() -> io::Result<Counted> {
     let mut diag = Diag::open()?;
     let mut socks = Vec::new();
     for proto in PROTOS {
-        socks.extend(
-            diag.in_port_range(proto, low, high)?
-                .iter()
-                .map(Sock::from),
-        );
+        socks.extend(diag.in_port_range(proto, low, high)?.iter().map(Sock::from));
     }
     Ok(Counted { range, socks })
 }
@@ -445,7 +441,12 @@ mod tests {
     #[test]
     fn the_gauges_show_the_worst_pairs_of_all_namespaces() {
         let top = Top::default();
-        top.set(1, (0..20).map(|i| g(1, &format!("10.0.0.{i}"), i, 28232)).collect());
+        top.set(
+            1,
+            (0..20)
+                .map(|i| g(1, &format!("10.0.0.{i}"), i, 28232))
+                .collect(),
+        );
         top.set(2, vec![g(2, "127.0.0.1", 19, 20), g(2, "127.0.0.2", 1, 20)]);
         let w = top.worst();
         assert_eq!(w.len(), GAUGE_PAIRS);

@@ -203,7 +203,11 @@ mod tests {
         assert!(!matches(&s, &other));
         // Predicted but missing; written but not predicted; another namespace's: not ours.
         assert_eq!(problems(std::slice::from_ref(&s), &[], 1).len(), 1);
-        let p = problems(std::slice::from_ref(&s), &[record.clone(), other.clone()], 1);
+        let p = problems(
+            std::slice::from_ref(&s),
+            &[record.clone(), other.clone()],
+            1,
+        );
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains("no step predicted"), "{p:?}");
         other["netns"] = json!(4);

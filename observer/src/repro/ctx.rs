@@ -289,8 +289,7 @@ impl Ctx {
         let Some((range, mut levels)) = self.pressure.take() else {
             return;
         };
-        let socks: Vec<crate::pressure::Sock> =
-            self.sockets.values().filter_map(held).collect();
+        let socks: Vec<crate::pressure::Sock> = self.sockets.values().filter_map(held).collect();
         let counts = crate::pressure::count(&socks, &range);
         let size = range.size();
         for ch in levels.update(&counts, size) {
@@ -359,7 +358,15 @@ impl Ctx {
         if let (Some(s), Some(p)) = (&self.shared, &step.pressure) {
             let key = format!(
                 "{} {} {} {} {:?} {}/{} {}->{}",
-                step.netns, p.proto, p.scope, step.addr, p.port, p.in_use, p.range, p.previous, p.level
+                step.netns,
+                p.proto,
+                p.scope,
+                step.addr,
+                p.port,
+                p.in_use,
+                p.range,
+                p.previous,
+                p.level
             );
             if !s.wait_pressure(&key, PRESSURE_WITHIN) {
                 eprintln!(

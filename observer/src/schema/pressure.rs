@@ -90,6 +90,9 @@ mod tests {
         let mut local = PortPressure::example();
         (local.scope, local.port, local.holders) = ("local", None, Vec::new());
         let v = serde_json::to_value(&local).unwrap();
-        assert_eq!((v["port"].is_null(), v["holders"].as_array().map(Vec::len)), (true, Some(0)));
+        assert_eq!(
+            (v["port"].is_null(), v["holders"].as_array().map(Vec::len)),
+            (true, Some(0))
+        );
     }
 }
