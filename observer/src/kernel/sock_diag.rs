@@ -417,6 +417,28 @@ mod tests {
     }
 
     #[test]
+    fn the_port_range_program_is_what_ss_sends() {
+        // `ss 'sport >= :40000 and sport <= :40019'`: S_GE yes 8 no 20, port;
+        // S_LE yes 8 no 12, port.
+        let n = |v: u16| v.to_ne_bytes();
+        let want: Vec<u8> = [
+            [2, 8, n(20)[0], n(20)[1]],
+            [0, 0, n(40000)[0], n(40000)[1]],
+            [3, 8, n(12)[0], n(12)[1]],
+            [0, 0, n(40019)[0], n(40019)[1]],
+        ]
+        .concat();
+        assert_eq!(port_range_bytecode(40000, 40019), want);
+        // As an attribute after a 72-byte request: length and type, the
+        // message's length fixed.
+        let mut msg = vec![0u8; 72];
+        append_bytecode(&mut msg, &want);
+        assert_eq!(msg.len(), 72 + 4 + 16);
+        assert_eq!(&msg[..4], &(92u32).to_ne_bytes());
+        assert_eq!(&msg[72..76], &[n(20)[0], n(20)[1], n(1)[0], n(1)[1]]);
+    }
+
+    #[test]
     fn state_mask_sets_one_bit_per_state() {
         assert_eq!(state_mask(&[TCP_LISTEN, TCP_ESTABLISHED]), 1 << 10 | 1 << 1);
         assert_eq!(state_mask(&[TCP_TIME_WAIT, TCP_TIME_WAIT, 40]), 1 << 6);

@@ -5,8 +5,10 @@
 //! dump per protocol and address family of the sockets in the range (the
 //! kernel filters, see `Diag::in_port_range`). A namespace with a pair at
 //! 80 % or more is recounted every `PRESSED_EVERY` even with no record (the
-//! closes of UDP and bound-only sockets make none), and every namespace with
-//! gauges every `GAUGES_EVERY`. At start, every namespace is counted once.
+//! closes of UDP and bound-only sockets make none), and the namespaces of the
+//! pairs the gauges show (at most `GAUGE_PAIRS`) every `GAUGES_EVERY`; one
+//! quiet for `GAUGES_EVERY` otherwise is forgotten (its gauges too). At
+//! start, every namespace is counted once.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -87,6 +89,7 @@ impl Top {
         }
     }
 
+    #[cfg(test)]
     fn has(&self, netns: u32) -> bool {
         lock(&self.by_netns).contains_key(&netns)
     }
@@ -164,6 +167,7 @@ pub fn spawn(out: mpsc::Sender<PortPressure>, top: Arc<Top>, only: Option<u32>) 
                 owners: Owners::every(Duration::from_millis(100)),
                 own: netns::own(),
                 home: File::open("/proc/thread-self/ns/net").ok(),
+                stuck: false,
             };
             w.snapshot();
             w.serve();
@@ -191,6 +195,8 @@ struct Worker {
     own: Option<u32>,
     /// The thread's own namespace, to come back to.
     home: Option<File>,
+    /// It could not come back: it stops (it would count the wrong namespace).
+    stuck: bool,
 }
 
 /// One count of a namespace.
@@ -246,14 +252,33 @@ impl Worker {
                 }
             }
             let now = Instant::now();
+            let since = |s: &Space| {
+                s.counted
+                    .map_or(Duration::MAX, |c| now.saturating_duration_since(c))
+            };
+            // The namespaces the gauges show now: kept fresh (every GAUGES_EVERY).
+            let shown: std::collections::HashSet<u32> =
+                self.top.worst().iter().map(|g| g.netns).collect();
+            // Forget the quiet ones (no mark, no pair at 80 %, not shown, not
+            // counted for GAUGES_EVERY): the set stays bounded on a host where
+            // namespaces come and go.
+            let top = &self.top;
+            self.spaces.retain(|ino, s| {
+                let keep =
+                    s.dirty || s.levels.pressed() || shown.contains(ino) || since(s) < GAUGES_EVERY;
+                if !keep {
+                    top.set(*ino, Vec::new());
+                }
+                keep
+            });
             let due: Vec<u32> = self
                 .spaces
                 .iter()
                 .filter(|(ino, s)| {
-                    let since = s.counted.map_or(Duration::MAX, |c| now - c);
+                    let since = since(s);
                     (s.dirty && since >= RECOUNT_EVERY)
                         || (s.levels.pressed() && since >= PRESSED_EVERY)
-                        || (since >= GAUGES_EVERY && self.top.has(**ino))
+                        || (since >= GAUGES_EVERY && shown.contains(ino))
                 })
                 .map(|(ino, _)| *ino)
                 .collect();
@@ -279,7 +304,7 @@ impl Worker {
     }
 
     /// The namespace's range and sockets in it, read from inside.
-    fn read(&self, ino: u32, file: &File) -> io::Result<Counted> {
+    fn read(&mut self, ino: u32, file: &File) -> io::Result<Counted> {
         if Some(ino) == self.own {
             return read_here();
         }
@@ -291,16 +316,18 @@ impl Worker {
         let r = read_here();
         if let Err(e) = setns(home, CloneFlags::CLONE_NEWNET) {
             log::error!("port pressure: cannot return to the daemon's namespace ({e}): stopping");
-            return Err(io::Error::other("stuck"));
+            self.stuck = true;
         }
         r
     }
 
     /// Levels, gauges and records from one count; false when the worker must stop.
     fn settle(&mut self, ino: u32, counted: io::Result<Counted>) -> bool {
+        if self.stuck {
+            return false;
+        }
         let c = match counted {
             Ok(c) => c,
-            Err(e) if e.to_string() == "stuck" => return false,
             Err(e) => {
                 // Gone (or unreadable): forget it, silently.
                 log::debug!("port pressure: namespace {ino}: {e}");
