@@ -70,6 +70,8 @@ struct Running {
     time_wait: mpsc::UnboundedReceiver<time_wait::Out>,
     /// The programs' log records (rare paths), with `-v`.
     logs: Option<AsyncFd<loader::KernelLogger>>,
+    /// `port_pressure` records from the pressure worker.
+    pressure: mpsc::Receiver<crate::schema::PortPressure>,
 }
 
 /// Why the loop ended.
@@ -232,6 +234,13 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
         ),
     };
     phase("TIME_WAIT snapshot taken");
+    // Port pressure: its worker counts every namespace once now, then those
+    // the records mark; the worst pairs go to the metrics.
+    let (pressure_tx, pressure_rx) = mpsc::channel(256);
+    let top = metrics
+        .as_ref()
+        .map_or_else(Default::default, |m| m.pressure_top());
+    let pressure = crate::pressure::worker::spawn(pressure_tx, top, filter.netns);
     let mut s = Stream::new(Parts {
         out,
         clock,
@@ -242,6 +251,7 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
         time_wait: source,
         explainer: Worker::spawn(explained_tx),
         metrics,
+        pressure: Some(pressure),
     });
     s.say(Event::ObserverStart(Start {
         version: env!("CARGO_PKG_VERSION"),
@@ -264,6 +274,7 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
         explained: explained_rx,
         time_wait: tw_rx,
         logs,
+        pressure: pressure_rx,
     })
 }
 
@@ -338,6 +349,13 @@ async fn serve(
                 let mut guard = guard?;
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
+            }
+            Some(p) = r.pressure.recv() => {
+                s.port_pressure(p);
+                while let Ok(p) = r.pressure.try_recv() {
+                    s.port_pressure(p);
+                }
+                s.out.flush();
             }
             Some(o) = r.time_wait.recv() => {
                 s.time_wait_record(o);

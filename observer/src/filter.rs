@@ -90,6 +90,14 @@ impl<'a> Facts<'a> {
                 netns: Some(e.flow.netns),
                 ..Facts::default()
             },
+            // No process: a pid, comm, uid, cgroup or port filter keeps it
+            // out; it passes --errors-only (it warns of failures to come).
+            Event::PortPressure(p) => Facts {
+                event: event.name(),
+                netns: Some(p.netns),
+                failed: true,
+                ..Facts::default()
+            },
             Event::ObserverStart(_) | Event::Lost(_) | Event::Stats(_) | Event::ObserverStop(_) => {
                 return None;
             }

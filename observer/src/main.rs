@@ -10,6 +10,7 @@ mod kernel;
 mod metrics;
 mod names;
 mod output;
+mod pressure;
 mod report;
 mod repro;
 mod schema;

@@ -52,6 +52,8 @@ pub struct Parts {
     pub explainer: Worker,
     /// With `--metrics`: what is written is counted there too.
     pub metrics: Option<Metrics>,
+    /// The port-pressure worker, told which namespaces to count again.
+    pub pressure: Option<crate::pressure::worker::Handle>,
 }
 
 /// Where TIME_WAIT records come from.
@@ -109,6 +111,7 @@ pub struct Stream {
     explaining: usize,
     /// Beside the output, where every written record goes too (`Sink`).
     sinks: Vec<Box<dyn Sink>>,
+    pressure: Option<crate::pressure::worker::Handle>,
 }
 
 /// Where written records go beside the output: the metrics, `--repro`'s
@@ -143,6 +146,7 @@ impl Stream {
             time_wait,
             explainer,
             metrics,
+            pressure,
         } = parts;
         let sinks: Vec<Box<dyn Sink>> = metrics
             .into_iter()
@@ -166,6 +170,7 @@ impl Stream {
             explainer,
             explaining: 0,
             sinks,
+            pressure,
         }
     }
 
@@ -255,6 +260,7 @@ impl Stream {
     /// The one way a record of the host goes out: the filters, then the
     /// explainer for an EADDRINUSE failure, then the output.
     fn handle(&mut self, line: Line) {
+        self.mark_pressure(&line.event);
         if !self.filter.keeps(&line.event) || !self.repro_keeps(&line.event) {
             self.filtered += 1;
             return;
@@ -267,6 +273,40 @@ impl Stream {
         }
     }
 
+    /// A call, TCP or TIME_WAIT record of a namespace the stream shows (by
+    /// `--netns` and `--repro`; whatever the other filters say): its ports
+    /// are counted again (see `crate::pressure`).
+    fn mark_pressure(&self, event: &Event) {
+        let Some(p) = &self.pressure else {
+            return;
+        };
+        let (netns, tid) = match event {
+            Event::Bind(b) => (b.process.netns, Some(b.process.tid)),
+            Event::Listen(c) | Event::Connect(c) => (c.process.netns, Some(c.process.tid)),
+            Event::TcpState(t) => (t.netns, t.tid),
+            Event::TimeWaitEnter(e) => (Some(e.flow.netns), e.tid),
+            Event::TimeWaitExit(e) => (Some(e.flow.netns), None),
+            _ => return,
+        };
+        let Some(netns) = netns else {
+            return;
+        };
+        let shown = self.filter.netns.is_none_or(|n| n == netns)
+            && match &self.repro {
+                Some((shared, false)) => shared.watches(Some(netns)),
+                _ => true,
+            };
+        if shown {
+            p.mark(netns, tid);
+        }
+    }
+
+    /// A `port_pressure` record from the worker: filtered like the others.
+    pub fn port_pressure(&mut self, p: crate::schema::PortPressure) {
+        let line = Line::now(&self.clock, Event::PortPressure(p));
+        self.handle(line);
+    }
+
     /// Every record of the host that reaches the output passes here, explained.
     fn write(&mut self, line: Line) {
         self.totals.count(&line.event);
@@ -275,7 +315,7 @@ impl Stream {
             s.record(&line);
         }
         if let Some(kept) = &mut self.kept
-            && line.event.is_call()
+            && (line.event.is_call() || matches!(line.event, Event::PortPressure(_)))
         {
             kept.push(line);
         }

@@ -159,6 +159,23 @@ pub fn line(l: &Line) -> String {
             ),
             None,
         ),
+        Event::PortPressure(p) => (
+            head(
+                None,
+                None,
+                [
+                    p.proto.into(),
+                    p.addr.clone(),
+                    s(p.port),
+                    String::new(),
+                    format!(
+                        "{} {}/{} ports ({}%): level {} -> {}",
+                        p.scope, p.in_use, p.range, p.percent, p.previous, p.level
+                    ),
+                ],
+            ),
+            None,
+        ),
         Event::ObserverStart(r) => (
             own(format!(
                 "observer {} (pid {}) on Linux {}: {} hooks, ring buffer {} KiB, cgroup {}",

@@ -18,7 +18,7 @@ use observer_tests::{
     require_root,
     workload::enter_private_netns,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 use socket2::{Domain, Socket, Type};
 
 /// N binds fail with EADDRINUSE on port P; M server-side TIME_WAIT sockets.
@@ -26,6 +26,9 @@ const PORT: u16 = 5950;
 const N_IN_USE: usize = 7;
 const TW_SERVER: u16 = 5951;
 const M_TIME_WAIT: usize = 5;
+/// Then the namespace's ephemeral range narrowed to RANGE_PORTS ports, and
+/// every one of them held by a TCP socket bound to 127.0.0.1:0: 100 %.
+const RANGE_PORTS: usize = 20;
 /// How long Prometheus has to show the numbers (scraping every second).
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -217,10 +220,19 @@ fn workload() -> (String, mpsc::Sender<()>, mpsc::Receiver<()>) {
             assert_eq!(client.read(&mut buf).unwrap(), 0, "the client sees the FIN");
             drop(client);
         }
+        // The range pushed past 95 %: all of its ports held.
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 40019").unwrap();
+        let ephemeral: Vec<Socket> = (0..RANGE_PORTS)
+            .map(|_| {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                s.bind(&at(0).into()).unwrap();
+                s
+            })
+            .collect();
         let _ = done_tx.send(());
         // Hold the namespace (and its TIME_WAIT sockets) until the test is done.
         let _ = go_rx.recv();
-        drop((holder, server));
+        drop((holder, server, ephemeral));
     });
     (path_rx.recv().unwrap(), go_tx, done_rx)
 }
@@ -252,7 +264,25 @@ fn metrics_in_prometheus_are_the_numbers_the_workload_made() {
             "sum(observer_binds_total{result=\"EADDRINUSE\",proto=\"tcp\",family=\"inet\"})".into(),
             N_IN_USE as f64,
         ),
-        ("sum(observer_binds_total{result=\"ok\"})".into(), 2.0),
+        (
+            "sum(observer_binds_total{result=\"ok\"})".into(),
+            (2 + RANGE_PORTS) as f64,
+        ),
+        (
+            "sum(observer_ephemeral_ports_in_use{proto=\"tcp\",scope=\"local\",pair=\"127.0.0.1\"})"
+                .into(),
+            RANGE_PORTS as f64,
+        ),
+        (
+            "sum(observer_ephemeral_ports_range{proto=\"tcp\",scope=\"local\",pair=\"127.0.0.1\"})"
+                .into(),
+            RANGE_PORTS as f64,
+        ),
+        (
+            "sum(observer_ephemeral_port_pressure_ratio{proto=\"tcp\",scope=\"local\",pair=\"127.0.0.1\"})"
+                .into(),
+            1.0,
+        ),
         ("sum(observer_time_wait_sockets)".into(), M_TIME_WAIT as f64),
         (
             "sum(observer_time_wait_entered_total{preexisting=\"false\"})".into(),
@@ -327,6 +357,31 @@ fn metrics_in_prometheus_are_the_numbers_the_workload_made() {
         .filter(|r| r["event"] == "time_wait_enter")
         .count();
     assert_eq!((in_use, tw), (N_IN_USE, M_TIME_WAIT));
+    // And the range's pressure: the last word on 127.0.0.1 is 95 %, all 20 held.
+    let last = records
+        .iter()
+        .rfind(|r| r["event"] == "port_pressure" && r["addr"] == "127.0.0.1")
+        .expect("a port_pressure record for 127.0.0.1");
+    assert_eq!(
+        (
+            &last["level"],
+            &last["in_use"],
+            &last["range"],
+            &last["scope"]
+        ),
+        (
+            &json!(95),
+            &json!(RANGE_PORTS),
+            &json!(RANGE_PORTS),
+            &json!("local")
+        ),
+        "{last}"
+    );
+    assert_eq!(
+        last["holders"][0]["pid"],
+        json!(std::process::id()),
+        "{last}"
+    );
 }
 
 #[test]

@@ -138,8 +138,8 @@ impl Diag {
     /// state is in `states` (a bit mask: 1 << state, see [`state_mask`]), optionally
     /// only those whose local or remote port equals `port`.
     ///
-    /// The port filter runs here, after the dump: `netlink-packet-sock-diag` 0.5 has
-    /// no way to attach an `INET_DIAG_REQ_BYTECODE` filter to its request.
+    /// `local_port` is asked of the kernel (`idiag_sport`) and checked again here,
+    /// after the dump.
     pub fn sockets(
         &mut self,
         proto: u8,
@@ -148,7 +148,20 @@ impl Diag {
     ) -> io::Result<Vec<InetSock>> {
         let mut out = Vec::new();
         for family in [AF_INET, AF_INET6] {
-            self.dump(family, proto, states, local_port, &mut out)?;
+            self.dump(family, proto, states, local_port, None, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Every socket of `proto` (any state) whose local port is in `low..=high`,
+    /// both address families: the kernel filters, with an inet_diag bytecode
+    /// program (`INET_DIAG_BC_S_GE`, `INET_DIAG_BC_S_LE`), as `ss 'sport >=
+    /// :LOW and sport <= :HIGH'` does. Sockets outside never cross to here.
+    pub fn in_port_range(&mut self, proto: u8, low: u16, high: u16) -> io::Result<Vec<InetSock>> {
+        let bc = port_range_bytecode(low, high);
+        let mut out = Vec::new();
+        for family in [AF_INET, AF_INET6] {
+            self.dump(family, proto, u32::MAX, None, Some(&bc), &mut out)?;
         }
         Ok(out)
     }
@@ -159,6 +172,7 @@ impl Diag {
         proto: u8,
         states: u32,
         port: Option<u16>,
+        bytecode: Option<&[u8]>,
         out: &mut Vec<InetSock>,
     ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
@@ -185,6 +199,9 @@ impl Diag {
         msg.finalize();
         let mut bytes = vec![0; msg.buffer_len()];
         msg.serialize(&mut bytes);
+        if let Some(bc) = bytecode {
+            append_bytecode(&mut bytes, bc);
+        }
         self.sock
             .send(&bytes, 0)
             .map_err(|e| context("sock_diag dump: send", e))?;
@@ -206,6 +223,44 @@ impl Diag {
             }
         }
     }
+}
+
+/// `INET_DIAG_REQ_BYTECODE`, the request attribute holding a filter program.
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+/// `INET_DIAG_BC_S_GE`, `INET_DIAG_BC_S_LE` (linux/inet_diag.h).
+const BC_S_GE: u8 = 2;
+const BC_S_LE: u8 = 3;
+
+/// The bytecode of `sport >= low && sport <= high`: two 8-byte conditions,
+/// each an `inet_diag_bc_op` {code, yes, no} and one holding the port in
+/// `no`. `yes` steps to the next op; `no` jumps 4 bytes past the end, which
+/// rejects (the kernel accepts a socket when the program ends exactly at its
+/// length; `inet_diag_bc_audit` allows a jump to len + 4).
+pub fn port_range_bytecode(low: u16, high: u16) -> Vec<u8> {
+    let op = |code: u8, yes: u8, no: u16| {
+        let mut b = vec![code, yes];
+        b.extend_from_slice(&no.to_ne_bytes());
+        b
+    };
+    [
+        op(BC_S_GE, 8, 16 + 4),
+        op(0, 0, low),
+        op(BC_S_LE, 8, 8 + 4),
+        op(0, 0, high),
+    ]
+    .concat()
+}
+
+/// Appends `bc` as an `INET_DIAG_REQ_BYTECODE` attribute to a serialized
+/// request and fixes the message's length (the crate has no such attribute).
+fn append_bytecode(msg: &mut Vec<u8>, bc: &[u8]) {
+    let len = 4 + bc.len();
+    msg.extend_from_slice(&(len as u16).to_ne_bytes());
+    msg.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+    msg.extend_from_slice(bc);
+    msg.resize(msg.len().next_multiple_of(4), 0);
+    let total = msg.len() as u32;
+    msg[..4].copy_from_slice(&total.to_ne_bytes());
 }
 
 /// Parses the netlink messages of one datagram, appending to `out` the sockets of
@@ -359,6 +414,28 @@ mod tests {
     fn parse(data: &[u8], port: Option<u16>) -> io::Result<(bool, Vec<InetSock>)> {
         let mut out = Vec::new();
         parse_datagram(data, 7, IPPROTO_TCP, port, &mut out).map(|done| (done, out))
+    }
+
+    #[test]
+    fn the_port_range_program_is_what_ss_sends() {
+        // `ss 'sport >= :40000 and sport <= :40019'`: S_GE yes 8 no 20, port;
+        // S_LE yes 8 no 12, port.
+        let n = |v: u16| v.to_ne_bytes();
+        let want: Vec<u8> = [
+            [2, 8, n(20)[0], n(20)[1]],
+            [0, 0, n(40000)[0], n(40000)[1]],
+            [3, 8, n(12)[0], n(12)[1]],
+            [0, 0, n(40019)[0], n(40019)[1]],
+        ]
+        .concat();
+        assert_eq!(port_range_bytecode(40000, 40019), want);
+        // As an attribute after a 72-byte request: length and type, the
+        // message's length fixed.
+        let mut msg = vec![0u8; 72];
+        append_bytecode(&mut msg, &want);
+        assert_eq!(msg.len(), 72 + 4 + 16);
+        assert_eq!(&msg[..4], &(92u32).to_ne_bytes());
+        assert_eq!(&msg[72..76], &[n(20)[0], n(20)[1], n(1)[0], n(1)[1]]);
     }
 
     #[test]

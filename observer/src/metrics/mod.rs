@@ -31,6 +31,7 @@ use prometheus_client::{
 use crate::{
     filter::Filter,
     output::Tally,
+    pressure::worker::{GAUGE_PAIRS, PairGauge, Top},
     schema::{Bind, Event, LOST_CAUSES},
 };
 
@@ -102,6 +103,7 @@ pub struct Metrics {
     time_wait_exited: Family<ExitedLabels, Counter>,
     records: Family<EventLabels, Counter>,
     own: Arc<Own>,
+    pressure: Arc<Top>,
 }
 
 impl Metrics {
@@ -140,6 +142,7 @@ impl Metrics {
                 tally,
                 lost: Default::default(),
             }),
+            pressure: Arc::default(),
         };
         r.register(
             "observer_binds",
@@ -182,11 +185,16 @@ impl Metrics {
             m.records.clone(),
         );
         r.register_collector(Box::new(m.own.clone()));
-        // Port pressure (issue #18, second part) registers its families here.
+        r.register_collector(Box::new(Pressure(m.pressure.clone())));
         Metrics {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Where the port-pressure worker puts the worst pairs.
+    pub fn pressure_top(&self) -> Arc<Top> {
+        self.pressure.clone()
     }
 
     /// What the server encodes.
@@ -244,7 +252,10 @@ impl Metrics {
                     self.own.lost[i].fetch_add(l.count, Ordering::Relaxed);
                 }
             }
-            Event::ObserverStart(_) | Event::Stats(_) | Event::ObserverStop(_) => {}
+            Event::PortPressure(_)
+            | Event::ObserverStart(_)
+            | Event::Stats(_)
+            | Event::ObserverStop(_) => {}
         }
     }
 }
@@ -361,6 +372,56 @@ impl Collector for Own {
         }) {
             let labels = [("cause", cause)];
             ConstCounter::new(n).encode(lost.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The worst `GAUGE_PAIRS` pairs of ephemeral-port pressure, read at each
+/// scrape from the worker's last counts. Their labels name a namespace and an
+/// address: bounded because at most `GAUGE_PAIRS` series exist at a time.
+#[derive(Debug)]
+struct Pressure(Arc<Top>);
+
+impl Collector for Pressure {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let worst = self.0.worst();
+        debug_assert!(worst.len() <= GAUGE_PAIRS);
+        type Value = fn(&PairGauge) -> f64;
+        let families: [(&str, &str, Value); 3] = [
+            (
+                "observer_ephemeral_ports_in_use",
+                "Ports of the ephemeral range held, for the 8 pairs (local address or destination, per protocol and network namespace) nearest to running out",
+                |g| f64::from(g.in_use),
+            ),
+            (
+                "observer_ephemeral_ports_range",
+                "Ports of the ephemeral range (ip_local_port_range less ip_local_reserved_ports) of the same pairs' namespaces",
+                |g| f64::from(g.range),
+            ),
+            (
+                "observer_ephemeral_port_pressure_ratio",
+                "in_use / range of the same pairs (1: none left)",
+                |g| g.ratio(),
+            ),
+        ];
+        for (name, help, value) in families {
+            let mut e = enc.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for g in &worst {
+                let netns = g.netns.to_string();
+                let labels = [
+                    ("netns", netns.as_str()),
+                    ("proto", g.proto),
+                    ("scope", g.scope),
+                    ("pair", g.pair.as_str()),
+                ];
+                ConstGauge::new(value(g)).encode(e.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -10,6 +10,18 @@ pub fn matches(step: &Step, e: &Value) -> bool {
     let Some(event) = step.event.as_deref() else {
         return false;
     };
+    if let Some(p) = &step.pressure {
+        return e["event"] == "port_pressure"
+            && e["netns"] == step.netns
+            && e["proto"] == p.proto.as_str()
+            && e["scope"] == p.scope.as_str()
+            && e["addr"] == step.addr.as_str()
+            && e["port"] == serde_json::to_value(p.port).unwrap_or_default()
+            && e["in_use"] == p.in_use
+            && e["range"] == p.range
+            && e["level"] == p.level
+            && e["previous"] == p.previous;
+    }
     let common = e["event"] == event
         && e["pid"] == step.pid
         && e["tid"] == step.tid
@@ -33,10 +45,18 @@ pub fn matches(step: &Step, e: &Value) -> bool {
 }
 
 /// One line per step whose event is missing from `events` or there more
-/// than once, and per EADDRINUSE failure of process `waited` (whose steps
+/// than once, per EADDRINUSE failure of process `waited` (whose steps
 /// waited for their record: see `shared`) whose record does not carry the
-/// rule the explain engine predicted for it.
+/// rule the explain engine predicted for it, and per `port_pressure` record
+/// of a namespace the steps name that no step predicted.
 pub fn problems(steps: &[Step], events: &[Value], waited: u32) -> Vec<String> {
+    let namespaces: std::collections::HashSet<u64> = steps.iter().map(|s| s.netns).collect();
+    let unpredicted = events
+        .iter()
+        .filter(|e| e["event"] == "port_pressure")
+        .filter(|e| e["netns"].as_u64().is_some_and(|n| namespaces.contains(&n)))
+        .filter(|e| !steps.iter().any(|s| s.pressure.is_some() && matches(s, e)))
+        .map(|e| format!("a port_pressure record no step predicted: {e}"));
     steps
         .iter()
         .filter(|s| s.event.is_some())
@@ -57,9 +77,16 @@ pub fn problems(steps: &[Step], events: &[Value], waited: u32) -> Vec<String> {
                     )
                 });
             }
-            (n != 1).then(|| {
+            // A namespace's inode number is reused once it is gone: steps of
+            // two namespaces may predict the same record, each once.
+            let want = if s.pressure.is_some() {
+                steps.iter().filter(|o| o.pressure.is_some() && o.pressure == s.pressure && o.netns == s.netns && o.addr == s.addr).count()
+            } else {
+                1
+            };
+            (n != want).then(|| {
                 format!(
-                    "{} / {}: {} {} event(s) in the stream, want 1 ({}:{} fd {} tid {} errno {})",
+                    "{} / {}: {} {} event(s) in the stream, want {want} ({}:{} fd {} tid {} errno {})",
                     s.scenario,
                     s.step,
                     n,
@@ -72,6 +99,7 @@ pub fn problems(steps: &[Step], events: &[Value], waited: u32) -> Vec<String> {
                 )
             })
         })
+        .chain(unpredicted)
         .collect()
 }
 
@@ -106,6 +134,7 @@ mod tests {
             ok: true,
             explain_verdict: None,
             explain_rule: None,
+            pressure: None,
         }
     }
 
@@ -150,6 +179,39 @@ mod tests {
         let failed = step("connect", Some("EADDRNOTAVAIL"));
         let e = json!({"event": "connect", "pid": 1, "tid": 2, "netns": 3, "fd": 4, "daddr": "127.0.0.1", "dport": 5700, "errno": "EADDRNOTAVAIL"});
         assert!(problems(&[failed], &[e], 0).is_empty());
+    }
+
+    #[test]
+    fn port_pressure_records_are_held_to_the_steps_exactly() {
+        let mut s = step("port_pressure", None);
+        s.event = Some("port_pressure".into());
+        s.pressure = Some(super::super::ctx::PressureStep {
+            proto: "tcp".into(),
+            scope: "destination".into(),
+            port: Some(7000),
+            in_use: 16,
+            range: 20,
+            level: 80,
+            previous: 0,
+        });
+        s.port = 7000;
+        let record = json!({"event": "port_pressure", "netns": 3, "proto": "tcp", "scope": "destination",
+            "addr": "127.0.0.1", "port": 7000, "in_use": 16, "range": 20, "level": 80, "previous": 0});
+        assert!(problems(std::slice::from_ref(&s), std::slice::from_ref(&record), 1).is_empty());
+        let mut other = record.clone();
+        other["in_use"] = json!(17);
+        assert!(!matches(&s, &other));
+        // Predicted but missing; written but not predicted; another namespace's: not ours.
+        assert_eq!(problems(std::slice::from_ref(&s), &[], 1).len(), 1);
+        let p = problems(
+            std::slice::from_ref(&s),
+            &[record.clone(), other.clone()],
+            1,
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("no step predicted"), "{p:?}");
+        other["netns"] = json!(4);
+        assert!(problems(&[s], &[record, other], 1).is_empty());
     }
 
     #[test]

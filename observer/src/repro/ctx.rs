@@ -15,7 +15,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{
     helper,
-    shared::{Shared, WAIT_WITHIN},
+    shared::{PRESSURE_WITHIN, Shared, WAIT_WITHIN},
 };
 use crate::{
     explain::{self, rules, rules::Rule},
@@ -55,6 +55,22 @@ pub struct Step {
     /// sockets on the port just before (`ok` or `EADDRINUSE`), and its rule.
     pub explain_verdict: Option<String>,
     pub explain_rule: Option<Rule>,
+    /// `call` `port_pressure`: the record the scenario's own sockets predict
+    /// (a pair of its namespace crossed a level, up or down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pressure: Option<PressureStep>,
+}
+
+/// A `port_pressure` record as a step predicts it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PressureStep {
+    pub proto: String,
+    pub scope: String,
+    pub port: Option<u16>,
+    pub in_use: u32,
+    pub range: u32,
+    pub level: u8,
+    pub previous: u8,
 }
 
 /// How to make a socket.
@@ -129,6 +145,9 @@ pub struct Ctx {
     pub time_wait_reuse: Option<(bool, bool)>,
     /// Under `run --repro`: the stream's side (see `shared`).
     shared: Option<Arc<Shared>>,
+    /// After `port_range`: the namespace's range and the levels its pairs
+    /// are at, as this scenario's own sockets hold them.
+    pressure: Option<(crate::pressure::Range, crate::pressure::Levels)>,
 }
 
 /// Where steps go as they are made.
@@ -164,12 +183,14 @@ impl Ctx {
             book: crate::explain::OptionsBook::default(),
             time_wait_reuse: None,
             shared: None,
+            pressure: None,
         }
     }
 
     /// A fresh namespace for the next variant: nothing of the last one is left to collide with.
     pub fn fresh_netns(&mut self) -> io::Result<()> {
         self.close_all();
+        self.pressure = None;
         enter_new_netns()?;
         self.netns = thread_netns();
         if let Some(s) = &self.shared {
@@ -253,8 +274,78 @@ impl Ctx {
             expected: expected.map(str::to_owned),
             ok: errno.as_deref() == expected,
             errno,
+            pressure: None,
         };
-        self.push(step)
+        let ok = self.push(step);
+        self.track_pressure();
+        ok
+    }
+
+    /// After a call or a close: the pairs whose level the scenario's own
+    /// sockets moved (see `crate::pressure`), one step each; under the
+    /// observer each waits for its `port_pressure` record, so the next call
+    /// cannot move the count before the observer has seen this one.
+    fn track_pressure(&mut self) {
+        let Some((range, mut levels)) = self.pressure.take() else {
+            return;
+        };
+        let socks: Vec<crate::pressure::Sock> = self.sockets.values().filter_map(held).collect();
+        let counts = crate::pressure::count(&socks, &range);
+        let size = range.size();
+        for ch in levels.update(&counts, size) {
+            let (addr, port) = ch.pair.addr();
+            let p = PressureStep {
+                proto: ch.pair.proto_name().into(),
+                scope: ch.pair.scope_name().into(),
+                port,
+                in_use: ch.in_use,
+                range: size,
+                level: ch.level,
+                previous: ch.previous,
+            };
+            let step = Step {
+                scenario: self.scenario.clone(),
+                step: format!(
+                    "{} {} {addr}{}: {}/{size} ports, level {} -> {}",
+                    p.proto,
+                    p.scope,
+                    port.map(|p| format!(":{p}")).unwrap_or_default(),
+                    p.in_use,
+                    p.previous,
+                    p.level
+                ),
+                call: "port_pressure".into(),
+                event: Some("port_pressure".into()),
+                pid: std::process::id(),
+                tid: tid(),
+                netns: self.netns,
+                fd: -1,
+                proto: p.proto.clone(),
+                addr,
+                port: port.unwrap_or(0),
+                reuseaddr: false,
+                reuseport: false,
+                sock_cookie: 0,
+                sock_ino: 0,
+                expected: None,
+                errno: None,
+                ok: true,
+                explain_verdict: None,
+                explain_rule: None,
+                pressure: Some(p),
+            };
+            self.push(step);
+        }
+        self.pressure = Some((range, levels));
+    }
+
+    /// Closes `name` with an RST (SO_LINGER 0): its port is free at once,
+    /// no TIME_WAIT.
+    pub fn close_reset(&mut self, name: &str) {
+        if let Some(s) = self.sockets.remove(name) {
+            let _ = s.set_linger(Some(std::time::Duration::ZERO));
+        }
+        self.track_pressure();
     }
 
     pub fn push(&mut self, step: Step) -> bool {
@@ -263,6 +354,26 @@ impl Ctx {
         match self.sink {
             Sink::Stderr => eprintln!("{}", describe(&step)),
             Sink::Stdout => println!("{}", serde_json::to_string(&step).expect("a step is JSON")),
+        }
+        if let (Some(s), Some(p)) = (&self.shared, &step.pressure) {
+            let key = format!(
+                "{} {} {} {} {:?} {}/{} {}->{}",
+                step.netns,
+                p.proto,
+                p.scope,
+                step.addr,
+                p.port,
+                p.in_use,
+                p.range,
+                p.previous,
+                p.level
+            );
+            if !s.wait_pressure(&key, PRESSURE_WITHIN) {
+                eprintln!(
+                    "{} / {}: the stream did not write this port_pressure record within {PRESSURE_WITHIN:?}",
+                    step.scenario, step.step
+                );
+            }
         }
         // Under the observer, a failure's blockers stay until the stream has
         // explained it (they would be gone before the explainer looks). A
@@ -539,9 +650,16 @@ impl Ctx {
             .collect()
     }
 
-    /// Writes `range` ("LOW HIGH") to this namespace's ip_local_port_range.
-    pub fn port_range(&self, range: &str) -> io::Result<()> {
-        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", range)
+    /// Writes `range` ("LOW HIGH") to this namespace's ip_local_port_range;
+    /// from now on, the steps predict the `port_pressure` records too.
+    pub fn port_range(&mut self, range: &str) -> io::Result<()> {
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", range)?;
+        let mut it = range.split_whitespace().map(str::parse::<u16>);
+        if let (Some(Ok(low)), Some(Ok(high))) = (it.next(), it.next()) {
+            // A fresh namespace reserves no port.
+            self.pressure = Some((crate::pressure::Range::new(low, high), Default::default()));
+        }
+        Ok(())
     }
 }
 
@@ -551,8 +669,36 @@ impl Drop for Ctx {
     }
 }
 
+/// A socket of the scenario's as the port count sees it: its local end (if
+/// it has a port), its peer (if connected), listening or not.
+fn held(s: &Socket) -> Option<crate::pressure::Sock> {
+    let src = s.local_addr().ok()?.as_socket()?;
+    if src.port() == 0 {
+        return None;
+    }
+    let peer = s.peer_addr().ok().and_then(|a| a.as_socket());
+    let udp = s.r#type().ok() == Some(Type::DGRAM);
+    let state = if !udp && s.is_listener().unwrap_or(false) {
+        10 // LISTEN
+    } else if peer.is_some() {
+        1 // ESTABLISHED
+    } else {
+        7 // CLOSE
+    };
+    Some(crate::pressure::Sock {
+        proto: if udp { rules::UDP } else { rules::TCP },
+        state,
+        src,
+        dst: peer.unwrap_or_else(|| SocketAddr::new(src.ip(), 0)),
+        inode: 0,
+    })
+}
+
 /// The human line for a step: what it did, what the kernel answered, what was expected.
 pub fn describe(s: &Step) -> String {
+    if s.pressure.is_some() {
+        return format!("{:<22} port_pressure {}", s.scenario, s.step);
+    }
     let answer = s.errno.as_deref().unwrap_or("ok");
     let expected = s.expected.as_deref().unwrap_or("ok");
     let opts = match (s.reuseaddr, s.reuseport) {

@@ -38,7 +38,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "ephemeral-exhaustion",
-        about: "a 4-port ephemeral range runs out: bind(port 0), connect(), and IP_BIND_ADDRESS_NO_PORT",
+        about: "a 20-port ephemeral range runs out and comes back: bind(port 0), connect(), IP_BIND_ADDRESS_NO_PORT; port_pressure at 80 % and 95 %, up and down",
         run: ephemeral_exhaustion,
     },
     Scenario {
@@ -345,8 +345,12 @@ fn restart_once(
 }
 
 fn ephemeral_exhaustion(ctx: &mut Ctx) -> io::Result<()> {
-    const RANGE: &str = "40000 40003";
-    const PORTS: usize = 4;
+    // 20 ports: 80 % is 16 held, 95 % is 19; down from 95 % below 90 % (17),
+    // from 80 % below 75 % (14). Each part fills the range, fails once, then
+    // gives its ports back one by one: the steps predict every
+    // `port_pressure` record, up and down (see `Ctx::track_pressure`).
+    const RANGE: &str = "40000 40019";
+    const PORTS: usize = 20;
     let any_port = addr("127.0.0.1", 0);
     let servers = [addr("127.0.0.1", 7000), addr("127.0.0.1", 7001)];
     let setup = |ctx: &mut Ctx| -> io::Result<()> {
@@ -360,8 +364,14 @@ fn ephemeral_exhaustion(ctx: &mut Ctx) -> io::Result<()> {
         }
         Ok(())
     };
+    // Gives back the ports of sockets `prefix`0.. one at a time, last first.
+    let release = |ctx: &mut Ctx, prefix: &str, n: usize| {
+        for i in (0..n).rev() {
+            ctx.close_reset(&format!("{prefix}{i}"));
+        }
+    };
 
-    // bind(port 0) reserves a port each: the fifth finds none.
+    // bind(port 0) reserves a port each: the 21st finds none.
     setup(ctx)?;
     for i in 0..=PORTS {
         let name = format!("b{i}");
@@ -369,7 +379,8 @@ fn ephemeral_exhaustion(ctx: &mut Ctx) -> io::Result<()> {
         let expect = if i < PORTS { OK } else { EADDRINUSE };
         ctx.bind(&name, &format!("bind port 0, #{}", i + 1), any_port, expect);
     }
-    // connect() picks a port per connection to one destination: the fifth finds none.
+    release(ctx, "b", PORTS + 1);
+    // connect() picks a port per connection to one destination: the 21st finds none.
     setup(ctx)?;
     for i in 0..=PORTS {
         let name = format!("c{i}");
@@ -377,8 +388,9 @@ fn ephemeral_exhaustion(ctx: &mut Ctx) -> io::Result<()> {
         let expect = if i < PORTS { OK } else { EADDRNOTAVAIL };
         ctx.connect(&name, &format!("connect, #{}", i + 1), servers[0], expect);
     }
+    release(ctx, "c", PORTS + 1);
     // bind(127.0.0.2:0) then connect: the bind reserves the port, so two
-    // destinations cannot share it: four connections in all.
+    // destinations cannot share it: twenty connections in all.
     let source = addr("127.0.0.2", 0);
     setup(ctx)?;
     for i in 0..=PORTS {
@@ -401,8 +413,9 @@ fn ephemeral_exhaustion(ctx: &mut Ctx) -> io::Result<()> {
             );
         }
     }
+    release(ctx, "s", PORTS + 1);
     // The same with IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect, per
-    // 4-tuple, so each port serves both destinations: eight connections.
+    // 4-tuple, so each port serves both destinations: forty connections.
     setup(ctx)?;
     let no_port = Opts {
         bind_address_no_port: true,
@@ -419,6 +432,7 @@ fn ephemeral_exhaustion(ctx: &mut Ctx) -> io::Result<()> {
         let expect = if i < 2 * PORTS { OK } else { EADDRNOTAVAIL };
         ctx.connect(&name, &what, servers[i % 2], expect);
     }
+    release(ctx, "n", 2 * PORTS + 1);
     Ok(())
 }
 

@@ -14,6 +14,11 @@ use crate::schema::Event;
 
 /// How long a failing step waits for its record, at most.
 pub const WAIT_WITHIN: Duration = Duration::from_secs(2);
+/// How long a step that crossed a port-pressure level waits for its
+/// `port_pressure` record, at most: a namespace is counted at most every
+/// 250 ms, and one whose sockets went without a record (bound-only ones)
+/// every second.
+pub const PRESSURE_WITHIN: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct Shared {
@@ -21,7 +26,18 @@ pub struct Shared {
     /// EADDRINUSE failures of this process the stream wrote and no step has
     /// waited for yet: (tid, fd).
     written: Mutex<HashSet<(u32, i32)>>,
+    /// `port_pressure` records written and not waited for yet, by `pressure_key`.
+    pressure: Mutex<Vec<String>>,
     cv: Condvar,
+    pressure_cv: Condvar,
+}
+
+/// What a `port_pressure` record and the step predicting it agree on.
+pub fn pressure_key(p: &crate::schema::PortPressure) -> String {
+    format!(
+        "{} {} {} {} {:?} {}/{} {}->{}",
+        p.netns, p.proto, p.scope, p.addr, p.port, p.in_use, p.range, p.previous, p.level
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -42,6 +58,13 @@ impl Shared {
     /// The stream wrote `event`: if it is an EADDRINUSE failure of this
     /// process, the step that made it may go on.
     pub fn written(&self, event: &Event) {
+        if let Event::PortPressure(p) = event {
+            if self.watches(Some(p.netns)) {
+                lock(&self.pressure).push(pressure_key(p));
+                self.pressure_cv.notify_all();
+            }
+            return;
+        }
         let (p, fd, errno) = match event {
             Event::Bind(b) => (&b.process, b.fd, &b.errno),
             Event::Listen(c) => (&c.process, c.fd, &c.errno),
@@ -52,6 +75,28 @@ impl Shared {
         }
         lock(&self.written).insert((p.tid, fd));
         self.cv.notify_all();
+    }
+
+    /// Waits until the stream has written the `port_pressure` record `key`
+    /// (see `pressure_key`), at most `within`; whether it did.
+    pub fn wait_pressure(&self, key: &str, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        let mut written = lock(&self.pressure);
+        loop {
+            if let Some(i) = written.iter().position(|k| k == key) {
+                written.remove(i);
+                return true;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            written = self
+                .pressure_cv
+                .wait_timeout(written, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Waits until the stream has written the failure of `fd` on thread

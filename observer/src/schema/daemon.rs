@@ -47,7 +47,8 @@ impl Totals {
             Connect(_) => self.connect += 1,
             TimeWaitEnter(_) => self.time_wait_enter += 1,
             TimeWaitExit(_) => self.time_wait_exit += 1,
-            ObserverStart(_) | Lost(_) | Stats(_) | ObserverStop(_) => {}
+            // Not the host's: the daemon's reading of it (counted by the metrics).
+            PortPressure(_) | ObserverStart(_) | Lost(_) | Stats(_) | ObserverStop(_) => {}
         }
     }
 }

@@ -6,6 +6,7 @@
 mod bind;
 mod daemon;
 mod explain;
+mod pressure;
 mod process;
 #[cfg(test)]
 mod readme;
@@ -21,6 +22,7 @@ pub use daemon::{
     Counts, LOST_CAUSES, Lost, LostByCause, ProgramStats, Start, Stats, Stop, Totals,
 };
 pub use explain::{Explain, Holder, Rule};
+pub use pressure::{PortPressure, PressureHolder};
 pub use process::Process;
 pub use sockaddr::{Target, c_str, ip_from, sockaddr_target};
 pub use sockcall::SockCall;
@@ -32,7 +34,7 @@ use crate::clock::Clock;
 pub const SCHEMA_VERSION: u8 = 1;
 
 /// Every `event` tag of schema v1 ([`Event::name`]), in the README's order.
-pub const EVENT_NAMES: [&str; 10] = [
+pub const EVENT_NAMES: [&str; 11] = [
     "observer_start",
     "bind",
     "tcp_state",
@@ -40,6 +42,7 @@ pub const EVENT_NAMES: [&str; 10] = [
     "time_wait_exit",
     "listen",
     "connect",
+    "port_pressure",
     "lost",
     "stats",
     "observer_stop",
@@ -82,6 +85,7 @@ pub enum Event {
     TimeWaitExit(TimeWaitExit),
     Listen(SockCall),
     Connect(SockCall),
+    PortPressure(PortPressure),
     Lost(Lost),
     Stats(Stats),
     ObserverStop(Stop),
@@ -98,6 +102,7 @@ impl Event {
             Event::TimeWaitExit(_) => "time_wait_exit",
             Event::Listen(_) => "listen",
             Event::Connect(_) => "connect",
+            Event::PortPressure(_) => "port_pressure",
             Event::Lost(_) => "lost",
             Event::Stats(_) => "stats",
             Event::ObserverStop(_) => "observer_stop",

@@ -97,6 +97,7 @@ fn code_record(event: &str, with_explain: bool) -> Value {
         )),
         "time_wait_enter" => Event::TimeWaitEnter(TimeWaitEnter::example()),
         "time_wait_exit" => Event::TimeWaitExit(TimeWaitExit::example()),
+        "port_pressure" => Event::PortPressure(PortPressure::example()),
         "lost" => Event::Lost(Lost {
             count: 1,
             cause: "ring_buffer",
