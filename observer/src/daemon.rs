@@ -240,7 +240,9 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
     let top = metrics
         .as_ref()
         .map_or_else(Default::default, |m| m.pressure_top());
-    let pressure = crate::pressure::worker::spawn(pressure_tx, top, filter.netns);
+    let explainer = Worker::spawn(explained_tx);
+    let pressure =
+        crate::pressure::worker::spawn(pressure_tx, top, filter.netns, explainer.book.clone());
     let mut s = Stream::new(Parts {
         out,
         clock,
@@ -249,7 +251,7 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
         lost,
         kernel_filtered: filtered,
         time_wait: source,
-        explainer: Worker::spawn(explained_tx),
+        explainer,
         metrics,
         pressure: Some(pressure),
     });

@@ -18,15 +18,23 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
 use nix::sched::{CloneFlags, setns};
 use tokio::sync::mpsc;
 
 use super::{Count, Levels, PROTOS, Range, Scope, Sock, count, parse_reserved, percent};
 use crate::{
-    explain::Owners,
-    kernel::{netns, procs, sock_diag::Diag},
+    explain::{OptionsBook, Owners},
+    kernel::{
+        netns, procs,
+        sock_diag::{Diag, IPPROTO_TCP, lists_bound_only},
+    },
     schema::{PortPressure, PressureHolder},
 };
+
+/// The state sock_diag gives a TCP socket bound but not listening.
+const TCP_CLOSE: u8 = 7;
 
 /// A dirty namespace is recounted at most this often.
 pub const RECOUNT_EVERY: Duration = Duration::from_millis(250);
@@ -149,7 +157,14 @@ impl Handle {
 
 /// Starts the worker: its records go to `out`; `top` gets the gauges; only
 /// namespace `only` is looked at when given (`--netns`).
-pub fn spawn(out: mpsc::Sender<PortPressure>, top: Arc<Top>, only: Option<u32>) -> Handle {
+/// `book`: what the stream saw bound, for the TCP sockets bound but not
+/// listening that sock_diag cannot list before 6.3.
+pub fn spawn(
+    out: mpsc::Sender<PortPressure>,
+    top: Arc<Top>,
+    only: Option<u32>,
+    book: Arc<Mutex<OptionsBook>>,
+) -> Handle {
     let marks = Arc::new(Marks::default());
     let handle = Handle {
         marks: marks.clone(),
@@ -168,6 +183,7 @@ pub fn spawn(out: mpsc::Sender<PortPressure>, top: Arc<Top>, only: Option<u32>) 
                 own: netns::own(),
                 home: File::open("/proc/thread-self/ns/net").ok(),
                 stuck: false,
+                unlisted: (!lists_bound_only()).then_some(book),
             };
             w.snapshot();
             w.serve();
@@ -197,6 +213,8 @@ struct Worker {
     home: Option<File>,
     /// It could not come back: it stops (it would count the wrong namespace).
     stuck: bool,
+    /// Where sock_diag cannot list bound-only TCP sockets: the stream's book.
+    unlisted: Option<Arc<Mutex<OptionsBook>>>,
 }
 
 /// One count of a namespace.
@@ -305,6 +323,42 @@ impl Worker {
 
     /// The namespace's range and sockets in it, read from inside.
     fn read(&mut self, ino: u32, file: &File) -> io::Result<Counted> {
+        let mut c = self.read_in(ino, file)?;
+        self.add_unlisted(ino, &mut c);
+        Ok(c)
+    }
+
+    /// Before 6.3 sock_diag lists no TCP socket bound but not listening: add
+    /// those the stream saw bound in `ino`, in the range and still open (the
+    /// explainer does the same for its blockers).
+    fn add_unlisted(&self, ino: u32, c: &mut Counted) {
+        let Some(book) = &self.unlisted else {
+            return;
+        };
+        let seen = lock(book).bound_on(ino, None);
+        for b in seen {
+            if !c.range.picks(b.local.port())
+                || c.socks.iter().any(|s| u64::from(s.inode) == b.ino)
+                || !b.alive()
+            {
+                continue;
+            }
+            let any = if b.local.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            };
+            c.socks.push(Sock {
+                proto: IPPROTO_TCP,
+                state: TCP_CLOSE,
+                src: b.local,
+                dst: SocketAddr::new(any, 0),
+                inode: b.ino as u32,
+            });
+        }
+    }
+
+    fn read_in(&mut self, ino: u32, file: &File) -> io::Result<Counted> {
         if Some(ino) == self.own {
             return read_here();
         }
