@@ -36,6 +36,8 @@ use crate::{
 /// The state sock_diag gives a TCP socket bound but not listening.
 const TCP_CLOSE: u8 = 7;
 
+/// The least time between two rounds of the worker.
+const PAUSE: Duration = Duration::from_millis(50);
 /// A dirty namespace is recounted at most this often.
 pub const RECOUNT_EVERY: Duration = Duration::from_millis(250);
 /// A namespace with a pair at 80 % or more, this often even with no record.
@@ -318,6 +320,9 @@ impl Worker {
             if self.out.is_closed() {
                 return;
             }
+            // Marks gather meanwhile (one per namespace): without a pause,
+            // a stream of records would wake this thread once per record.
+            std::thread::sleep(PAUSE);
         }
     }
 
