@@ -38,6 +38,11 @@ const TCP_CLOSE: u8 = 7;
 
 /// The least time between two rounds of the worker.
 const PAUSE: Duration = Duration::from_millis(50);
+/// A namespace is counted again no sooner than this many times its last
+/// count took (10,000 sockets in its range: ~10 ms, so every 250 ms as
+/// below; 100,000: ~100 ms, every 2 s): the worker's cost stays a few % of a
+/// core whatever the host holds.
+const COST_SHARE: u32 = 20;
 /// A dirty namespace is recounted at most this often.
 pub const RECOUNT_EVERY: Duration = Duration::from_millis(250);
 /// A namespace with a pair at 80 % or more, this often even with no record.
@@ -199,6 +204,8 @@ pub fn spawn(
 struct Space {
     levels: Levels,
     counted: Option<Instant>,
+    /// How long its last count took: the gaps between counts grow with it.
+    cost: Duration,
     dirty: bool,
     hint: Option<u32>,
 }
@@ -238,6 +245,9 @@ impl Worker {
             let space = self.spaces.entry(ino).or_default();
             space.counted = Some(Instant::now());
             let counted = self.read(ino, &file);
+            if let Some(s) = self.spaces.get_mut(&ino) {
+                s.cost = s.counted.map_or(Duration::ZERO, |t| t.elapsed());
+            }
             if !self.settle(ino, counted) {
                 return;
             }
@@ -296,9 +306,13 @@ impl Worker {
                 .iter()
                 .filter(|(ino, s)| {
                     let since = since(s);
-                    (s.dirty && since >= RECOUNT_EVERY)
-                        || (s.levels.pressed() && since >= PRESSED_EVERY)
-                        || (since >= GAUGES_EVERY && shown.contains(ino))
+                    // A namespace whose count is dear (many sockets in its
+                    // range) is counted less often: at most 1/COST_SHARE of
+                    // this thread's time goes to it.
+                    let gap = |every: Duration| every.max(s.cost * COST_SHARE);
+                    (s.dirty && since >= gap(RECOUNT_EVERY))
+                        || (s.levels.pressed() && since >= gap(PRESSED_EVERY))
+                        || (since >= gap(GAUGES_EVERY) && shown.contains(ino))
                 })
                 .map(|(ino, _)| *ino)
                 .collect();
@@ -309,10 +323,14 @@ impl Worker {
                     s.counted = Some(Instant::now());
                     s.hint
                 };
+                let started = Instant::now();
                 let counted = match netns::open(ino, hint) {
                     Some(file) => self.read(ino, &file),
                     None => Err(io::Error::other("gone")),
                 };
+                if let Some(s) = self.spaces.get_mut(&ino) {
+                    s.cost = started.elapsed();
+                }
                 if !self.settle(ino, counted) {
                     return;
                 }
