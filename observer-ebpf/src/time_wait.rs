@@ -514,6 +514,12 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
     let key = flow_key(netns, &tuple);
     if e.op == op::CANCELLED {
         let _ = CANCELLED.insert(&key, &tw, 0);
+    } else if e.op == op::REARMED || e.flags & flags::REARM != 0 {
+        // That cancel was a re-arm, no end: its entry goes, so that the map
+        // holds only the ends that wait for a reuse (every connection that
+        // moves FIN_WAIT2 -> TIME_WAIT re-arms; left there, those entries
+        // would push out, LRU, the one a reuse needs a moment later).
+        let _ = CANCELLED.remove(&key);
     }
     if e.op == op::ENTER || e.flags & flags::ENTER_PENDING != 0 {
         if let Some(c) = CLOSERS.get_ptr(&key) {

@@ -370,17 +370,26 @@ fn time_wait_lifecycle_and_a_burst_of_a_hundred_thousand() {
         "open TIME_WAIT sockets by the stream ({open}) = the kernel's count at {at} ({in_kernel}); {skipped} runs skipped"
     );
     // No duplicates: per connection, enter and exit alternate, starting with enter.
-    let mut per_tuple: BTreeMap<(u16, u16), Vec<(&str, &str)>> = BTreeMap::new();
+    // (ts, event, the rest of the record for the message: sk, reason, …)
+    let mut per_tuple: BTreeMap<(u16, u16), Vec<(&str, &str, String)>> = BTreeMap::new();
     for v in enters.iter().chain(&exits) {
+        let detail = format!(
+            "sk {} reason {} held_ms {} expires_ms {} preexisting {} confirmed {}",
+            v["sk"], v["reason"], v["held_ms"], v["expires_ms"], v["preexisting"], v["confirmed"]
+        );
         per_tuple
             .entry((port(v, "sport"), port(v, "dport")))
             .or_default()
-            .push((v["ts"].as_str().unwrap(), v["event"].as_str().unwrap()));
+            .push((
+                v["ts"].as_str().unwrap(),
+                v["event"].as_str().unwrap(),
+                detail,
+            ));
     }
     let mut broken = Vec::new();
     for (tuple, mut seq) in per_tuple {
         seq.sort();
-        let alternates = seq.iter().enumerate().all(|(i, (_, e))| {
+        let alternates = seq.iter().enumerate().all(|(i, (_, e, _))| {
             *e == if i % 2 == 0 {
                 "time_wait_enter"
             } else {
