@@ -228,7 +228,11 @@ fn catch_up(c: &TimeWaitConfig, tw: u64, st: &mut TwState) {
     }
     let expires: u64 = read(tw + c.tw_timer as u64, c.timer_expires).unwrap_or(0);
     let t = now();
-    let entered = enter_time(c, expires, t);
+    // `expires` tells the move to the jiffy (4 ms at HZ=250), floored; the
+    // move cannot come before the socket's birth, known to the nanosecond
+    // (a new socket on a reused 4-tuple would else seem to enter before
+    // the old one's end).
+    let entered = enter_time(c, expires, t).max(st.enter_ns);
     st.substate = state::TIME_WAIT;
     st.enter_ns = entered;
     emit(
