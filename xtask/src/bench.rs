@@ -767,7 +767,8 @@ const REPORT_RECORDS: u64 = 10_000_000;
 /// half TCP state changes, two in five binds (one in forty of them failing with
 /// its explanation), TIME_WAIT enters and exits, now and then a failed connect.
 fn synthetic_record(i: u64, n: u64, out: &mut impl Write) -> std::io::Result<()> {
-    let ns = i * 86_399_000_000_000 / n;
+    // u128: 86,399 s in ns times 10 M does not fit in 64 bits.
+    let ns = (u128::from(i) * 86_399_000_000_000 / u128::from(n)) as u64;
     let (s, frac) = (ns / 1_000_000_000, ns % 1_000_000_000);
     let ts = format!(
         "2026-11-28T{:02}:{:02}:{:02}.{frac:09}Z",
