@@ -13,6 +13,10 @@ use aya::{
 };
 
 fn main() {
+    // SIGINT ends it by the default action, which a shell's background job
+    // inherits as "ignore": set it back.
+    // SAFETY: setting a signal's disposition to the default has no preconditions.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((object, hooks)) = args.split_first() else {
         eprintln!("usage: floor OBJECT CATEGORY:EVENT...");
