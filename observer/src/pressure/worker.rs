@@ -39,10 +39,10 @@ const TCP_CLOSE: u8 = 7;
 /// The least time between two rounds of the worker.
 const PAUSE: Duration = Duration::from_millis(50);
 /// A namespace is counted again no sooner than this many times its last
-/// count took (10,000 sockets in its range: ~10 ms, so every 250 ms as
-/// below; 100,000: ~100 ms, every 2 s): the worker's cost stays a few % of a
+/// count took (10,000 sockets in its range: ~10 ms, so every second;
+/// 100,000: ~100 ms, every 10 s): the worker's cost stays about 1 % of a
 /// core whatever the host holds.
-const COST_SHARE: u32 = 20;
+const COST_SHARE: u32 = 100;
 /// A dirty namespace is recounted at most this often.
 pub const RECOUNT_EVERY: Duration = Duration::from_millis(250);
 /// A namespace with a pair at 80 % or more, this often even with no record.
