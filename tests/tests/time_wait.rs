@@ -367,7 +367,10 @@ fn time_wait_lifecycle_and_a_burst_of_a_hundred_thousand() {
     let open = by(&enters) - by(&exits);
     assert!(
         open.abs_diff(*in_kernel) <= skipped,
-        "open TIME_WAIT sockets by the stream ({open}) = the kernel's count at {at} ({in_kernel}); {skipped} runs skipped"
+        "open TIME_WAIT sockets by the stream ({open}) = the kernel's count at {at} ({in_kernel}); {skipped} runs skipped; enters {} exits {} in all; lost by cause at the end {}",
+        enters.len(),
+        exits.len(),
+        records.last().unwrap()["lost_by_cause"]
     );
     // No duplicates: per connection, enter and exit alternate, starting with enter.
     // (ts, event, the rest of the record for the message: sk, reason, …)
