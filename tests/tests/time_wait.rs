@@ -374,7 +374,8 @@ fn time_wait_lifecycle_and_a_burst_of_a_hundred_thousand() {
     );
     // No duplicates: per connection, enter and exit alternate, starting with enter.
     // (ts, event, the rest of the record for the message: sk, reason, …)
-    let mut per_tuple: BTreeMap<(u16, u16), Vec<(&str, &str, String)>> = BTreeMap::new();
+    type Seq<'a> = Vec<(&'a str, &'a str, String)>;
+    let mut per_tuple: BTreeMap<(u16, u16), Seq> = BTreeMap::new();
     for v in enters.iter().chain(&exits) {
         let detail = format!(
             "sk {} reason {} held_ms {} expires_ms {} preexisting {} confirmed {}",
