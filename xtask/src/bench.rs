@@ -430,13 +430,28 @@ impl Bench {
     /// In-kernel cost per program during one observed run of `mode`
     /// (kernel.bpf_stats_enabled=1 while it runs).
     fn program_costs(&self, mode: &str, kind: &str) -> Result<Value> {
-        let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
-        let before = fs::read_to_string(stats).unwrap_or_else(|_| "0".into());
-        fs::write(stats, "1").context("enabling kernel.bpf_stats_enabled")?;
-        let measured = self.watched(&Watcher::Observer(&[]), mode, kind);
-        fs::write(stats, before.trim())?;
-        let (run, seen) = measured?;
-        let programs: Vec<Value> = seen.stop["programs"]
+        let (run, seen) = with_bpf_stats(|| self.watched(&Watcher::Observer(&[]), mode, kind))?;
+        Ok(per_program(&seen.stop, run.ops, "call"))
+    }
+}
+
+/// `f` with the kernel's per-program statistics on (kernel.bpf_stats_enabled=1),
+/// put back as they were after.
+fn with_bpf_stats<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
+    let before = fs::read_to_string(stats).unwrap_or_else(|_| "0".into());
+    fs::write(stats, "1").context("enabling kernel.bpf_stats_enabled")?;
+    let measured = f();
+    fs::write(stats, before.trim())?;
+    measured
+}
+
+/// Each program of an `observer_stop`: its runs, runs and ns per `unit` of
+/// the load (`ops` of them), and ns per run.
+fn per_program(stop: &Value, ops: u64, unit: &str) -> Value {
+    let ops = ops.max(1) as f64;
+    Value::Array(
+        stop["programs"]
             .as_array()
             .cloned()
             .unwrap_or_default()
@@ -444,13 +459,14 @@ impl Bench {
             .map(|p| {
                 let runs = p["run_count"].as_u64().unwrap_or(0);
                 let ns = p["run_time_ns"].as_u64().unwrap_or(0);
-                json!({"hook": p["hook"], "runs": runs,
-                       "ns_per_run": if runs > 0 { ns as f64 / runs as f64 } else { 0.0 },
-                       "ns_per_call": ns as f64 / run.ops.max(1) as f64})
+                let mut v = json!({"hook": p["hook"], "runs": runs,
+                    "ns_per_run": if runs > 0 { ns as f64 / runs as f64 } else { 0.0 }});
+                v[format!("runs_per_{unit}")] = json!(runs as f64 / ops);
+                v[format!("ns_per_{unit}")] = json!(ns as f64 / ops);
+                v
             })
-            .collect();
-        Ok(json!(programs))
-    }
+            .collect(),
+    )
 }
 
 /// bpftrace printing the same fields from the same syscall tracepoints.
@@ -604,36 +620,16 @@ fn time_wait_churn(b: &Bench) -> Result<Value> {
 
 /// Per program during one observed churn: runs per connection and ns per run.
 fn churn_program_costs(b: &Bench, extra: &[&str]) -> Result<Value> {
-    let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
-    let before = fs::read_to_string(stats).unwrap_or_else(|_| "0".into());
     settle_time_wait();
-    fs::write(stats, "1").context("enabling kernel.bpf_stats_enabled")?;
-    let measured = (|| -> Result<(Run, Value)> {
+    let (run, stop) = with_bpf_stats(|| {
         let o = b.start_observer(extra)?;
         let held = Held::start(&b.bindloop, &["twchurn", "5"])?;
         let run = parse_run(&held.said)?;
         let t = o.stop()?;
         held.release()?;
         Ok((run, t.stop))
-    })();
-    fs::write(stats, before.trim())?;
-    let (run, stop) = measured?;
-    Ok(json!(
-        stop["programs"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| {
-                let runs = p["run_count"].as_u64().unwrap_or(0);
-                let ns = p["run_time_ns"].as_u64().unwrap_or(0);
-                json!({"hook": p["hook"], "runs": runs,
-                   "runs_per_conn": runs as f64 / run.ops.max(1) as f64,
-                   "ns_per_run": if runs > 0 { ns as f64 / runs as f64 } else { 0.0 },
-                   "ns_per_conn": ns as f64 / run.ops.max(1) as f64})
-            })
-            .collect::<Vec<_>>()
-    ))
+    })?;
+    Ok(per_program(&stop, run.ops, "conn"))
 }
 
 /// The daemon's RSS with 600,000 TIME_WAIT sockets open.
