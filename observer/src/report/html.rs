@@ -100,10 +100,12 @@ fn class(i: usize, labels: usize) -> &'static str {
 
 /// Three panels over the same time axis: binds and failures per bucket (bars),
 /// TIME_WAIT sockets open at each bucket's end (a line over an area).
+/// The charts' width, and their margins left (the values) and right.
+const W: f64 = 1100.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 20.0;
+
 fn svg(h: &mut String, c: &Chart, first: i64, last: i64) {
-    const W: f64 = 1100.0;
-    const LEFT: f64 = 70.0;
-    const RIGHT: f64 = 20.0;
     const PANEL: f64 = 130.0;
     const GAP: f64 = 58.0;
     const TOP: f64 = 30.0;
@@ -142,17 +144,7 @@ fn svg(h: &mut String, c: &Chart, first: i64, last: i64) {
             LEFT - 16.0,
             y0 - 17.0
         );
-        for v in [min, (max + min) / 2, max] {
-            let _ = write!(
-                h,
-                "<line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#e3e7ec\"/>\
-                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text>",
-                W - RIGHT,
-                LEFT - 6.0,
-                y(v) + 4.0,
-                yy = y(v)
-            );
-        }
+        gridlines(h, min, max, y);
         if *bars {
             for (i, v) in values.iter().enumerate().filter(|(_, v)| **v > 0) {
                 let x = LEFT + i as f64 * bw;
@@ -223,9 +215,6 @@ const OTHER: &str = "#9a9a9a";
 /// TIME_WAIT sockets open at each bucket's end per local port: one line per
 /// port of the table `time_wait_by_port_over_time`, `(other)` dashed, a legend.
 fn ports_svg(h: &mut String, c: &Chart, first: i64, last: i64) {
-    const W: f64 = 1100.0;
-    const LEFT: f64 = 70.0;
-    const RIGHT: f64 = 20.0;
     const PANEL: f64 = 180.0;
     let n = c.buckets.len();
     let plot_w = W - LEFT - RIGHT;
@@ -266,17 +255,7 @@ fn ports_svg(h: &mut String, c: &Chart, first: i64, last: i64) {
     let min = values.min().unwrap_or(0).min(0);
     let scale = PANEL / (max - min) as f64;
     let y = |v: i64| base - (v - min) as f64 * scale;
-    for v in [min, (max + min) / 2, max] {
-        let _ = write!(
-            h,
-            "<line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#e3e7ec\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text>",
-            W - RIGHT,
-            LEFT - 6.0,
-            y(v) + 4.0,
-            yy = y(v)
-        );
-    }
+    gridlines(h, min, max, y);
     for ((port, values), (name, colour, lx, ly)) in c.ports.iter().zip(&names) {
         let other = port == "(other)";
         let _ = write!(
@@ -347,4 +326,20 @@ pub fn esc(s: &str) -> String {
         }
     }
     out
+}
+
+/// A panel's three horizontal lines (at `min`, the middle, `max`) with their
+/// values, `y` placing a value.
+fn gridlines(h: &mut String, min: i64, max: i64, y: impl Fn(i64) -> f64) {
+    for v in [min, (max + min) / 2, max] {
+        let _ = write!(
+            h,
+            "<line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#e3e7ec\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text>",
+            W - RIGHT,
+            LEFT - 6.0,
+            y(v) + 4.0,
+            yy = y(v)
+        );
+    }
 }
