@@ -15,13 +15,15 @@ pub struct KernelOffsets {
     /// `sock_common.skc_net` (a `possible_net_t`, whose first member is the `struct net *`)
     pub sk_net: u32,
     /// fd → socket: `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds`,
-    /// `fdtable.fd`, `file.private_data` (a `struct socket *`), `socket.sk`.
+    /// `fdtable.fd`, `file.private_data` (a `struct socket *`), `socket.sk`;
+    /// `socket.file` points back to the file (so the file is a socket).
     pub task_files: u32,
     pub files_fdt: u32,
     pub fdt_max_fds: u32,
     pub fdt_fd: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
+    pub socket_file: u32,
     /// `sock_common` members: family, local port (host order), local IPv4 and IPv6 address.
     pub skc_family: u32,
     pub skc_num: u32,
@@ -40,9 +42,8 @@ pub struct KernelOffsets {
     pub sk_type: u32,
     pub sk_protocol: u32,
     pub skc_bound_dev_if: u32,
-    /// `file.f_inode`, `inode.i_mode` (S_IFSOCK: the file is a socket), `inode.i_ino`.
+    /// `file.f_inode`, `inode.i_ino`.
     pub file_f_inode: u32,
-    pub inode_i_mode: u32,
     pub inode_i_ino: u32,
     /// Where `inet_sock` keeps IP_FREEBIND, IP_TRANSPARENT and
     /// IP_BIND_ADDRESS_NO_PORT: `byte << 8 | bit` each; 0 if unknown.
@@ -64,6 +65,7 @@ impl KernelOffsets {
         fdt_fd: 0,
         file_private_data: 0,
         socket_sk: 0,
+        socket_file: 0,
         skc_family: 0,
         skc_num: 0,
         skc_rcv_saddr: 0,
@@ -77,7 +79,6 @@ impl KernelOffsets {
         sk_protocol: 0,
         skc_bound_dev_if: 0,
         file_f_inode: 0,
-        inode_i_mode: 0,
         inode_i_ino: 0,
         inet_freebind: 0,
         inet_transparent: 0,
@@ -92,6 +93,7 @@ impl KernelOffsets {
             && self.file_private_data != 0
             && self.file_f_inode != 0
             && self.socket_sk != 0
+            && self.socket_file != 0
             && self.skc_num != 0
     }
 

@@ -9,7 +9,8 @@ pub struct TaskHeader {
     /// `bpf_get_current_uid_gid()`: gid in the high half, uid in the low.
     pub uid_gid: u64,
     pub cgroup_id: u64,
-    /// Inode of the task's network namespace; 0 when unknown.
+    /// Inode of the task's network namespace (a bind record: its socket's, where
+    /// the bind happens); 0 when unknown.
     pub netns: u32,
     pub _pad: u32,
     pub comm: [u8; 16],

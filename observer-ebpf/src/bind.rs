@@ -13,16 +13,15 @@ use observer_common::{BindRecord, Kind, bind::flags, filter::on};
 use crate::{
     args::{self, Args, read_sockaddr},
     kernel::{
-        Common, FdSocket, Window, fd_socket, inet_bit, inet_flags, sock_common, sock_cookie,
-        sock_reuse_in,
+        Common, FdSocket, Window, common_cookie, common_netns, current_netns, fd_socket, inet_bit,
+        inet_flags, sock_common, sock_reuse_in,
     },
     maps::{kernel_offsets, reserve_zeroed, wake_flags},
     rare::{self, Rare},
-    task::{count_filtered, filter, passing_task, ports_pass},
+    task::{count_filtered, fill_process, filter, netns_passes, ports_pass, process_passes_now},
+    tp::exit_ret,
 };
 
-// The result's offset in `syscalls:sys_exit_*` records.
-const EXIT_RET: usize = 16;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
@@ -45,23 +44,34 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
     let Some(a) = args() else {
         return Ok(());
     };
-    // SAFETY: offset 16 of sys_exit_* is `long ret`; read_at is bpf_probe_read_kernel,
-    // which checks the address: an error, never a fault.
-    let ret: i64 = unsafe { ctx.read_at(EXIT_RET)? };
+    let ret = exit_ret(ctx);
     if f.has(on::ERRORS_ONLY) && ret >= 0 {
         count_filtered();
         return Ok(());
     }
-    let Some(task) = passing_task(&f) else {
+    if !process_passes_now(&f) {
         count_filtered();
         return Ok(());
-    };
+    }
     let (fd, uaddr, addrlen) = (a.a[0] as i32, a.a[1], a.a[2] as u32);
-    let sock = fd_socket(fd).map(|s| {
-        let common = sock_common(s.sk);
-        (s, common)
-    });
-    let bound_port = sock.as_ref().and_then(|(s, c)| bound_port(s.sk, c, ret));
+    let sock = fd_socket(fd);
+    // Made where it stays (no socket: nothing read): moved, a window is copied
+    // on a stack of 512 bytes.
+    let common = sock_common(sock.as_ref().map_or(0, |s| s.sk));
+    // The bind happens in the socket's namespace (the caller's, unless it
+    // moved since it made the socket): from the socket, one read.
+    let mut netns = 0;
+    if let Some(s) = &sock {
+        netns = common_netns(s.sk, &common);
+    }
+    if netns == 0 {
+        netns = current_netns();
+    }
+    if !netns_passes(&f, netns) {
+        count_filtered();
+        return Ok(());
+    }
+    let bound_port = sock.as_ref().and_then(|s| bound_port(s.sk, &common, ret));
     if f.has(on::PORTS)
         && !ports_pass(
             &f,
@@ -79,7 +89,8 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
     let r = unsafe { slot.assume_init_mut() };
     // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
     r.header.ktime_ns = unsafe { generated::bpf_ktime_get_ns() };
-    r.task = task;
+    fill_process(&mut r.task);
+    r.task.netns = netns;
     r.ret = ret;
     r.fd = fd;
     r.addrlen = addrlen;
@@ -93,7 +104,7 @@ fn try_exit(ctx: &TracePointContext, args: fn() -> Option<Args>) -> Result<(), i
         rare::note(Rare::SockaddrUnreadable);
     }
     match sock {
-        Some((s, common)) => socket_fields(r, &s, &common, bound_port),
+        Some(s) => socket_fields(r, &s, &common, bound_port),
         None if ret == 0 => rare::note(Rare::SocketUnreadable),
         None => {}
     }
@@ -140,7 +151,7 @@ fn requested_port(uaddr: u64, addrlen: u32) -> u16 {
 fn socket_fields(r: &mut BindRecord, s: &FdSocket, c: &Common, bound_port: Option<u16>) {
     let off = kernel_offsets();
     r.sock_ino = s.ino;
-    r.sock_cookie = sock_cookie(s.sk);
+    r.sock_cookie = common_cookie(s.sk, c);
     r.family = c.get(s.sk, off.skc_family).unwrap_or(0);
     // `sk_type` and `sk_protocol` are neighbours.
     let tp = Window::<1>::new(s.sk, off.sk_type.min(off.sk_protocol));

@@ -2,14 +2,14 @@
 //! (`KernelOffsets`); every read is a `bpf_probe_read_kernel` that may fail,
 //! and an unknown offset makes the answer "unknown", never a guess.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::helpers::{bpf_probe_read_kernel, generated};
 
 use crate::maps::kernel_offsets;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-const S_IFMT: u16 = 0o170000;
-const S_IFSOCK: u16 = 0o140000;
 
 /// Reads a `T` at `base + off` in kernel memory; `None` for a null base or a
 /// failed read.
@@ -28,7 +28,6 @@ pub fn read<T>(base: u64, off: u32) -> Option<T> {
 /// helper call of some 30 ns, the larger part of a bind's cost).
 pub struct Window<const N: usize> {
     /// Zeroed, then copied into: the verifier wants every byte written.
-    /// (8-byte words: zeroing bytes would call the builtin `memset` loop.)
     bytes: [u64; N],
     /// Where the copy starts; `NOT_COPIED` when the read failed. (Small, as
     /// windows live on a stack that a chain of BPF calls shares: 512 bytes.)
@@ -40,26 +39,25 @@ const NOT_COPIED: u32 = u32::MAX;
 impl<const N: usize> Window<N> {
     #[inline(always)]
     pub fn new(base: u64, lo: u32) -> Self {
-        let mut bytes = core::mem::MaybeUninit::<[u64; N]>::uninit();
-        // SAFETY: `[u64; N]` is N * 8 bytes of our stack, 8-aligned as `zero` needs;
-        // once every word is zeroed it is an initialised array.
-        let mut bytes = unsafe {
-            crate::maps::zero(bytes.as_mut_ptr().cast(), N * 8);
-            bytes.assume_init()
-        };
-        // SAFETY: writes N * 8 bytes, the array's size; the helper checks the source (a
-        // bad address is an error, never a fault), and any bytes are valid u64s.
-        let copied = base != 0
-            && unsafe {
-                generated::bpf_probe_read_kernel(
-                    bytes.as_mut_ptr().cast(),
+        // Built where it is returned (a second copy of a window on the stack
+        // can push a program past its 512 bytes), zeroed by 8-byte stores
+        // (an initialiser becomes a call to the builtin `memset`, a byte loop).
+        let mut w = MaybeUninit::<Self>::uninit();
+        let p = w.as_mut_ptr();
+        // SAFETY: `p` is our stack's, 8-aligned; `zero` writes the N * 8 bytes of
+        // `bytes` and the helper at most as many (it checks the source: a bad address
+        // is an error, never a fault); once `lo` is written every field is.
+        unsafe {
+            let bytes = &raw mut (*p).bytes;
+            crate::maps::zero(bytes.cast(), N * 8);
+            let copied = base != 0
+                && generated::bpf_probe_read_kernel(
+                    bytes.cast(),
                     (N * 8) as u32,
                     (base + lo as u64) as *const core::ffi::c_void,
-                )
-            } == 0;
-        Window {
-            bytes,
-            lo: if copied { lo } else { NOT_COPIED },
+                ) == 0;
+            (&raw mut (*p).lo).write(if copied { lo } else { NOT_COPIED });
+            w.assume_init()
         }
     }
 
@@ -107,18 +105,24 @@ pub fn sock_netns(sk: u64) -> u32 {
     read(net, off.net_ns_inum).unwrap_or(0)
 }
 
-/// Both ends of a `struct sock_common` (a full or a timewait socket): family,
-/// ports in host order, addresses (4 or 16 bytes, network order).
-pub struct Tuple {
+/// A connection: both ends of a `struct sock_common` (a full or a timewait
+/// socket), as the TCP state and TIME_WAIT programs key their maps: the
+/// inode of its network namespace (0 if unknown), family, ports in host
+/// order, addresses (4 or 16 bytes, network order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowKey {
+    pub netns: u32,
     pub family: u16,
     pub sport: u16,
     pub dport: u16,
+    pub _pad: u16,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
 }
 
 #[inline(always)]
-pub fn sock_tuple(sk: u64) -> Option<Tuple> {
+pub fn sock_flow(sk: u64) -> Option<FlowKey> {
     let off = kernel_offsets();
     if !off.tuple_known() {
         return None;
@@ -135,10 +139,13 @@ pub fn sock_tuple(sk: u64) -> Option<Tuple> {
     let family: u16 = w.get(sk, off.skc_family)?;
     let sport: u16 = w.get(sk, off.skc_num)?;
     let dport: u16 = u16::from_be(w.get(sk, off.skc_dport)?);
-    let mut t = Tuple {
+    let netns = sock_netns(sk);
+    let mut t = FlowKey {
+        netns,
         family,
         sport,
         dport,
+        _pad: 0,
         saddr: [0; 16],
         daddr: [0; 16],
     };
@@ -187,34 +194,58 @@ pub fn fd_socket(fd: i32) -> Option<FdSocket> {
     let fds: u64 = table.get(fdt, off.fdt_fd)?;
     let file: u64 = read(fds, fd as u32 * 8)?;
     let f = Window::<2>::new(file, off.file_f_inode.min(off.file_private_data));
-    let inode: u64 = f.get(file, off.file_f_inode)?;
-    let mode: u16 = read(inode, off.inode_i_mode)?;
-    if mode & S_IFMT != S_IFSOCK {
+    let socket: u64 = f.get(file, off.file_private_data)?;
+    // A socket's file points to it, and it back to the file: no other file's
+    // private data does (the kernel compares `f_op` to `socket_file_ops`).
+    let s = Window::<2>::new(socket, off.socket_file.min(off.socket_sk));
+    if s.get::<u64>(socket, off.socket_file)? != file {
         return None;
     }
+    let sk: u64 = s.get(socket, off.socket_sk)?;
+    let inode: u64 = f.get(file, off.file_f_inode)?;
     let ino: u64 = read(inode, off.inode_i_ino).unwrap_or(0);
-    let socket: u64 = f.get(file, off.file_private_data)?;
-    let sk: u64 = read(socket, off.socket_sk)?;
     Some(FdSocket { sk, ino })
 }
 
 /// The members of `sock_common` a bind record needs (port, family, reuse
-/// bits, bound device: 14 to 24 on 6.18), copied with one read.
-pub type Common = Window<2>;
+/// bits, bound device, namespace, cookie: 14 to 96 on 6.18), copied with
+/// one read.
+pub type Common = Window<11>;
 
 #[inline(always)]
 pub fn sock_common(sk: u64) -> Common {
     let off = kernel_offsets();
+    let known = |o: u32| if o == 0 { u32::MAX } else { o };
     let lo = off
         .skc_num
         .min(off.skc_family)
         .min(off.skc_reuse_bits >> 16)
-        .min(if off.skc_bound_dev_if == 0 {
-            u32::MAX
-        } else {
-            off.skc_bound_dev_if
-        });
+        .min(known(off.skc_bound_dev_if))
+        .min(known(off.sk_net))
+        .min(known(off.skc_cookie));
     Window::new(sk, lo)
+}
+
+/// The socket's cookie (`skc_cookie`; 0 when the kernel gave it none yet),
+/// from its `Common`.
+#[inline(always)]
+pub fn common_cookie(sk: u64, c: &Common) -> u64 {
+    let off = kernel_offsets().skc_cookie;
+    if off == 0 {
+        return 0;
+    }
+    c.get(sk, off).unwrap_or(0)
+}
+
+/// The inode of a socket's network namespace (0 if unknown), from its `Common`.
+#[inline(always)]
+pub fn common_netns(sk: u64, c: &Common) -> u32 {
+    let off = kernel_offsets();
+    if off.sk_net == 0 || off.net_ns_inum == 0 {
+        return 0;
+    }
+    let net: u64 = c.get(sk, off.sk_net).unwrap_or(0);
+    read(net, off.net_ns_inum).unwrap_or(0)
 }
 
 /// The local end of an inet socket: family, port (host order) and address

@@ -13,6 +13,7 @@ mod sockcall;
 mod task;
 mod tcp;
 mod time_wait;
+mod tp;
 
 /// Does nothing: the benchmark attaches it where the observer's programs go,
 /// to measure what a hook costs before any work is done (the floor).

@@ -1,7 +1,7 @@
 //! Maps and globals shared by all programs.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{PerCpuArray, RingBuf, ring_buf::RingBufEntry},
 };
@@ -22,10 +22,20 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0)
 #[unsafe(no_mangle)]
 pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::ZERO;
 
-pub fn kernel_offsets() -> KernelOffsets {
-    // SAFETY: a valid, aligned static of plain u32s, so any bytes the loader writes are
-    // valid; volatile so that the compiler cannot fold in the zeros it was built with.
-    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+pub fn kernel_offsets() -> &'static KernelOffsets {
+    loaded(&KERNEL_OFFSETS)
+}
+
+/// A global the loader writes before load (`KERNEL_OFFSETS`, `FILTER`, …),
+/// as the loader wrote it: the pointer is read back volatile, so the compiler
+/// can neither fold in the zeros the object was built with nor copy the whole
+/// struct to the stack (120 of its 512 bytes for the offsets); each field is
+/// loaded where it is used. Any bytes are valid for these plain-integer structs.
+#[inline(always)]
+pub fn loaded<T>(global: &'static T) -> &'static T {
+    let p: *const T = global;
+    // SAFETY: reads back a pointer to `global`, valid for 'static and never written.
+    unsafe { &*core::ptr::read_volatile(&p) }
 }
 
 /// Written by the daemon before load (see `TimeWaitConfig`).
@@ -33,43 +43,55 @@ pub fn kernel_offsets() -> KernelOffsets {
 #[unsafe(no_mangle)]
 pub static TIME_WAIT_CONFIG: TimeWaitConfig = TimeWaitConfig::OFF;
 
-pub fn time_wait_config() -> TimeWaitConfig {
-    // SAFETY: as for `kernel_offsets` (`TimeWaitConfig` holds only u32s and u64s).
-    unsafe { core::ptr::read_volatile(&TIME_WAIT_CONFIG) }
+pub fn time_wait_config() -> &'static TimeWaitConfig {
+    loaded(&TIME_WAIT_CONFIG)
 }
 
-/// Wake the daemon only once this much is waiting: a wakeup per record (the
-/// ring buffer's default while the reader keeps up) costs microseconds per
-/// bind. The daemon also drains on a short timer, so nothing waits long.
-const WAKE_BYTES: u64 = 256 * 1024;
+/// Written by the daemon before load: the bytes a CPU submits between two
+/// wakeups of the daemon (a part of the ring buffer; see `wake_flags`).
+// SAFETY: as for `KERNEL_OFFSETS`.
+#[unsafe(no_mangle)]
+pub static WAKE_EVERY_BYTES: u64 = 256 * 1024;
 
 /// An urgent record wakes the daemon at most this often per CPU.
 const URGENT_EVERY_NS: u64 = 1_000_000;
 
-/// When this CPU last let an urgent record wake the daemon.
-#[map]
-static WOKE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Per CPU: bytes submitted since this CPU last woke the daemon, and when
+/// an urgent record last did.
+#[repr(C)]
+struct Wake {
+    bytes: u64,
+    urgent_ns: u64,
+}
 
-/// `flags` for submitting a record of `size` bytes made at `now_ns`. An
-/// `urgent` record (a failure, which the daemon explains by looking at the
-/// sockets before they go) wakes the daemon if it is idle (the ring buffer's
-/// own rule: it had read everything before this record), at most once per
-/// millisecond per CPU: a wakeup costs the failing caller a self-IPI, and in
-/// a storm of failures the daemon, idle between records, would be woken for
-/// each. The rest wait for the next wakeup or the daemon's 10 ms drain.
+#[map]
+static WAKE: PerCpuArray<Wake> = PerCpuArray::with_max_entries(1, 0);
+
+/// `flags` for submitting a record of `size` bytes made at `now_ns`. A
+/// wakeup costs the submitting task a self-interrupt, and asking the ring
+/// buffer how much waits reads the daemon's position, a cache line the other
+/// CPU writes as it reads: so each CPU counts what it submitted and wakes the
+/// daemon once per `WAKE_EVERY_BYTES` of it; the daemon also drains every
+/// 10 ms. An `urgent` record (a failure, which the daemon explains by looking
+/// at the sockets before they go) wakes it too, at most once per millisecond
+/// per CPU: in a storm of failures it would be woken for each.
+#[inline(always)]
 pub fn wake_flags(size: usize, urgent: bool, now_ns: u64) -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) + size as u64 >= WAKE_BYTES {
+    let Some(w) = WAKE.get_ptr_mut(0) else {
+        return BPF_RB_NO_WAKEUP as u64;
+    };
+    // SAFETY: this CPU's value, valid for the run; no other program runs on this
+    // CPU meanwhile (see `count_lost`): at worst an interrupting one skews a count.
+    let w = unsafe { &mut *w };
+    w.bytes += size as u64;
+    if w.bytes >= *loaded(&WAKE_EVERY_BYTES) {
+        w.bytes = 0;
         return BPF_RB_FORCE_WAKEUP as u64;
     }
-    if urgent && let Some(last) = WOKE.get_ptr_mut(0) {
-        // SAFETY: this CPU's value, valid for the run; no other program runs on this
-        // CPU meanwhile (see `count_lost`).
-        unsafe {
-            if now_ns.wrapping_sub(*last) >= URGENT_EVERY_NS {
-                *last = now_ns;
-                return 0;
-            }
-        }
+    if urgent && now_ns.wrapping_sub(w.urgent_ns) >= URGENT_EVERY_NS {
+        w.urgent_ns = now_ns;
+        w.bytes = 0;
+        return BPF_RB_FORCE_WAKEUP as u64;
     }
     BPF_RB_NO_WAKEUP as u64
 }

@@ -15,9 +15,9 @@ use crate::{
     kernel::{fd_socket, sock_local},
     maps::{reserve_zeroed, wake_flags},
     task::{count_filtered, filter, passing_task, ports_pass},
+    tp::exit_ret,
 };
 
-const EXIT_RET: usize = 16;
 /// A non-blocking connect in progress is not a failure.
 const EINPROGRESS: i64 = 115;
 
@@ -47,9 +47,7 @@ pub fn obs_sys_exit_listen_entered(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn exit(ctx: &TracePointContext, call: Call, args: fn() -> Option<Args>) -> Result<(), i64> {
-    // SAFETY: offset 16 of sys_exit_* is `long ret`; read_at is bpf_probe_read_kernel,
-    // which checks the address: an error, never a fault.
-    let ret: i64 = unsafe { ctx.read_at(EXIT_RET)? };
+    let ret = exit_ret(ctx);
     // Successes are not reported: only then are the arguments needed.
     if ret >= 0 || ret == -EINPROGRESS {
         let _ = args(); // forget what the entry kept

@@ -19,10 +19,8 @@ use crate::kernel::current_netns;
 #[unsafe(no_mangle)]
 pub static FILTER: FilterConfig = FilterConfig::NONE;
 
-pub fn filter() -> FilterConfig {
-    // SAFETY: as `maps::kernel_offsets`: a valid static of plain integers and bytes,
-    // read volatile so that the loader's value, not the built-in one, is used.
-    unsafe { core::ptr::read_volatile(&FILTER) }
+pub fn filter() -> &'static FilterConfig {
+    crate::maps::loaded(&FILTER)
 }
 
 /// `-p`: the processes (tgids) to keep.
@@ -52,11 +50,21 @@ pub fn count_filtered() {
 /// The calling task, as records carry it.
 pub fn current_task() -> TaskHeader {
     TaskHeader {
+        netns: current_netns(),
+        ..current_process()
+    }
+}
+
+/// The calling task without its namespace (`netns` 0), for a record that
+/// takes the namespace of the socket it is about: three reads fewer.
+#[inline(always)]
+fn current_process() -> TaskHeader {
+    TaskHeader {
         pid_tgid: bpf_get_current_pid_tgid(),
         uid_gid: bpf_get_current_uid_gid(),
         // SAFETY: bpf_get_current_cgroup_id takes no arguments; nothing to uphold.
         cgroup_id: unsafe { generated::bpf_get_current_cgroup_id() },
-        netns: current_netns(),
+        netns: 0,
         _pad: 0,
         comm: bpf_get_current_comm().unwrap_or_default(),
     }
@@ -66,19 +74,60 @@ pub fn current_task() -> TaskHeader {
 /// before anything else is read, so a process filtered out costs little.
 #[inline(always)]
 pub fn passing_task(f: &FilterConfig) -> Option<TaskHeader> {
+    if !process_passes_now(f) {
+        return None;
+    }
+    let task = current_task();
+    netns_passes(f, task.netns).then_some(task)
+}
+
+/// Whether the calling task passes the process filters but `--netns`, which
+/// the caller checks with `netns_passes` (against a socket's namespace, say).
+/// Nothing is read when no such filter is on; `-p` is checked first.
+#[inline(always)]
+pub fn process_passes_now(f: &FilterConfig) -> bool {
+    if f.flags & (on::PIDS | on::UID | on::COMM | on::CGROUP) == 0 {
+        return true;
+    }
     if f.has(on::PIDS) {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         // SAFETY: only whether the key is present is used, never the value, so a
         // concurrent update of the map cannot matter.
-        unsafe { PIDS.get(&tgid) }?;
+        if unsafe { PIDS.get(&tgid) }.is_none() {
+            return false;
+        }
     }
-    let task = current_task();
-    task_passes(f, &task).then_some(task)
+    process_passes(f, &current_process())
 }
 
-/// The process filters, on the calling task: `-p` first (the cheapest and
-/// the most selective), then uid, namespace, comm, cgroup.
+/// Fills `t` with the calling task but its namespace, where it lies (a
+/// record in the ring buffer): built on the stack and copied, the header
+/// would take 56 of the 512 bytes a program's stack has.
+#[inline(always)]
+pub fn fill_process(t: &mut TaskHeader) {
+    t.pid_tgid = bpf_get_current_pid_tgid();
+    t.uid_gid = bpf_get_current_uid_gid();
+    // SAFETY: bpf_get_current_cgroup_id takes no arguments; bpf_get_current_comm
+    // writes at most 16 bytes, the size of `comm`, and zero-fills on error.
+    unsafe {
+        t.cgroup_id = generated::bpf_get_current_cgroup_id();
+        generated::bpf_get_current_comm(t.comm.as_mut_ptr().cast(), 16);
+    }
+}
+
+/// The process filters on the calling task and its namespace: `-p` first
+/// (the cheapest and the most selective), then uid, namespace, comm, cgroup.
 pub fn task_passes(f: &FilterConfig, t: &TaskHeader) -> bool {
+    netns_passes(f, t.netns) && process_passes(f, t)
+}
+
+/// `--netns`.
+pub fn netns_passes(f: &FilterConfig, netns: u32) -> bool {
+    !f.has(on::NETNS) || netns == f.netns
+}
+
+/// The process filters but `--netns`.
+fn process_passes(f: &FilterConfig, t: &TaskHeader) -> bool {
     if f.flags == 0 {
         return true;
     }
@@ -87,9 +136,6 @@ pub fn task_passes(f: &FilterConfig, t: &TaskHeader) -> bool {
         return false;
     }
     if f.has(on::UID) && t.uid() != f.uid {
-        return false;
-    }
-    if f.has(on::NETNS) && t.netns != f.netns {
         return false;
     }
     if f.has(on::COMM) && t.comm != f.comm {

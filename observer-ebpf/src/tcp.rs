@@ -1,7 +1,6 @@
 //! Every TCP state change on the host, from `sock:inet_sock_set_state`.
 
 use aya_ebpf::{
-    EbpfContext,
     helpers::generated,
     macros::{map, raw_tracepoint, tracepoint},
     maps::{LruHashMap, PerCpuArray},
@@ -15,10 +14,11 @@ use observer_common::{
 };
 
 use crate::{
-    kernel::{sock_netns, sock_reuse},
+    kernel::{FlowKey, sock_netns, sock_reuse},
     maps::{reserve_zeroed, time_wait_config, wake_flags},
     task::{count_filtered, current_task, filter, ports_pass, task_passes},
-    time_wait::{CLOSERS, FlowKey, note_new_connection},
+    time_wait::{CLOSERS, note_new_connection},
+    tp::field,
 };
 
 /// When each socket entered its current state, for `prev_state_ms`. LRU: a
@@ -89,20 +89,6 @@ const AF_INET: u16 = 2;
 pub fn obs_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_set_state(&ctx);
     0
-}
-
-/// A field of the tracepoint's record, by a plain load: a tracepoint program
-/// may read its record directly (the verifier checks the constant offset),
-/// which costs far less than a `bpf_probe_read_kernel` call per field.
-///
-/// # Safety
-/// `off` must be a field of type `T` in this tracepoint's record, aligned to
-/// `T`'s size, and at or past byte 8 (the common fields are not readable).
-#[inline(always)]
-unsafe fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
-    // SAFETY: the caller names a field of the record; the verifier refuses any
-    // offset outside it or misaligned.
-    unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
 }
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
@@ -235,7 +221,7 @@ fn state_passes(f: &FilterConfig, flow: &FlowKey, process: bool) -> bool {
 /// The changes `note_closer` acts on.
 fn closer_cares(oldstate: u8, newstate: u8) -> bool {
     match newstate {
-        state::FIN_WAIT1 | state::SYN_SENT | state::SYN_RECV | state::ESTABLISHED => true,
+        state::FIN_WAIT1 | state::ESTABLISHED => true,
         state::CLOSE => oldstate == state::FIN_WAIT1,
         _ => false,
     }
@@ -272,7 +258,10 @@ fn note_closer(flow: &FlowKey, oldstate: u8, newstate: u8, process: bool, now: u
         state::CLOSE if oldstate == state::FIN_WAIT1 => {
             let _ = CLOSERS.remove(flow);
         }
-        state::SYN_SENT | state::SYN_RECV | state::ESTABLISHED => note_new_connection(flow, now),
+        // A reuse deletes the timewait socket before ESTABLISHED on both
+        // ends, and after the client's SYN_SENT (`tcp_v4_connect` sets the
+        // state, then hashes the connection, which takes the 4-tuple).
+        state::ESTABLISHED => note_new_connection(flow, now),
         _ => {}
     }
 }

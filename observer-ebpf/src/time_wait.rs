@@ -37,24 +37,11 @@ use observer_common::{
 };
 
 use crate::{
-    kernel::{Tuple, read, sock_cookie, sock_netns, sock_reuse, sock_tuple},
+    kernel::{FlowKey, read, sock_cookie, sock_flow, sock_reuse},
     maps::{count_lost, reserve_zeroed, time_wait_config, wake_flags},
     task::{count_filtered, filter, ports_pass},
     tcp::in_timer_softirq,
 };
-
-/// A connection, as both the TCP state tracepoint and a timewait socket show it.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FlowKey {
-    pub netns: u32,
-    pub family: u16,
-    pub sport: u16,
-    pub dport: u16,
-    pub _pad: u16,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-}
 
 /// The processes that closed connections on their way to TIME_WAIT (moved
 /// them to FIN_WAIT1). LRU: one that never gets there (reset, orphan limits)
@@ -445,19 +432,6 @@ fn try_expire(ctx: &RawTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-#[inline(always)]
-fn flow_key(netns: u32, t: &Tuple) -> FlowKey {
-    FlowKey {
-        netns,
-        family: t.family,
-        sport: t.sport,
-        dport: t.dport,
-        _pad: 0,
-        saddr: t.saddr,
-        daddr: t.daddr,
-    }
-}
-
 /// One record about `tw`, read from the socket itself (it is alive in all
 /// three tracepoints).
 /// What a record says beyond the socket (BPF functions take five arguments at most).
@@ -469,18 +443,18 @@ struct Event {
 }
 
 fn emit(tw: u64, st: &TwState, e: &Event) {
-    let Some(tuple) = sock_tuple(tw) else {
+    let Some(key) = sock_flow(tw) else {
         return;
     };
     let f = filter();
-    let netns = sock_netns(tw);
+    let netns = key.netns;
     if !f.wants(event::TIME_WAIT)
         || (f.has(on::NETNS) && netns != f.netns)
-        || !ports_pass(&f, [tuple.sport, tuple.dport])
+        || !ports_pass(&f, [key.sport, key.dport])
     {
         // Its closer will not be asked for: let it go.
         if e.op == op::ENTER || e.flags & flags::ENTER_PENDING != 0 {
-            let _ = CLOSERS.remove(&flow_key(netns, &tuple));
+            let _ = CLOSERS.remove(&key);
         }
         count_filtered();
         return;
@@ -499,11 +473,11 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
     r.timeout_jiffies = e.timeout_jiffies;
     r.flags = e.flags;
     r.netns = netns;
-    r.family = tuple.family;
-    r.sport = tuple.sport;
-    r.dport = tuple.dport;
-    r.saddr = tuple.saddr;
-    r.daddr = tuple.daddr;
+    r.family = key.family;
+    r.sport = key.sport;
+    r.dport = key.dport;
+    r.saddr = key.saddr;
+    r.daddr = key.daddr;
     if st.preexisting != 0 {
         r.flags |= flags::PREEXISTING;
     } else if st.enter_ns != 0 {
@@ -515,7 +489,6 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
             | if reuseaddr { flags::REUSEADDR } else { 0 }
             | if reuseport { flags::REUSEPORT } else { 0 };
     }
-    let key = flow_key(netns, &tuple);
     if e.op == op::CANCELLED {
         let _ = CANCELLED.insert(&key, &tw, 0);
     } else if e.op == op::REARMED || e.flags & flags::REARM != 0 {
@@ -537,7 +510,7 @@ fn emit(tw: u64, st: &TwState, e: &Event) {
     slot.submit(wake_flags(size_of::<TimeWaitRecord>(), false, 0));
 }
 
-/// A connection reaching SYN_SENT, SYN_RECV or ESTABLISHED on the 4-tuple of
+/// A connection reaching ESTABLISHED on the 4-tuple of
 /// a timewait socket deleted just before: that socket was reused.
 pub fn note_new_connection(key: &FlowKey, t: u64) {
     // SAFETY: an LRU value, copied out at once; another CPU reusing the entry can at

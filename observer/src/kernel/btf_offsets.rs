@@ -110,12 +110,12 @@ fn kernel_offsets(btf: &Btf) -> KernelOffsets {
     k.sk_type = off("sock", "sk_type").unwrap_or(0);
     k.sk_protocol = off("sock", "sk_protocol").unwrap_or(0);
     k.skc_bound_dev_if = off("sock_common", "skc_bound_dev_if").unwrap_or(0);
-    if let [Some(f_inode), Some(i_mode), Some(i_ino)] = [
+    if let [Some(f_inode), Some(socket_file), Some(i_ino)] = [
         off("file", "f_inode"),
-        off("inode", "i_mode"),
+        off("socket", "file"),
         off("inode", "i_ino"),
     ] {
-        (k.file_f_inode, k.inode_i_mode, k.inode_i_ino) = (f_inode, i_mode, i_ino);
+        (k.file_f_inode, k.socket_file, k.inode_i_ino) = (f_inode, socket_file, i_ino);
     }
     [
         k.inet_freebind,

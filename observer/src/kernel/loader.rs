@@ -224,12 +224,21 @@ fn load(s: &Setup) -> Result<Ebpf> {
             true,
         )
         .override_global(FILTER_SYMBOL, s.filter, true)
+        .override_global("WAKE_EVERY_BYTES", &wake_every_bytes(s.ring_bytes), true)
         .override_global(aya_log::LEVEL, &kernel_log_level(), false)
         .map_max_entries("EVENTS", s.ring_bytes)
         .load(object)
         .context("loading the eBPF object into the kernel")?;
     fill_filter_maps(&mut ebpf, s)?;
     Ok(ebpf)
+}
+
+/// What a CPU submits between two wakeups of the daemon: a quarter of the
+/// ring buffer over all CPUs, so that it is woken well before the ring fills
+/// however the load is spread (within 4 KiB .. 256 KiB).
+fn wake_every_bytes(ring_bytes: u32) -> u64 {
+    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u64;
+    (u64::from(ring_bytes) / 4 / cpus).clamp(4 << 10, 256 << 10)
 }
 
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
