@@ -3,12 +3,16 @@
 use std::{
     io,
     process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{Map, PerCpuArray};
 use tokio::{
     io::{
         Interest,
@@ -24,7 +28,7 @@ use crate::{
     clock::Clock,
     explain::worker::{self, Failure, Worker},
     filter::Filter,
-    kernel::{btf_offsets, cgroups::Cgroups, loader, mounts},
+    kernel::{btf_offsets, cgroups::Cgroups, loader, mounts, ring::Ring},
     metrics::{self, Metrics},
     output::{Output, stdout_closed, stdout_closed_watch},
     repro::{self, ctx::Sink, scenarios::Scenario},
@@ -62,7 +66,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 /// Everything `observer run` has once its programs are attached.
 struct Running {
     s: Stream,
-    ring: AsyncFd<RingBuf<MapData>>,
+    ring: AsyncFd<Ring>,
     attached: loader::Attached,
     /// Failures back from the explainer.
     explained: mpsc::Receiver<Failure>,
@@ -100,7 +104,7 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
     let (repro_tx, repro_rx) = tokio::sync::oneshot::channel();
     if let Some(names) = &args.repro {
         let scenarios = repro::select(names).map_err(anyhow::Error::msg)?;
-        let shared = std::sync::Arc::new(repro::shared::Shared::default());
+        let shared = Arc::new(repro::shared::Shared::default());
         r.s.serve_repro(shared.clone(), args.all_host);
         std::thread::spawn(move || {
             let report = repro::run(&scenarios, Sink::Stderr, Some(shared));
@@ -126,15 +130,34 @@ struct Signals {
     int: Signal,
     term: Signal,
     hup: Signal,
+    /// The last stop signal, set by the handler itself. Tokio's streams learn
+    /// of a signal only when its driver turns, which a loop that always has
+    /// records to drain (a storm on a slow machine) may put off for seconds:
+    /// the loop reads this on every turn.
+    stop: Arc<AtomicUsize>,
 }
 
 impl Signals {
     fn new() -> io::Result<Signals> {
+        let stop = Arc::new(AtomicUsize::new(0));
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            signal_hook::flag::register_usize(sig, stop.clone(), sig as usize)?;
+        }
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
             hup: signal(SignalKind::hangup())?,
+            stop,
         })
+    }
+
+    /// The stop signal received, if any.
+    fn stopping(&self) -> Option<&'static str> {
+        match self.stop.load(Ordering::Relaxed) as i32 {
+            libc::SIGINT => Some("SIGINT"),
+            libc::SIGTERM => Some("SIGTERM"),
+            _ => None,
+        }
     }
 }
 
@@ -210,10 +233,13 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
             .take_map(name)
             .with_context(|| format!("no {name} map"))
     };
-    let ring = RingBuf::try_from(map("EVENTS")?)?;
+    let ring = match map("EVENTS")? {
+        Map::RingBuf(data) => Ring::new(data).context("mapping the ring buffer")?,
+        _ => bail!("EVENTS is not a ring buffer"),
+    };
     let lost = PerCpuArray::try_from(map("LOST")?)?;
     let filtered = PerCpuArray::try_from(map("FILTERED")?)?;
-    // SAFETY: the RingBuf owns its map fd, which stays open until the AsyncFd drops it.
+    // SAFETY: the Ring owns its map fd, which stays open until the AsyncFd drops it.
     let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(io::Error::from)
         .context("polling the ring buffer")?;
@@ -308,9 +334,17 @@ async fn serve(
     let mut tick = every(LOST_POLL);
     let mut sweep = every(SWEEP_EVERY);
     let s = &mut r.s;
+    // As for signals (see `Signals::stop`), the clock is read on every turn.
+    let ends_at = args.duration.map(|d| Instant::now() + d);
     loop {
         if s.out.closed() {
             return Ok(Ended::StdoutClosed);
+        }
+        if let Some(which) = sig.stopping() {
+            return Ok(Ended::Stop(which, None));
+        }
+        if ends_at.is_some_and(|t| Instant::now() >= t) {
+            return Ok(Ended::Stop("duration", None));
         }
         // Biased: the ending conditions first, so that no load on the ring
         // buffer can keep a signal waiting (each drain is bounded too).

@@ -3,7 +3,7 @@
 //! every kind (`Stream::handle`).
 
 use anyhow::{Context, Result};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
     LOST_INFLIGHT, LOST_RINGBUF, LOST_SLOTS, LOST_TIME_WAIT_MAP, TcpStateRecord,
     decode::{Record, decode},
@@ -16,7 +16,10 @@ use crate::{
         worker::{Failure, Worker},
     },
     filter::Filter,
-    kernel::cgroups::{Cgroups, container_id},
+    kernel::{
+        cgroups::{Cgroups, container_id},
+        ring::Ring,
+    },
     metrics::Metrics,
     output::Output,
     repro::shared::Shared,
@@ -213,45 +216,43 @@ impl Stream {
         }
     }
 
+    /// One record from the ring buffer, decoded and handled.
+    fn on_record(&mut self, item: &[u8]) {
+        match decode(item) {
+            Ok(Record::Bind(r)) => {
+                let mut b = Bind::from_record(&r);
+                self.note_bind(&b);
+                self.place(&mut b.process);
+                self.handle(Line::at(&self.clock, r.header.ktime_ns, Event::Bind(b)));
+            }
+            Ok(Record::TcpState(r)) => {
+                let t = TcpState::from_record(&r);
+                self.track(&r, &t);
+                self.handle(Line::at(&self.clock, r.header.ktime_ns, Event::TcpState(t)));
+            }
+            Ok(Record::SockCall(r)) => {
+                let mut e = Event::of_call(&r);
+                if let Event::Listen(c) | Event::Connect(c) = &mut e {
+                    self.place(&mut c.process);
+                }
+                self.handle(Line::at(&self.clock, r.header.ktime_ns, e));
+            }
+            Ok(Record::TimeWait(r)) => {
+                if let TimeWait::Timer(t) = &mut self.time_wait {
+                    for o in t.on_record(&r) {
+                        self.time_wait_record(o);
+                    }
+                }
+            }
+            Err(e) => log::warn!("skipping a record: {e}"),
+        }
+    }
+
     /// Writes the records waiting in the ring buffer, at most `DRAIN_BATCH`
     /// of them, then flushes once; returns whether more may be waiting. The
     /// bound keeps the event loop turning (signals, timers) under any load.
-    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
-        let mut n = 0;
-        while n < DRAIN_BATCH {
-            let Some(item) = ring.next() else {
-                break;
-            };
-            n += 1;
-            match decode(&item) {
-                Ok(Record::Bind(r)) => {
-                    let mut b = Bind::from_record(&r);
-                    self.note_bind(&b);
-                    self.place(&mut b.process);
-                    self.handle(Line::at(&self.clock, r.header.ktime_ns, Event::Bind(b)));
-                }
-                Ok(Record::TcpState(r)) => {
-                    let t = TcpState::from_record(&r);
-                    self.track(&r, &t);
-                    self.handle(Line::at(&self.clock, r.header.ktime_ns, Event::TcpState(t)));
-                }
-                Ok(Record::SockCall(r)) => {
-                    let mut e = Event::of_call(&r);
-                    if let Event::Listen(c) | Event::Connect(c) = &mut e {
-                        self.place(&mut c.process);
-                    }
-                    self.handle(Line::at(&self.clock, r.header.ktime_ns, e));
-                }
-                Ok(Record::TimeWait(r)) => {
-                    if let TimeWait::Timer(t) = &mut self.time_wait {
-                        for o in t.on_record(&r) {
-                            self.time_wait_record(o);
-                        }
-                    }
-                }
-                Err(e) => log::warn!("skipping a record: {e}"),
-            }
-        }
+    pub fn drain(&mut self, ring: &mut Ring) -> bool {
+        let n = ring.read(DRAIN_BATCH, |item| self.on_record(item));
         self.decide_time_wait();
         self.out.flush();
         n == DRAIN_BATCH

@@ -11,4 +11,5 @@ pub mod loader;
 pub mod mounts;
 pub mod netns;
 pub mod procs;
+pub mod ring;
 pub mod sock_diag;
