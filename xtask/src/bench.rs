@@ -146,10 +146,19 @@ fn tally(out: impl Read, started: mpsc::Sender<()>) -> Tally {
     t
 }
 
-/// A running observer, its stdout tallied on a thread.
+/// A running observer and where its records go.
 struct Observed {
     child: Child,
-    reader: JoinHandle<Tally>,
+    out: Out,
+}
+
+enum Out {
+    /// Its stdout, tallied on a thread as it comes.
+    Pipe(JoinHandle<Tally>),
+    /// A file (`-o`), tallied after it stops: a daemon writing to a file (for
+    /// a log shipper) pays the write, not its reader's parsing, which on this
+    /// two-CPU machine would take its share of the load's time.
+    File(PathBuf),
 }
 
 impl Observed {
@@ -161,9 +170,17 @@ impl Observed {
     fn stop(mut self) -> Result<Tally> {
         interrupt(&self.child);
         self.child.wait()?;
-        self.reader
-            .join()
-            .map_err(|_| anyhow::anyhow!("the tally thread panicked"))
+        match self.out {
+            Out::Pipe(reader) => reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("the tally thread panicked")),
+            Out::File(path) => {
+                let file = fs::File::open(&path).context("opening the observer's output")?;
+                let t = tally(file, mpsc::channel().0);
+                fs::remove_file(&path)?;
+                Ok(t)
+            }
+        }
     }
 }
 
@@ -240,7 +257,43 @@ impl Bench {
             let _ = child.kill();
             bail!("the observer did not start");
         }
-        Ok(Observed { child, reader })
+        Ok(Observed {
+            child,
+            out: Out::Pipe(reader),
+        })
+    }
+
+    /// The same, writing to a file (see `Out::File`): for the rates.
+    fn start_observer_to_file(&self, extra: &[&str]) -> Result<Observed> {
+        let path = self.dir.join("observed.jsonl");
+        let _ = fs::remove_file(&path);
+        let mut child = Command::new(&self.observer)
+            .arg("run")
+            .args(extra)
+            .arg("-o")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the observer")?;
+        let started = Instant::now();
+        loop {
+            let mut head = String::new();
+            if let Ok(f) = fs::File::open(&path) {
+                BufReader::new(f).read_line(&mut head)?;
+            }
+            if head.contains("\"observer_start\"") {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) || child.try_wait()?.is_some() {
+                let _ = child.kill();
+                bail!("the observer did not start");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Observed {
+            child,
+            out: Out::File(path),
+        })
     }
 
     /// The empty programs on `hooks` (as `observer_start.hooks` names them);
@@ -329,7 +382,7 @@ impl Bench {
                 Ok((run?, Seen::default()))
             }
             Watcher::Observer(extra) => {
-                let obs = self.start_observer(extra)?;
+                let obs = self.start_observer_to_file(extra)?;
                 let cpu0 = Self::cpu_ms(obs.pid());
                 let run = self.bindloop(mode, LOOP_SECS, None, None)?;
                 let cpu_ms = Self::cpu_ms(obs.pid()) - cpu0;
@@ -581,7 +634,7 @@ fn time_wait_churn(b: &Bench) -> Result<Value> {
         floor.push(parse_run(&held.said)?.rate);
         held.release()?;
         settle_time_wait();
-        let o = b.start_observer(&EXTRA)?;
+        let o = b.start_observer_to_file(&EXTRA)?;
         let cpu0 = Bench::cpu_ms(o.pid());
         let held = Held::start(&b.bindloop, &["twchurn", CHURN_SECS])?;
         let cpu_ms = Bench::cpu_ms(o.pid()) - cpu0;
