@@ -336,17 +336,17 @@ impl Bench {
     }
 
     fn cpu_ms(pid: u32) -> u64 {
-        // utime + stime, fields 14 and 15 of /proc/PID/stat, in clock ticks.
+        // utime + stime, fields 14 and 15 of /proc/PID/stat, in clock ticks:
+        // the 12th and 13th after the command's closing parenthesis. (Counted
+        // as words, not as numbers: a daemon's tpgid is -1.)
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<u64> = after
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-        f.get(10)
-            .zip(f.get(11))
+        num(11)
+            .zip(num(12))
             .map_or(0, |(u, s)| (u + s) * 1000 / hz.max(1))
     }
 
