@@ -1,25 +1,51 @@
 //! Names for kernel numbers: errno, address family, socket type and protocol.
 
+use std::borrow::Cow;
+
 use nix::errno::Errno;
 
+/// A name the schema writes: most are constants, borrowed; the rest made.
+pub type Name = Cow<'static, str>;
+
 /// `EADDRINUSE` for 98; `None` for 0 and numbers the C library does not name.
-pub fn errno_name(errno: i32) -> Option<String> {
+pub fn errno_name(errno: i32) -> Option<Name> {
     if errno == 0 {
         return None;
     }
     match Errno::from_raw(errno) {
-        Errno::UnknownErrno => Some(format!("E{errno}")),
-        e => Some(format!("{e:?}")),
+        Errno::UnknownErrno => Some(format!("E{errno}").into()),
+        e => Some(errno_static(e).map_or_else(|| format!("{e:?}").into(), Cow::Borrowed)),
     }
 }
 
+/// The errno names a record of this daemon most often carries, without a
+/// string made per record (a failure storm makes one per bind).
+fn errno_static(e: Errno) -> Option<&'static str> {
+    Some(match e {
+        Errno::EADDRINUSE => "EADDRINUSE",
+        Errno::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        Errno::EACCES => "EACCES",
+        Errno::EPERM => "EPERM",
+        Errno::EINVAL => "EINVAL",
+        Errno::EBADF => "EBADF",
+        Errno::ENOTSOCK => "ENOTSOCK",
+        Errno::EAFNOSUPPORT => "EAFNOSUPPORT",
+        Errno::ECONNREFUSED => "ECONNREFUSED",
+        Errno::ETIMEDOUT => "ETIMEDOUT",
+        Errno::ENETUNREACH => "ENETUNREACH",
+        Errno::EISCONN => "EISCONN",
+        Errno::EALREADY => "EALREADY",
+        _ => return None,
+    })
+}
+
 /// The errno name of a syscall's return value: `None` for success.
-pub fn errno_of_ret(ret: i64) -> Option<String> {
+pub fn errno_of_ret(ret: i64) -> Option<Name> {
     (ret < 0).then(|| errno_name(i32::try_from(ret.unsigned_abs()).unwrap_or(i32::MAX)))?
 }
 
 /// The family as `ss` and the schema name it: `inet`, `inet6`, `unix`, …
-pub fn family_name(family: u16) -> String {
+pub fn family_name(family: u16) -> Name {
     match i32::from(family) {
         libc::AF_UNSPEC => "unspec".into(),
         libc::AF_UNIX => "unix".into(),
@@ -32,12 +58,12 @@ pub fn family_name(family: u16) -> String {
         libc::AF_XDP => "xdp".into(),
         libc::AF_TIPC => "tipc".into(),
         libc::AF_ALG => "alg".into(),
-        n => format!("af_{n}"),
+        n => format!("af_{n}").into(),
     }
 }
 
 /// `tcp`, `udp`, … from the socket's type and protocol.
-pub fn proto_name(sock_type: u16, protocol: u16) -> String {
+pub fn proto_name(sock_type: u16, protocol: u16) -> Name {
     match (i32::from(sock_type), i32::from(protocol)) {
         (libc::SOCK_STREAM, libc::IPPROTO_TCP) => "tcp".into(),
         (libc::SOCK_STREAM, libc::IPPROTO_MPTCP) => "mptcp".into(),
@@ -45,8 +71,8 @@ pub fn proto_name(sock_type: u16, protocol: u16) -> String {
         (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => "udp".into(),
         (libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE) => "udplite".into(),
         (libc::SOCK_DGRAM, libc::IPPROTO_ICMP | libc::IPPROTO_ICMPV6) => "icmp".into(),
-        (libc::SOCK_RAW, p) => format!("raw/{p}"),
-        (t, p) => format!("type{t}/{p}"),
+        (libc::SOCK_RAW, p) => format!("raw/{p}").into(),
+        (t, p) => format!("type{t}/{p}").into(),
     }
 }
 

@@ -16,10 +16,7 @@ use crate::{
         worker::{Failure, Worker},
     },
     filter::Filter,
-    kernel::{
-        cgroups::{Cgroups, container_id},
-        ring::Ring,
-    },
+    kernel::{cgroups::Cgroups, ring::Ring},
     metrics::Metrics,
     output::Output,
     repro::shared::Shared,
@@ -204,12 +201,11 @@ impl Stream {
     /// The cgroup path of the process's cgroup id, the container id and
     /// systemd unit it names; the process's parent and command line.
     fn place(&mut self, p: &mut Process) {
-        p.cgroup = self.cgroups.path(p.cgroup_id).map(str::to_owned);
-        let cgroup = p.cgroup.as_deref();
-        p.container_id = cgroup.and_then(container_id).map(str::to_owned);
-        p.unit = cgroup
-            .and_then(crate::kernel::procs::systemd_unit)
-            .map(str::to_owned);
+        if let Some(n) = self.cgroups.named(p.cgroup_id) {
+            p.cgroup = Some(n.path.clone());
+            p.container_id = n.container_id.clone();
+            p.unit = n.unit.clone();
+        }
         if let Some(i) = self.procs.ident(p.pid) {
             p.ppid = Some(i.ppid);
             p.cmdline = i.cmdline.clone();

@@ -37,8 +37,8 @@ fn connection(saddr: &str, sport: u16, daddr: &str, dport: u16) -> String {
 }
 
 /// `ok`, or the errno's name.
-fn result(errno: &Option<String>) -> String {
-    errno.clone().unwrap_or_else(|| "ok".into())
+fn result(errno: &Option<crate::names::Name>) -> &str {
+    errno.as_deref().unwrap_or("ok")
 }
 
 pub fn line(l: &Line) -> String {
@@ -105,7 +105,7 @@ pub fn line(l: &Line) -> String {
                         s(addr.as_ref()),
                         s(port),
                         String::new(),
-                        result(&c.errno),
+                        result(&c.errno).to_owned(),
                     ],
                 ),
                 c.explain.as_ref(),

@@ -8,11 +8,13 @@ pub mod rules;
 pub mod worker;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     io,
     net::SocketAddr,
     time::{Duration, Instant},
 };
+
+use foldhash::{HashMap, HashMapExt};
 
 use rules::{Holder, Request};
 
@@ -435,7 +437,7 @@ impl Holder {
                 .and_then(crate::kernel::cgroups::container_id)
                 .map(str::to_owned);
             self.running_s = Some(i.running_s());
-            self.cmdline = i.cmdline;
+            self.cmdline = i.cmdline.as_deref().map(str::to_owned);
         }
         self
     }

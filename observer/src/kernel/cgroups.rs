@@ -1,17 +1,37 @@
 //! cgroup ids (as `bpf_get_current_cgroup_id` gives them: the cgroup2 directory's
 //! inode) to paths, and container ids from paths. Resolved once, cached.
 
+use foldhash::{HashMap, HashMapExt};
 use std::{
-    collections::HashMap,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 pub struct Cgroups {
     root: PathBuf,
-    map: HashMap<u64, String>,
+    map: HashMap<u64, Named>,
     scanned: Option<Instant>,
+}
+
+/// What a cgroup's path says, shared by every record from it (a record
+/// takes a reference, not a copy).
+#[derive(Clone)]
+pub struct Named {
+    pub path: Arc<str>,
+    pub container_id: Option<Arc<str>>,
+    pub unit: Option<Arc<str>>,
+}
+
+impl Named {
+    fn of(path: String) -> Named {
+        Named {
+            container_id: container_id(&path).map(Arc::from),
+            unit: crate::kernel::procs::systemd_unit(&path).map(Arc::from),
+            path: path.into(),
+        }
+    }
 }
 
 impl Cgroups {
@@ -23,8 +43,9 @@ impl Cgroups {
         }
     }
 
-    /// The cgroup's path under the cgroup2 mount (`/system.slice/x.service`).
-    pub fn path(&mut self, id: u64) -> Option<&str> {
+    /// The cgroup's path under the cgroup2 mount (`/system.slice/x.service`),
+    /// with the container id and systemd unit it names.
+    pub fn named(&mut self, id: u64) -> Option<&Named> {
         if !self.map.contains_key(&id)
             && self
                 .scanned
@@ -32,7 +53,7 @@ impl Cgroups {
         {
             self.scan();
         }
-        self.map.get(&id).map(String::as_str)
+        self.map.get(&id)
     }
 
     fn scan(&mut self) {
@@ -41,7 +62,7 @@ impl Cgroups {
         while let Some(dir) = stack.pop() {
             if let Ok(m) = std::fs::metadata(&dir) {
                 let rel = relative(&self.root, &dir);
-                self.map.entry(m.ino()).or_insert(rel);
+                self.map.entry(m.ino()).or_insert_with(|| Named::of(rel));
             }
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;

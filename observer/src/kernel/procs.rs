@@ -3,9 +3,11 @@
 //! cached per process for a few seconds, so a busy binder costs one read.
 
 use std::{
-    collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use foldhash::HashMap;
 
 /// A command line longer than this is cut (at a character boundary) and ends in `…`.
 pub const CMDLINE_MAX: usize = 256;
@@ -18,7 +20,8 @@ const CAP: usize = 4096;
 pub struct Ident {
     pub ppid: u32,
     /// The arguments joined by spaces; `None` for kernel threads (empty).
-    pub cmdline: Option<String>,
+    /// Shared with the records that carry it.
+    pub cmdline: Option<Arc<str>>,
     /// Seconds since boot when it started (`/proc/PID/stat` field 22).
     pub started_s: u64,
     /// Its cgroup2 path (`/proc/PID/cgroup`'s `0::` line).
@@ -73,7 +76,7 @@ pub fn read(pid: u32) -> Option<Ident> {
         });
     Some(Ident {
         ppid,
-        cmdline: cmdline(&raw),
+        cmdline: cmdline(&raw).map(Arc::from),
         started_s,
         cgroup,
     })

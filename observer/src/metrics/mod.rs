@@ -221,7 +221,7 @@ impl Metrics {
                 } else {
                     "connect"
                 };
-                let errno = c.errno.clone().unwrap_or_else(|| "ok".into());
+                let errno = c.errno.as_deref().unwrap_or("ok").to_owned();
                 self.calls.get_or_create(&CallLabels { call, errno }).inc();
             }
             Event::TcpState(t) => {
@@ -262,9 +262,9 @@ impl Metrics {
 
 fn bind_labels(b: &Bind) -> BindLabels {
     BindLabels {
-        result: b.errno.clone().unwrap_or_else(|| "ok".into()),
-        proto: b.proto.clone().unwrap_or_else(|| "none".into()),
-        family: b.family.clone().unwrap_or_else(|| "unknown".into()),
+        result: b.errno.as_deref().unwrap_or("ok").to_owned(),
+        proto: b.proto.as_deref().unwrap_or("none").to_owned(),
+        family: b.family.as_deref().unwrap_or("unknown").to_owned(),
     }
 }
 

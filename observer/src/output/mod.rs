@@ -117,7 +117,14 @@ impl Output {
             self.batch.extend_from_slice(crate::text::HEADER.as_bytes());
             self.batch.push(b'\n');
         }
-        self.batch.extend_from_slice(&render(self.format, record));
+        match self.format {
+            // Straight into the batch: no buffer per line to grow and copy.
+            Format::Json => {
+                serde_json::to_writer(&mut self.batch, record).expect("records serialize");
+                self.batch.push(b'\n');
+            }
+            Format::Text => self.batch.extend_from_slice(&render(self.format, record)),
+        }
         self.batch_lines += 1;
         self.rendered += 1;
         if self.batch.len() >= BATCH_BYTES {

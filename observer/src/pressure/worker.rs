@@ -11,12 +11,14 @@
 //! start, every namespace is counted once.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fs::File,
     io,
     sync::{Arc, Condvar, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
+
+use foldhash::{HashMap, HashMapExt};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -518,7 +520,9 @@ fn holders(c: &Count, socks: &[Sock], range: &Range, owners: &mut Owners) -> Vec
         .map(|(pid, (comm, ports))| PressureHolder {
             pid,
             comm,
-            cmdline: pid.and_then(procs::read).and_then(|i| i.cmdline),
+            cmdline: pid
+                .and_then(procs::read)
+                .and_then(|i| i.cmdline.as_deref().map(str::to_owned)),
             count: ports.len() as u32,
         })
         .collect();

@@ -125,7 +125,9 @@ pub fn enter_new_netns() -> io::Result<()> {
 fn errno_of(r: io::Result<()>) -> Option<String> {
     match r {
         Ok(()) => None,
-        Err(e) => Some(errno_name(e.raw_os_error().unwrap_or(0)).unwrap_or_else(|| e.to_string())),
+        Err(e) => Some(
+            errno_name(e.raw_os_error().unwrap_or(0)).map_or_else(|| e.to_string(), String::from),
+        ),
     }
 }
 

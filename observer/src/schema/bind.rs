@@ -6,21 +6,21 @@ use observer_common::{BindRecord, bind::flags};
 use serde::Serialize;
 
 use super::{Explain, Process, Target, sockaddr_target};
-use crate::names::{errno_of_ret, family_name, proto_name};
+use crate::names::{Name, errno_of_ret, family_name, proto_name};
 
 #[derive(Serialize, Debug, Clone)]
 pub struct Bind {
     #[serde(flatten)]
     pub process: Process,
     pub fd: i32,
-    pub family: Option<String>,
-    pub proto: Option<String>,
+    pub family: Option<Name>,
+    pub proto: Option<Name>,
     pub addr: Option<String>,
     pub port: Option<u16>,
     pub bound_port: Option<u16>,
     pub options: BindOptions,
     pub ret: i64,
-    pub errno: Option<String>,
+    pub errno: Option<Name>,
     /// Time in the syscall, where its start was seen (kernels that need the
     /// entry tracepoint); `null` otherwise.
     pub latency_ns: Option<u64>,

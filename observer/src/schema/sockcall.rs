@@ -9,14 +9,14 @@ use observer_common::{
 use serde::Serialize;
 
 use super::{Event, Explain, Process, ip_from, sockaddr_target};
-use crate::names::{errno_of_ret, family_name};
+use crate::names::{Name, errno_of_ret, family_name};
 
 #[derive(Serialize, Debug, Clone)]
 pub struct SockCall {
     #[serde(flatten)]
     pub process: Process,
     pub fd: i32,
-    pub family: Option<String>,
+    pub family: Option<Name>,
     /// The socket's local end (`lport: 0` when it had no port yet).
     pub laddr: Option<String>,
     pub lport: Option<u16>,
@@ -24,7 +24,7 @@ pub struct SockCall {
     pub daddr: Option<String>,
     pub dport: Option<u16>,
     pub ret: i64,
-    pub errno: Option<String>,
+    pub errno: Option<Name>,
     /// Time in the syscall, where its start was seen; `null` otherwise.
     pub latency_ns: Option<u64>,
     /// On a listen() EADDRINUSE: who holds the port, which rule fired, what would fix it.

@@ -6,7 +6,7 @@ use observer_common::{TcpStateRecord, tcp::flags};
 use serde::Serialize;
 
 use super::{c_str, ip_from};
-use crate::names::{family_name, tcp_state_name};
+use crate::names::{Name, family_name, tcp_state_name};
 
 #[derive(Serialize, Debug, Clone)]
 pub struct TcpState {
@@ -19,7 +19,7 @@ pub struct TcpState {
     pub comm: Option<String>,
     pub uid: Option<u32>,
     pub netns: Option<u32>,
-    pub family: String,
+    pub family: Name,
     pub saddr: String,
     pub sport: u16,
     pub daddr: String,

@@ -13,7 +13,7 @@ pub struct Flow {
     /// when sock_diag found it).
     pub sk: Option<String>,
     pub netns: u32,
-    pub family: String,
+    pub family: crate::names::Name,
     pub saddr: String,
     pub sport: u16,
     pub daddr: String,

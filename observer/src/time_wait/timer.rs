@@ -8,10 +8,11 @@
 //! waits here, at most [`DECIDE_WITHIN`], which is all this side keeps per socket.
 
 use std::{
-    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use observer_common::{
     TimeWaitRecord,
