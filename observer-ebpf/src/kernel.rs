@@ -169,8 +169,8 @@ pub fn sock_cookie(sk: u64) -> u64 {
 }
 
 /// The socket behind `fd` in the current task: its `struct sock *` and its
-/// inode number. `None` when the fd is not open or not a socket (its inode
-/// is not S_IFSOCK), or the offsets are unknown.
+/// inode number. `None` when the fd is not open or not a socket (its
+/// private data does not point back to it), or the offsets are unknown.
 pub struct FdSocket {
     pub sk: u64,
     pub ino: u64,

@@ -115,8 +115,8 @@ pub fn fill_process(t: &mut TaskHeader) {
     }
 }
 
-/// The process filters on the calling task and its namespace: `-p` first
-/// (the cheapest and the most selective), then uid, namespace, comm, cgroup.
+/// The process filters and `--netns` on a task: the namespace, then `-p`
+/// (the most selective), uid, comm, cgroup.
 pub fn task_passes(f: &FilterConfig, t: &TaskHeader) -> bool {
     netns_passes(f, t.netns) && process_passes(f, t)
 }
