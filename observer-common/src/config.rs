@@ -116,5 +116,9 @@ impl KernelOffsets {
 /// Name of the global in the eBPF object holding the [`KernelOffsets`].
 pub const KERNEL_OFFSETS_SYMBOL: &str = "KERNEL_OFFSETS";
 
+/// The global (a u64) holding the bytes a CPU submits to the ring buffer
+/// between two wakeups of the daemon.
+pub const WAKE_EVERY_BYTES_SYMBOL: &str = "WAKE_EVERY_BYTES";
+
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelOffsets {}

@@ -91,18 +91,26 @@ pub fn current_netns() -> u32 {
     // only used through checked reads.
     let task = unsafe { generated::bpf_get_current_task() };
     let nsproxy: u64 = read(task, off.task_nsproxy).unwrap_or(0); // 0 for an exiting task
-    let net: u64 = read(nsproxy, off.nsproxy_net_ns).unwrap_or(0);
-    read(net, off.net_ns_inum).unwrap_or(0)
+    net_inum(read(nsproxy, off.nsproxy_net_ns).unwrap_or(0))
 }
 
 /// Inode of a socket's network namespace (`sk->__sk_common.skc_net.net->ns.inum`); 0 if unknown.
 pub fn sock_netns(sk: u64) -> u32 {
     let off = kernel_offsets();
-    if off.sk_net == 0 || off.net_ns_inum == 0 {
+    if off.sk_net == 0 {
         return 0;
     }
-    let net: u64 = read(sk, off.sk_net).unwrap_or(0);
-    read(net, off.net_ns_inum).unwrap_or(0)
+    net_inum(read(sk, off.sk_net).unwrap_or(0))
+}
+
+/// Inode of the network namespace at `net` (a `struct net *`); 0 if unknown.
+#[inline(always)]
+fn net_inum(net: u64) -> u32 {
+    let off = kernel_offsets().net_ns_inum;
+    if off == 0 {
+        return 0;
+    }
+    read(net, off).unwrap_or(0)
 }
 
 /// A connection: both ends of a `struct sock_common` (a full or a timewait
@@ -240,12 +248,11 @@ pub fn common_cookie(sk: u64, c: &Common) -> u64 {
 /// The inode of a socket's network namespace (0 if unknown), from its `Common`.
 #[inline(always)]
 pub fn common_netns(sk: u64, c: &Common) -> u32 {
-    let off = kernel_offsets();
-    if off.sk_net == 0 || off.net_ns_inum == 0 {
+    let off = kernel_offsets().sk_net;
+    if off == 0 {
         return 0;
     }
-    let net: u64 = c.get(sk, off.sk_net).unwrap_or(0);
-    read(net, off.net_ns_inum).unwrap_or(0)
+    net_inum(c.get(sk, off).unwrap_or(0))
 }
 
 /// The local end of an inet socket: family, port (host order) and address

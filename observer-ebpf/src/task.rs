@@ -89,15 +89,8 @@ pub fn process_passes_now(f: &FilterConfig) -> bool {
     if f.flags & (on::PIDS | on::UID | on::COMM | on::CGROUP) == 0 {
         return true;
     }
-    if f.has(on::PIDS) {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        // SAFETY: only whether the key is present is used, never the value, so a
-        // concurrent update of the map cannot matter.
-        if unsafe { PIDS.get(&tgid) }.is_none() {
-            return false;
-        }
-    }
-    process_passes(f, &current_process())
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    pid_passes(f, tgid) && process_passes_but_pid(f, &current_process())
 }
 
 /// Fills `t` with the calling task but its namespace, where it lies (a
@@ -128,13 +121,18 @@ pub fn netns_passes(f: &FilterConfig, netns: u32) -> bool {
 
 /// The process filters but `--netns`.
 fn process_passes(f: &FilterConfig, t: &TaskHeader) -> bool {
-    if f.flags == 0 {
-        return true;
-    }
-    // SAFETY: only whether the key is present is used, never the value.
-    if f.has(on::PIDS) && unsafe { PIDS.get(&t.pid()) }.is_none() {
-        return false;
-    }
+    f.flags == 0 || (pid_passes(f, t.pid()) && process_passes_but_pid(f, t))
+}
+
+/// `-p`.
+fn pid_passes(f: &FilterConfig, tgid: u32) -> bool {
+    // SAFETY: only whether the key is present is used, never the value, so a
+    // concurrent update of the map cannot matter.
+    !f.has(on::PIDS) || unsafe { PIDS.get(&tgid) }.is_some()
+}
+
+/// uid, comm, cgroup.
+fn process_passes_but_pid(f: &FilterConfig, t: &TaskHeader) -> bool {
     if f.has(on::UID) && t.uid() != f.uid {
         return false;
     }

@@ -14,7 +14,7 @@ use aya::{
     util::KernelVersion,
 };
 use observer_common::{
-    config::{KERNEL_OFFSETS_SYMBOL, KernelOffsets},
+    config::{KERNEL_OFFSETS_SYMBOL, KernelOffsets, WAKE_EVERY_BYTES_SYMBOL},
     filter::{FILTER_SYMBOL, FilterConfig, event},
     time_wait::{TIME_WAIT_CONFIG_SYMBOL, TimeWaitConfig},
 };
@@ -224,7 +224,11 @@ fn load(s: &Setup) -> Result<Ebpf> {
             true,
         )
         .override_global(FILTER_SYMBOL, s.filter, true)
-        .override_global("WAKE_EVERY_BYTES", &wake_every_bytes(s.ring_bytes), true)
+        .override_global(
+            WAKE_EVERY_BYTES_SYMBOL,
+            &wake_every_bytes(s.ring_bytes),
+            true,
+        )
         .override_global(aya_log::LEVEL, &kernel_log_level(), false)
         .map_max_entries("EVENTS", s.ring_bytes)
         .load(object)
