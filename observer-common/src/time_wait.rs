@@ -110,13 +110,13 @@ impl TimeWaitRecord {
     }
 }
 
-/// What the timer programs need to know, written by the daemon before load.
-/// `tw_timer_handler == 0` turns them off (the daemon then polls sock_diag).
+/// What the timer programs need to know of the kernel's layout, written by
+/// the daemon before load. The handler's address comes after the load, in the
+/// [`TW_HANDLER_MAP`] map; until it does (or if it cannot: the daemon then
+/// polls sock_diag) the programs do nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TimeWaitConfig {
-    /// Address of `tw_timer_handler`, from /proc/kallsyms.
-    pub tw_timer_handler: u64,
     /// `inet_timewait_sock.tw_timer`, `.tw_substate`; `timer_list.function`, `.expires`.
     pub tw_timer: u32,
     pub tw_substate: u32,
@@ -133,7 +133,6 @@ pub struct TimeWaitConfig {
 
 impl TimeWaitConfig {
     pub const OFF: TimeWaitConfig = TimeWaitConfig {
-        tw_timer_handler: 0,
         tw_timer: 0,
         tw_substate: 0,
         timer_function: 0,
@@ -147,6 +146,8 @@ impl TimeWaitConfig {
 
 /// Name of the global in the eBPF object holding the [`TimeWaitConfig`].
 pub const TIME_WAIT_CONFIG_SYMBOL: &str = "TIME_WAIT_CONFIG";
+/// Name of the one-entry array holding the address of `tw_timer_handler`.
+pub const TW_HANDLER_MAP: &str = "TW_HANDLER";
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for TimeWaitRecord {}

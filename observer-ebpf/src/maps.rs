@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{PerCpuArray, RingBuf, ring_buf::RingBufEntry},
+    maps::{Array, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
 };
 use observer_common::{
     Header, Kind, LOST_RINGBUF, LOST_SLOTS, config::KernelOffsets, time_wait::TimeWaitConfig,
@@ -45,6 +45,18 @@ pub static TIME_WAIT_CONFIG: TimeWaitConfig = TimeWaitConfig::OFF;
 
 pub fn time_wait_config() -> &'static TimeWaitConfig {
     loaded(&TIME_WAIT_CONFIG)
+}
+
+/// The address of `tw_timer_handler`, written by the daemon after the load,
+/// before it attaches the timer programs (reading /proc/kallsyms, the slowest
+/// part of its start, runs meanwhile). 0: TIME_WAIT is not followed from the
+/// timer (not yet, or the daemon polls sock_diag).
+#[map]
+pub static TW_HANDLER: Array<u64> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn tw_handler() -> u64 {
+    TW_HANDLER.get(0).copied().unwrap_or(0)
 }
 
 /// Written by the daemon before load: the bytes a CPU submits between two

@@ -15,7 +15,7 @@ use observer_common::{
 
 use crate::{
     kernel::{FlowKey, sock_netns, sock_reuse},
-    maps::{reserve_zeroed, time_wait_config, wake_flags},
+    maps::{reserve_zeroed, tw_handler, wake_flags},
     task::{count_filtered, current_task, filter, ports_pass, task_passes},
     time_wait::{CLOSERS, note_new_connection},
     tp::field,
@@ -245,7 +245,7 @@ unsafe fn v6(ctx: &TracePointContext, off: usize) -> [u8; 16] {
 /// FIN_WAIT1 (in process context) until its timewait socket enters, or it
 /// closes some other way.
 fn note_closer(flow: &FlowKey, oldstate: u8, newstate: u8, process: bool, now: u64) {
-    if time_wait_config().tw_timer_handler == 0 {
+    if tw_handler() == 0 {
         return;
     }
     match newstate {

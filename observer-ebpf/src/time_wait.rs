@@ -38,7 +38,7 @@ use observer_common::{
 
 use crate::{
     kernel::{FlowKey, read, sock_cookie, sock_flow, sock_reuse},
-    maps::{count_lost, reserve_zeroed, time_wait_config, wake_flags},
+    maps::{count_lost, reserve_zeroed, time_wait_config, tw_handler, wake_flags},
     task::{count_filtered, filter, ports_pass},
     tcp::in_timer_softirq,
 };
@@ -99,13 +99,18 @@ fn seqs(c: &TimeWaitConfig, tw: u64) -> u64 {
 static LAST_CANCEL: PerCpuArray<Slot> = PerCpuArray::with_max_entries(1, 0);
 
 /// Timewait sockets born in FIN_WAIT2, for the sweep; and those it found
-/// still there, for the next sweep (with their count: only the sweep uses it).
+/// still there, for the next sweep.
 #[map]
 static FW2_NEW: Queue<u64> = Queue::with_max_entries(1 << 16, 0);
 #[map]
 static FW2_WAIT: Queue<u64> = Queue::with_max_entries(1 << 16, 0);
+/// The sweep's counts (only the sweep uses them, one run at a time):
+/// `[WAITING]` how many `FW2_WAIT` holds, `[LEFT]` how many of them this
+/// sweep has still to look at (those it puts back wait for the next one).
 #[map]
-static FW2_WAIT_LEN: Array<u64> = Array::with_max_entries(1, 0);
+static FW2_COUNTS: Array<u64> = Array::with_max_entries(2, 0);
+const WAITING: u32 = 0;
+const LEFT: u32 = 1;
 
 /// The kernel's jiffies now (`bpf_jiffies64`): turns a timer's `expires`
 /// into a ktime, exactly, at any moment.
@@ -119,12 +124,6 @@ fn jiffies() -> u64 {
 /// of a killed timewait socket can hold a new one at once: slab RCU).
 const REARM_WITHIN_NS: u64 = 200_000;
 
-/// The timewait socket behind a timer, if the timer is a timewait socket's.
-fn tw_of(c: &TimeWaitConfig, timer: u64, function: u64) -> Option<u64> {
-    (c.tw_timer_handler != 0 && function == c.tw_timer_handler && timer > c.tw_timer as u64)
-        .then(|| timer - c.tw_timer as u64)
-}
-
 fn now() -> u64 {
     // SAFETY: bpf_ktime_get_ns takes no arguments; nothing to uphold.
     unsafe { generated::bpf_ktime_get_ns() }
@@ -135,8 +134,13 @@ fn now() -> u64 {
 #[inline(always)]
 fn tw_of_timer(ctx: &RawTracePointContext, c: &TimeWaitConfig) -> (u64, Option<u64>) {
     let timer = ctx.arg::<u64>(0);
+    let handler = tw_handler();
+    if handler == 0 {
+        return (timer, None);
+    }
     let function: u64 = read(timer, c.timer_function).unwrap_or(0);
-    (timer, tw_of(c, timer, function))
+    let tw = (function == handler && timer > c.tw_timer as u64).then(|| timer - c.tw_timer as u64);
+    (timer, tw)
 }
 
 #[raw_tracepoint]
@@ -250,60 +254,60 @@ fn enter_time(c: &TimeWaitConfig, expires: u64, t: u64) -> u64 {
     t.saturating_sub(ago.wrapping_mul(c.ns_per_jiffy))
 }
 
-/// How many queued sockets one run of the sweep looks at (the verifier walks
-/// every iteration of the loop).
-const SWEEP_BATCH: u32 = 4;
-
-/// Run by the daemon (BPF_PROG_TEST_RUN), never attached: the FIN_WAIT2-born
-/// sockets that moved to TIME_WAIT since the last run enter; those still in
-/// FIN_WAIT2 wait for the next. Returns 1 when more remain than one run takes.
+/// Run by the daemon (BPF_PROG_TEST_RUN), never attached, once per queued
+/// socket: a FIN_WAIT2-born socket that moved to TIME_WAIT enters, one still
+/// in FIN_WAIT2 waits for the next sweep. The daemon's first run of a sweep
+/// passes 1 as the first argument. Returns 1 while more may be queued.
+///
+/// One socket per run, no loop: the verifier walks every copy of a loop's
+/// body, and its work grew about fourfold with each (58 ms for four a run,
+/// 6 ms for one, on 6.18: most of the daemon's start).
 #[raw_tracepoint]
-pub fn obs_time_wait_sweep(_ctx: RawTracePointContext) -> i32 {
+pub fn obs_time_wait_sweep(ctx: RawTracePointContext) -> i32 {
     let c = time_wait_config();
-    if c.tw_timer_handler == 0 {
+    if tw_handler() == 0 {
         return 0;
     }
-    let waiting = FW2_WAIT_LEN.get(0).copied().unwrap_or(0);
-    let mut kept = 0u64;
-    let mut more = 0;
-    for i in 0..SWEEP_BATCH {
-        // Those that waited first, then the newly born.
-        let next = if u64::from(i) < waiting {
-            FW2_WAIT.pop()
-        } else {
-            FW2_NEW.pop()
-        };
-        let Ok(Some(tw)) = next else {
-            if u64::from(i) >= waiting {
-                break;
-            }
-            continue;
-        };
-        // SAFETY: plain data copied out at once; an update or removal on another CPU
-        // meanwhile can only make the copy stale or mixed, never fault.
-        let Some(mut st) = (unsafe { TW.get(&tw) }).copied() else {
-            continue; // gone: expired or killed while in FIN_WAIT2
-        };
-        catch_up(&c, tw, &mut st);
-        if st.substate == state::TIME_WAIT {
-            let _ = TW.insert(&tw, &st, 0);
-        } else if FW2_WAIT.push(tw, 0).is_ok() {
-            kept += 1;
-        } else {
-            count_lost(LOST_TIME_WAIT_MAP);
-        }
-        if i + 1 == SWEEP_BATCH {
-            more = 1;
-        }
+    let (Some(waiting), Some(left)) = (
+        FW2_COUNTS.get_ptr_mut(WAITING),
+        FW2_COUNTS.get_ptr_mut(LEFT),
+    ) else {
+        return 0;
+    };
+    // SAFETY: array values, valid while the map lives; only this program uses
+    // them, and the daemon runs it one call at a time.
+    let (waiting, left) = unsafe { (&mut *waiting, &mut *left) };
+    if ctx.arg::<u64>(0) == 1 {
+        *left = *waiting; // a new sweep
     }
-    // Those of the waiting that this run did not reach are still queued.
-    let left = waiting.saturating_sub(u64::from(SWEEP_BATCH));
-    if let Some(p) = FW2_WAIT_LEN.get_ptr_mut(0) {
-        // SAFETY: an array value, valid while the map lives; only the sweep writes it,
-        // and the daemon runs the sweep one call at a time.
-        unsafe { *p = kept + left };
+    // Those that waited first, then the newly born.
+    let from_waiting = *left > 0;
+    let next = if from_waiting {
+        *left -= 1;
+        *waiting = waiting.saturating_sub(1);
+        FW2_WAIT.pop()
+    } else {
+        FW2_NEW.pop()
+    };
+    let Ok(Some(tw)) = next else {
+        // Nothing new; or a count that was wrong (it cannot be): start afresh.
+        *left = 0;
+        return i32::from(from_waiting);
+    };
+    // SAFETY: plain data copied out at once; an update or removal on another CPU
+    // meanwhile can only make the copy stale or mixed, never fault.
+    let Some(mut st) = (unsafe { TW.get(&tw) }).copied() else {
+        return 1; // gone: expired or killed while in FIN_WAIT2
+    };
+    catch_up(&c, tw, &mut st);
+    if st.substate == state::TIME_WAIT {
+        let _ = TW.insert(&tw, &st, 0);
+    } else if FW2_WAIT.push(tw, 0).is_ok() {
+        *waiting += 1;
+    } else {
+        count_lost(LOST_TIME_WAIT_MAP);
     }
-    more
+    1
 }
 
 /// The state a cancel of `tw` on this CPU left, if that cancel was just now.
@@ -326,9 +330,6 @@ pub fn obs_timer_cancel(ctx: RawTracePointContext) -> i32 {
 
 fn try_cancel(ctx: &RawTracePointContext) -> Result<(), i64> {
     let c = time_wait_config();
-    if c.tw_timer_handler == 0 {
-        return Ok(());
-    }
     let (_, Some(tw)) = tw_of_timer(ctx, &c) else {
         return Ok(());
     };

@@ -96,28 +96,27 @@ pub fn run() -> ExitCode {
         }
     }
     // TIME_WAIT: the kernel's timer where its handler can be found, else polling.
-    let tw =
-        match crate::time_wait::timer::discover(&tw_offsets, crate::time_wait::timer::handler()) {
-            Ok((config, hz)) => {
-                line(
-                    true,
-                    "TIME_WAIT source",
-                    &format!(
-                        "the kernel's timer (tw_timer_handler at {:#x}, HZ {hz})",
-                        config.tw_timer_handler
-                    ),
-                );
-                Some(config)
-            }
-            Err(why) => {
-                line(
-                    true,
-                    "TIME_WAIT source",
-                    &format!("sock_diag polling every 500 ms (the timer cannot be used: {why})"),
-                );
-                None
-            }
-        };
+    use crate::time_wait::timer;
+    let tw = match timer::discover(&tw_offsets)
+        .and_then(|(config, hz)| Ok((config, hz, timer::handler()?)))
+    {
+        Ok((config, hz, handler)) => {
+            line(
+                true,
+                "TIME_WAIT source",
+                &format!("the kernel's timer (tw_timer_handler at {handler:#x}, HZ {hz})"),
+            );
+            Some(config)
+        }
+        Err(why) => {
+            line(
+                true,
+                "TIME_WAIT source",
+                &format!("sock_diag polling every 500 ms (the timer cannot be used: {why})"),
+            );
+            None
+        }
+    };
     let cgroup = match mounts::cgroup2_mount() {
         Ok(c) => {
             line(true, "cgroup2", &c.display().to_string());

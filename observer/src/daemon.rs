@@ -94,11 +94,13 @@ async fn stream(args: RunArgs) -> Result<ExitCode> {
             "must run as root: loading and attaching the eBPF programs needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN"
         );
     }
+    // Slow reads of the kernel's own, beside the checks and the BTF offsets.
     let handler = std::thread::spawn(time_wait::timer::handler);
+    let prepared = std::thread::spawn(loader::prepare);
     // Signals first: one that arrives while the programs load is served by
     // the loop (a clean stop), not by the default action.
     let mut signals = Signals::new()?;
-    let mut r = start(&args, handler)?;
+    let mut r = start(&args, handler, prepared)?;
 
     // --repro: the scenarios run beside the stream; their events are kept to check.
     let (repro_tx, repro_rx) = tokio::sync::oneshot::channel();
@@ -163,7 +165,11 @@ impl Signals {
 
 /// From the checks to `observer_start`: the output, the kernel's offsets and
 /// timer, the programs loaded and attached, the stream ready.
-fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Running> {
+fn start(
+    args: &RunArgs,
+    handler: JoinHandle<Result<u64, String>>,
+    prepared: JoinHandle<loader::Prepared>,
+) -> Result<Running> {
     let clock = Clock::new();
     let began = Instant::now();
     let phase = |what: &str| log::debug!("startup: {what} at {:?}", began.elapsed());
@@ -193,29 +199,38 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
     let cgroup = mounts::cgroup2_mount()?;
     let (offsets, tw_offsets) = btf_offsets::read();
     phase("BTF read");
-    // TIME_WAIT from the kernel's timer where its handler can be found.
-    let handler = handler
+    // TIME_WAIT from the kernel's timer where its layout is known and, once
+    // the programs are verified, its handler's address.
+    let tw = time_wait::timer::discover(&tw_offsets);
+    let kernel_filter = filter.kernel();
+    let prepared = prepared
         .join()
-        .unwrap_or_else(|_| Err("the kallsyms thread panicked".into()));
-    let tw = match time_wait::timer::discover(&tw_offsets, handler) {
-        Ok(found) => Some(found),
+        .map_err(|_| anyhow::anyhow!("the loader thread panicked"))?;
+    let mut attached = loader::load_and_attach(
+        &loader::Setup {
+            offsets: &offsets,
+            time_wait: tw.as_ref().ok().map(|t| &t.0),
+            filter: &kernel_filter,
+            pids: &args.pids,
+            ports: &args.ports,
+            cgroup: args.cgroup.as_ref().map(|c| c.dir.as_path()),
+            ring_bytes: args.ring_buffer,
+        },
+        prepared,
+        || {
+            handler
+                .join()
+                .unwrap_or_else(|_| Err("the kallsyms thread panicked".into()))
+        },
+    )?;
+    phase("programs loaded and attached");
+    let hz = match tw.and_then(|(_, hz)| attached.timer_handler.clone().map(|_| hz)) {
+        Ok(hz) => Some(hz),
         Err(why) => {
             log::warn!("TIME_WAIT: polling sock_diag every 500 ms: {why}");
             None
         }
     };
-    phase("TIME_WAIT timer found");
-    let kernel_filter = filter.kernel();
-    let mut attached = loader::load_and_attach(&loader::Setup {
-        offsets: &offsets,
-        time_wait: tw.as_ref().map(|t| &t.0),
-        filter: &kernel_filter,
-        pids: &args.pids,
-        ports: &args.ports,
-        cgroup: args.cgroup.as_ref().map(|c| c.dir.as_path()),
-        ring_bytes: args.ring_buffer,
-    })?;
-    phase("programs loaded and attached");
     let logs = loader::kernel_logger(&mut attached.ebpf)
         // SAFETY: the logger owns its ring buffer's fd, open until the AsyncFd drops it.
         .map(|l| {
@@ -248,8 +263,8 @@ fn start(args: &RunArgs, handler: JoinHandle<Result<u64, String>>) -> Result<Run
     // Explanations come back here, a bounded queue like the one to the worker.
     let (explained_tx, explained_rx) = mpsc::channel(worker::QUEUE);
     // The TIME_WAIT sockets there already: reported right after observer_start.
-    let (source, preexisting) = match tw {
-        Some((_, hz)) => {
+    let (source, preexisting) = match hz {
+        Some(hz) => {
             let mut t = time_wait::timer::Tracker::new(clock, hz);
             let before = t.preexisting();
             (TimeWait::Timer(t), before)

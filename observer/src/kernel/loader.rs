@@ -16,7 +16,7 @@ use aya::{
 use observer_common::{
     config::{KERNEL_OFFSETS_SYMBOL, KernelOffsets, WAKE_EVERY_BYTES_SYMBOL},
     filter::{FILTER_SYMBOL, FilterConfig, event},
-    time_wait::{TIME_WAIT_CONFIG_SYMBOL, TimeWaitConfig},
+    time_wait::{TIME_WAIT_CONFIG_SYMBOL, TW_HANDLER_MAP, TimeWaitConfig},
 };
 
 use crate::schema::ProgramStats;
@@ -96,8 +96,9 @@ const TIMER_PROGRAMS: [Program; 3] = [
 
 /// Loaded beside the timer programs, never attached: the daemon runs it.
 const SWEEP: &str = "obs_time_wait_sweep";
-/// Runs of the sweep per call at most (each looks at 4 queued sockets).
-const SWEEP_RUNS: usize = 4096;
+/// Runs of the sweep per call at most (each looks at one queued socket):
+/// 327,680 a second at one call every 50 ms; more wait in the queue.
+const SWEEP_RUNS: usize = 16384;
 
 /// What to load and attach.
 pub struct Setup<'a> {
@@ -121,11 +122,14 @@ pub struct Attached {
     names: Vec<&'static str>,
     /// The TIME_WAIT sweep is loaded (the timer programs are attached).
     sweep: bool,
+    /// The address of `tw_timer_handler` the timer programs use, or why
+    /// they are not attached (the daemon then polls sock_diag).
+    pub timer_handler: Result<u64, String>,
 }
 
 impl Attached {
     /// Runs the TIME_WAIT sweep (see observer-ebpf's time_wait.rs) until it
-    /// has looked at every queued FIN_WAIT2 socket.
+    /// has looked at every queued FIN_WAIT2 socket once.
     pub fn sweep_time_wait(&self) -> Result<()> {
         if !self.sweep {
             return Ok(());
@@ -135,10 +139,11 @@ impl Attached {
             .program(SWEEP)
             .context("the sweep program is missing")?
             .try_into()?;
-        for _ in 0..SWEEP_RUNS {
-            let r = prog
-                .test_run(RawTracePointRunOptions::new())
-                .context("running the TIME_WAIT sweep")?;
+        for run in 0..SWEEP_RUNS {
+            // The first argument says a new sweep begins.
+            let mut args = RawTracePointRunOptions::new();
+            args.args[0] = u64::from(run == 0);
+            let r = prog.test_run(args).context("running the TIME_WAIT sweep")?;
             if r.return_value == 0 {
                 break;
             }
@@ -194,8 +199,18 @@ fn fdinfo_field(text: &str, name: &str) -> Option<u64> {
     })
 }
 
+/// aya's loader, made ahead of the load: making one parses the kernel's BTF
+/// (which `load` then sets aside) and the first load probes the kernel's
+/// features, ~20 ms of work that a thread at start-up does beside the rest.
+pub struct Prepared(EbpfLoader<'static>);
+
+pub fn prepare() -> Prepared {
+    aya::features();
+    Prepared(EbpfLoader::new())
+}
+
 /// Loads the object (maps and globals); programs are loaded by `load_program`.
-fn load(s: &Setup) -> Result<Ebpf> {
+fn load(s: &Setup, prepared: Prepared) -> Result<Ebpf> {
     if OBJECT.is_empty() {
         bail!("this binary was built without its eBPF programs: build it with `cargo xtask build`");
     }
@@ -210,7 +225,7 @@ fn load(s: &Setup) -> Result<Ebpf> {
     } else {
         OBJECT
     };
-    let mut loader = EbpfLoader::new();
+    let mut loader = prepared.0;
     if old_kernel {
         loader.map_max_entries("TW", TIME_WAIT_PREALLOCATED);
     }
@@ -336,7 +351,9 @@ fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
 }
 
 /// Verifying the programs is most of the start-up: they are loaded on two
-/// threads (the kernel verifies programs of one process side by side).
+/// threads (the kernel verifies programs of one process side by side), each
+/// taking the next of `names` when it is done (the bind program, the
+/// longest to verify, first).
 fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
     let mut progs: Vec<(&str, &mut aya::programs::Program)> = ebpf
         .programs_mut()
@@ -348,11 +365,18 @@ fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
     {
         bail!("program {missing} is missing from the eBPF object");
     }
-    let half = progs.len() / 2;
-    let (a, b) = progs.split_at_mut(half);
+    progs.sort_by_key(|(name, _)| names.iter().position(|n| n == name));
+    let queue = std::sync::Mutex::new(progs.into_iter());
+    let next = || queue.lock().ok()?.next();
+    let work = || -> Result<()> {
+        while let Some(mut p) = next() {
+            load_each(std::slice::from_mut(&mut p))?;
+        }
+        Ok(())
+    };
     std::thread::scope(|scope| {
-        let other = scope.spawn(|| load_each(a));
-        let here = load_each(b);
+        let other = scope.spawn(work);
+        let here = work();
         other
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("a loader thread panicked")))
@@ -432,9 +456,15 @@ fn plan(ebpf: &mut Ebpf, s: &Setup, sweep: bool) -> Result<Vec<&'static Program>
 }
 
 /// Loads everything and attaches every program this run and this kernel need.
-pub fn load_and_attach(s: &Setup) -> Result<Attached> {
+/// `handler` gives the address of `tw_timer_handler` (it is asked for once
+/// the programs are verified): without it the timer programs stay detached.
+pub fn load_and_attach(
+    s: &Setup,
+    prepared: Prepared,
+    handler: impl FnOnce() -> Result<u64, String>,
+) -> Result<Attached> {
     let began = std::time::Instant::now();
-    let mut ebpf = load(s)?;
+    let mut ebpf = load(s, prepared)?;
     log::debug!("startup: object and maps loaded in {:?}", began.elapsed());
     let sweep = s.time_wait.is_some() && s.filter.wants(event::TIME_WAIT);
     let mut hooks = Vec::new();
@@ -442,7 +472,16 @@ pub fn load_and_attach(s: &Setup) -> Result<Attached> {
     let mut names = Vec::new();
     let order = plan(&mut ebpf, s, sweep)?;
     log::debug!("startup: programs verified in {:?}", began.elapsed());
+    let timer_handler = match s.time_wait {
+        Some(_) => handler().and_then(|a| set_tw_handler(&mut ebpf, a).map(|()| a)),
+        None => Err("the timer programs are not loaded".into()),
+    };
+    let sweep = sweep && timer_handler.is_ok();
+    let is_timer = |p: &Program| TIMER_PROGRAMS.iter().any(|t| t.name == p.name);
     for prog in order {
+        if is_timer(prog) && timer_handler.is_err() {
+            continue;
+        }
         let id = attach(&mut ebpf, prog)?;
         log::info!("attached {} (prog id {id})", label(prog));
         hooks.push(label(prog));
@@ -455,7 +494,19 @@ pub fn load_and_attach(s: &Setup) -> Result<Attached> {
         prog_ids,
         names,
         sweep,
+        timer_handler,
     })
+}
+
+/// Writes the handler's address where the timer programs read it.
+fn set_tw_handler(ebpf: &mut Ebpf, address: u64) -> Result<(), String> {
+    let map = ebpf
+        .map_mut(TW_HANDLER_MAP)
+        .ok_or_else(|| format!("no {TW_HANDLER_MAP} map"))?;
+    let mut array: aya::maps::Array<_, u64> = map.try_into().map_err(|e| format!("{e}"))?;
+    array
+        .set(0, address, 0)
+        .map_err(|e| format!("writing {TW_HANDLER_MAP}: {e}"))
 }
 
 /// One hook tried by `probe`.
@@ -471,7 +522,7 @@ pub struct Probed {
 /// both ways of reading syscall arguments, and the timer where configured.
 /// All are detached again when this returns.
 pub fn probe(s: &Setup) -> Result<Vec<Probed>> {
-    let mut ebpf = load(s)?;
+    let mut ebpf = load(s, prepare())?;
     let timers: &[Program] = if s.time_wait.is_some() {
         &TIMER_PROGRAMS
     } else {

@@ -28,18 +28,18 @@ pub const DECIDE_WITHIN: Duration = Duration::from_millis(500);
 const MAX_PENDING: usize = 1 << 18;
 
 /// The address of the timewait sockets' timer handler. Reading /proc/kallsyms
-/// takes the kernel some 45 ms: the daemon starts it first, on a thread.
+/// takes the kernel some 30 ms: the daemon starts it first, on a thread, and
+/// needs it only once the programs are verified.
 pub fn handler() -> Result<u64, String> {
     crate::kernel::kallsyms::address("tw_timer_handler")
 }
 
-/// The kernel's layout and symbols the timer programs need (`handler`: see
-/// above), or why this kernel cannot give them (then the daemon polls sock_diag).
+/// The kernel's layout the timer programs need and its HZ, or why this
+/// kernel cannot give them (then the daemon polls sock_diag). The handler's
+/// address (see above) is only needed to attach them.
 pub fn discover(
     tw: &crate::kernel::btf_offsets::TimeWaitOffsets,
-    handler: Result<u64, String>,
 ) -> Result<(TimeWaitConfig, u64), String> {
-    let handler = handler?;
     let (
         Some(tw_timer),
         Some(tw_substate),
@@ -62,7 +62,6 @@ pub fn discover(
     };
     let hz = kernel_hz()?;
     let config = TimeWaitConfig {
-        tw_timer_handler: handler,
         tw_timer,
         tw_substate,
         timer_function,
