@@ -1,6 +1,9 @@
 //! Kernel timestamps (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) to wall-clock RFC 3339.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    cell::Cell,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use nix::time::{ClockId, clock_gettime};
 
@@ -40,11 +43,35 @@ impl Clock {
         UNIX_EPOCH + Duration::from_nanos(ns as u64)
     }
 
-    /// RFC 3339, UTC, nanoseconds: `2026-11-25T14:03:07.123456789Z`.
-    pub fn rfc3339(&self, ktime_ns: u64) -> humantime::Rfc3339Timestamp {
-        humantime::format_rfc3339_nanos(self.wall(ktime_ns))
+    /// RFC 3339, UTC, nanoseconds: `2026-11-25T14:03:07.123456789Z`. The
+    /// date and time of day are worked out once per second (per thread):
+    /// every record carries one.
+    pub fn rfc3339(&self, ktime_ns: u64) -> String {
+        thread_local! {
+            static SECOND: Cell<(u64, [u8; SECOND_LEN])> = const { Cell::new((u64::MAX, [0; SECOND_LEN])) };
+        }
+        let wall = self.wall(ktime_ns);
+        let since = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let (secs, mut second) = SECOND.get();
+        if secs != since.as_secs() {
+            let full = humantime::format_rfc3339_seconds(wall).to_string();
+            second.copy_from_slice(&full.as_bytes()[..SECOND_LEN]);
+            SECOND.set((since.as_secs(), second));
+        }
+        let mut s = String::with_capacity(SECOND_LEN + 11);
+        s.push_str(std::str::from_utf8(&second).expect("ASCII"));
+        s.push('.');
+        let nanos = since.subsec_nanos();
+        let digits = itoa::Buffer::new().format(nanos).len();
+        s.extend(std::iter::repeat_n('0', 9 - digits));
+        s.push_str(itoa::Buffer::new().format(nanos));
+        s.push('Z');
+        s
     }
 }
+
+/// `2026-11-25T14:03:07`: RFC 3339 up to the second.
+const SECOND_LEN: usize = 19;
 
 #[cfg(test)]
 mod tests {
@@ -53,9 +80,13 @@ mod tests {
     #[test]
     fn formats_nanoseconds_utc() {
         let c = Clock::with_offset(1_700_000_000_000_000_000);
+        assert_eq!(c.rfc3339(123_456_789), "2023-11-14T22:13:20.123456789Z");
+        // The second's part is kept: the same second again, then the next.
+        assert_eq!(c.rfc3339(5), "2023-11-14T22:13:20.000000005Z");
+        assert_eq!(c.rfc3339(1_000_000_000), "2023-11-14T22:13:21.000000000Z");
         assert_eq!(
-            c.rfc3339(123_456_789).to_string(),
-            "2023-11-14T22:13:20.123456789Z"
+            Clock::with_offset(0).rfc3339(0),
+            "1970-01-01T00:00:00.000000000Z"
         );
     }
 }

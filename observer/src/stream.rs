@@ -379,9 +379,11 @@ impl Stream {
         let p = &b.process;
         let mut book = self.explainer.book();
         book.note_bind_ino(ino, ra, rp, p.pid, &p.comm);
+        // Only for kernels whose sock_diag cannot list them (before 6.3).
         if let (Some((proto, asked)), Some(port)) = (b.request, b.bound_port)
             && proto == rules::TCP
             && port != 0
+            && !crate::kernel::sock_diag::lists_bound_only()
         {
             book.note_bound(Bound {
                 netns: p.netns.unwrap_or(0),

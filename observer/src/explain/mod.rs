@@ -28,8 +28,7 @@ use crate::{
 /// beyond `CAP`.
 #[derive(Default)]
 pub struct OptionsBook {
-    map: HashMap<u64, (bool, bool)>,
-    owners: HashMap<u64, (u32, String)>,
+    map: HashMap<u64, Note>,
     order: VecDeque<u64>,
     /// TIME_WAIT sockets the stream saw enter, by connection (their cookie
     /// is often unset): inherited options and who closed them.
@@ -39,6 +38,12 @@ pub struct OptionsBook {
     /// sock_diag cannot list sockets bound but not listening (before 6.3),
     /// the blockers it cannot show.
     bound: VecDeque<Bound>,
+}
+
+/// A socket's options, and the process that bound it where a bind was seen.
+struct Note {
+    reuse: (bool, bool),
+    owner: Option<(u32, String)>,
 }
 
 /// A TCP socket a bind record showed bound, and whose it was.
@@ -139,18 +144,7 @@ impl OptionsBook {
     }
 
     pub fn note(&mut self, cookie: u64, reuseaddr: bool, reuseport: bool) {
-        if cookie == 0 {
-            return;
-        }
-        if self.map.insert(cookie, (reuseaddr, reuseport)).is_none() {
-            self.order.push_back(cookie);
-            if self.order.len() > Self::CAP
-                && let Some(old) = self.order.pop_front()
-            {
-                self.map.remove(&old);
-                self.owners.remove(&old);
-            }
-        }
+        self.note_with(cookie, (reuseaddr, reuseport), None);
     }
 
     /// Options and the process that bound the socket (its likely owner).
@@ -162,9 +156,31 @@ impl OptionsBook {
         pid: u32,
         comm: &str,
     ) {
-        self.note(cookie, reuseaddr, reuseport);
-        if self.map.contains_key(&cookie) {
-            self.owners.insert(cookie, (pid, comm.to_owned()));
+        self.note_with(cookie, (reuseaddr, reuseport), Some((pid, comm.to_owned())));
+    }
+
+    /// One lookup for the socket, one more to forget the oldest (a bind
+    /// storm notes a socket per record).
+    fn note_with(&mut self, cookie: u64, reuse: (bool, bool), owner: Option<(u32, String)>) {
+        if cookie == 0 {
+            return;
+        }
+        let mut new = false;
+        let note = self.map.entry(cookie).or_insert_with(|| {
+            new = true;
+            Note { reuse, owner: None }
+        });
+        note.reuse = reuse;
+        if owner.is_some() {
+            note.owner = owner;
+        }
+        if new {
+            self.order.push_back(cookie);
+            if self.order.len() > Self::CAP
+                && let Some(old) = self.order.pop_front()
+            {
+                self.map.remove(&old);
+            }
         }
     }
 
@@ -216,11 +232,11 @@ impl OptionsBook {
     }
 
     fn owner(&self, cookie: u64) -> Option<(u32, String)> {
-        self.owners.get(&cookie).cloned()
+        self.map.get(&cookie)?.owner.clone()
     }
 
     pub fn get(&self, cookie: u64) -> Option<(bool, bool)> {
-        self.map.get(&cookie).copied()
+        Some(self.map.get(&cookie)?.reuse)
     }
 
     /// Every entry, oldest first: (cookie, reuseaddr, reuseport), for a helper process.
@@ -228,7 +244,7 @@ impl OptionsBook {
         self.order
             .iter()
             .filter(|c| **c & INO == 0)
-            .filter_map(|c| self.map.get(c).map(|(a, p)| (*c, *a, *p)))
+            .filter_map(|c| self.get(*c).map(|(a, p)| (*c, a, p)))
             .collect()
     }
 }

@@ -3,6 +3,7 @@
 //! batches of whole lines; a writer thread of its own writes them (`writer`),
 //! so that a stalled or failing output never stops the loop.
 
+mod json;
 mod open;
 mod writer;
 
@@ -120,7 +121,9 @@ impl Output {
         match self.format {
             // Straight into the batch: no buffer per line to grow and copy.
             Format::Json => {
-                serde_json::to_writer(&mut self.batch, record).expect("records serialize");
+                if !json::write(&mut self.batch, record) {
+                    serde_json::to_writer(&mut self.batch, record).expect("records serialize");
+                }
                 self.batch.push(b'\n');
             }
             Format::Text => self.batch.extend_from_slice(&render(self.format, record)),

@@ -24,7 +24,7 @@ pub use daemon::{
 pub use explain::{Explain, Holder, Rule};
 pub use pressure::{PortPressure, PressureHolder};
 pub use process::Process;
-pub use sockaddr::{Target, c_str, ip_from, sockaddr_target};
+pub use sockaddr::{Target, c_str, ip_from, ip_string, sockaddr_target};
 pub use sockcall::SockCall;
 pub use tcp::{TcpState, reuse, tuple};
 pub use time_wait::{Closer, Flow, TimeWaitEnter, TimeWaitExit};
@@ -63,7 +63,7 @@ impl Line {
     pub fn at(clock: &Clock, ktime_ns: u64, event: Event) -> Line {
         Line {
             v: SCHEMA_VERSION,
-            ts: clock.rfc3339(ktime_ns).to_string(),
+            ts: clock.rfc3339(ktime_ns),
             event,
         }
     }

@@ -11,6 +11,22 @@ pub fn ip_from(family: u16, bytes: &[u8; 16]) -> std::net::IpAddr {
     }
 }
 
+/// `ip.to_string()`, without the formatting machinery for IPv4 (one per
+/// bind record: it took a fifth of the time to decode one).
+pub fn ip_string(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut s = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        s.push_str(itoa::Buffer::new().format(octet));
+    }
+    s
+}
+
 /// What the caller asked to bind to.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Target {
@@ -37,7 +53,7 @@ pub fn sockaddr_target(sa: &[u8]) -> Target {
         _ => None,
     };
     let (addr, port) = match i32::from(family) {
-        libc::AF_INET | libc::AF_INET6 => (ip.map(|ip| ip.to_string()), be16(2)),
+        libc::AF_INET | libc::AF_INET6 => (ip.map(ip_string), be16(2)),
         libc::AF_UNIX => (Some(unix_path(&sa[2..])), None),
         _ => (None, None),
     };
@@ -66,6 +82,21 @@ pub fn c_str(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_string_is_to_string() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.200.3.255",
+            "255.255.255.255",
+            "::",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_string(ip), ip.to_string());
+        }
+    }
 
     #[test]
     fn short_and_foreign_sockaddrs() {

@@ -8,7 +8,7 @@ use observer_common::{
 };
 use serde::Serialize;
 
-use super::{Event, Explain, Process, ip_from, sockaddr_target};
+use super::{Event, Explain, Process, ip_from, ip_string, sockaddr_target};
 use crate::names::{Name, errno_of_ret, family_name};
 
 #[derive(Serialize, Debug, Clone)]
@@ -60,7 +60,7 @@ impl SockCall {
             process: Process::of(&r.task),
             fd: r.fd,
             family: family.map(family_name),
-            laddr: local.then(|| ip_from(r.family, &r.laddr).to_string()),
+            laddr: local.then(|| ip_string(ip_from(r.family, &r.laddr))),
             local: local.then(|| SocketAddr::new(ip_from(r.family, &r.laddr), r.lport)),
             lport: local.then_some(r.lport),
             daddr: dest.addr,

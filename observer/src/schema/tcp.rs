@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use observer_common::{TcpStateRecord, tcp::flags};
 use serde::Serialize;
 
-use super::{c_str, ip_from};
+use super::{c_str, ip_from, ip_string};
 use crate::names::{Name, family_name, tcp_state_name};
 
 #[derive(Serialize, Debug, Clone)]
@@ -45,9 +45,9 @@ impl TcpState {
             uid: task.map(|t| t.uid()),
             netns: (r.netns != 0).then_some(r.netns),
             family: family_name(r.family),
-            saddr: src.ip().to_string(),
+            saddr: ip_string(src.ip()),
             sport: src.port(),
-            daddr: dst.ip().to_string(),
+            daddr: ip_string(dst.ip()),
             dport: dst.port(),
             old: tcp_state_name(r.oldstate),
             new: tcp_state_name(r.newstate),

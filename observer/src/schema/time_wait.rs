@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
+use super::ip_string;
 use crate::names::family_name;
 
 /// The connection a timewait socket stands for: the part both records start with.
@@ -31,9 +32,9 @@ impl Flow {
             sk: sk.map(|a| format!("{a:#x}")),
             netns,
             family: family_name(if src.is_ipv4() { 2 } else { 10 }),
-            saddr: src.ip().to_string(),
+            saddr: ip_string(src.ip()),
             sport: src.port(),
-            daddr: dst.ip().to_string(),
+            daddr: ip_string(dst.ip()),
             dport: dst.port(),
             src,
             dst,
