@@ -257,11 +257,11 @@ mod tests {
         (b.proto, b.addr, b.port) = (Some("tcp".into()), Some("127.0.0.1".into()), Some(8080));
         (b.options.reuseaddr, b.options.reuseport) = (Some(true), Some(false));
         (b.ret, b.errno) = (-98, Some("EADDRINUSE".into()));
-        b.explain = Some(Explain {
+        b.explain = Some(std::sync::Arc::new(Explain {
             rule: Rule::ListenerConflict,
             hint: "0.0.0.0:8080 is held by LISTEN socket of python3 (pid 31522)".into(),
             blockers: vec![],
-        });
+        }));
         let l = line(&at(Event::Bind(b)));
         assert!(
             l.starts_with("14:56:50.775951 31522   python3          bind"),

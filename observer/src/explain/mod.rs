@@ -11,12 +11,13 @@ use std::{
     collections::VecDeque,
     io,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use foldhash::{HashMap, HashMapExt};
 
-use rules::{Holder, Request};
+use rules::{Explain, Holder, Request};
 
 use crate::{
     kernel::sock_diag::{Diag, IPPROTO_TCP, IPPROTO_UDP, InetSock},
@@ -468,9 +469,20 @@ pub fn failure(r: &Request, holders: &[Holder]) -> rules::Explain {
 /// Explanations of a storm of failures: one lookup per (netns, proto, port) per
 /// window; later failures in the window reuse it, and are counted.
 pub struct Coalescer {
-    recent: HashMap<(u32, u8, u16), (Instant, Vec<Holder>)>,
+    recent: HashMap<(u32, u8, u16), Lookup>,
     pub coalesced: u64,
 }
+
+/// One lookup of a port, and the verdicts given from it: in a storm the same
+/// request fails again and again, and gets the same explanation, shared.
+struct Lookup {
+    at: Instant,
+    holders: Vec<Holder>,
+    verdicts: Vec<(Request, Arc<Explain>)>,
+}
+
+/// The requests one lookup keeps verdicts for, at most.
+const VERDICTS: usize = 16;
 
 pub const COALESCE: Duration = Duration::from_millis(100);
 
@@ -490,14 +502,41 @@ impl Coalescer {
     ) -> io::Result<Vec<Holder>> {
         let now = Instant::now();
         self.recent
-            .retain(|_, (t, _)| now.duration_since(*t) < COALESCE);
-        if let Some((_, h)) = self.recent.get(&key) {
+            .retain(|_, l| now.duration_since(l.at) < COALESCE);
+        if let Some(l) = self.recent.get(&key) {
             self.coalesced += 1;
-            return Ok(h.clone());
+            return Ok(l.holders.clone());
         }
-        let h = lookup()?;
-        self.recent.insert(key, (now, h.clone()));
-        Ok(h)
+        let holders = lookup()?;
+        self.recent.insert(
+            key,
+            Lookup {
+                at: now,
+                holders: holders.clone(),
+                verdicts: Vec::new(),
+            },
+        );
+        Ok(holders)
+    }
+
+    /// The verdict already given on `r` from the port's current lookup.
+    pub fn verdict(&mut self, key: (u32, u8, u16), r: &Request) -> Option<Arc<Explain>> {
+        let l = self.recent.get(&key)?;
+        if Instant::now().duration_since(l.at) >= COALESCE {
+            return None;
+        }
+        let (_, e) = l.verdicts.iter().find(|(q, _)| q == r)?;
+        self.coalesced += 1;
+        Some(e.clone())
+    }
+
+    /// Keeps the verdict on `r`, given from the port's current lookup.
+    pub fn keep_verdict(&mut self, key: (u32, u8, u16), r: &Request, e: &Arc<Explain>) {
+        if let Some(l) = self.recent.get_mut(&key)
+            && l.verdicts.len() < VERDICTS
+        {
+            l.verdicts.push((r.clone(), e.clone()));
+        }
     }
 }
 
@@ -548,5 +587,26 @@ mod tests {
         })
         .unwrap();
         assert_eq!((lookups, c.coalesced), (2, 4));
+    }
+
+    #[test]
+    fn a_request_that_fails_again_gets_the_same_explanation() {
+        let mut c = Coalescer::new();
+        let key = (1, rules::TCP, 5700);
+        let asked = Request::new(rules::TCP, "127.0.0.1".parse().unwrap(), 5700);
+        let other = Request {
+            reuseaddr: true,
+            ..asked.clone()
+        };
+        // Nothing kept before the port's lookup.
+        assert!(c.verdict(key, &asked).is_none());
+        c.holders(key, || Ok(Vec::new())).unwrap();
+        let e = Arc::new(rules::no_blocker(5700));
+        c.keep_verdict(key, &asked, &e);
+        let again = c.verdict(key, &asked).expect("kept");
+        assert!(Arc::ptr_eq(&e, &again));
+        assert!(c.verdict(key, &other).is_none());
+        assert!(c.verdict((1, rules::UDP, 5700), &asked).is_none());
+        assert_eq!(c.coalesced, 1);
     }
 }

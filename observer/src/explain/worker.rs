@@ -122,7 +122,7 @@ impl Explainer {
         while let Ok(mut f) = rx.recv() {
             match &mut f.event {
                 Event::Bind(b) => b.explain = self.bind_failure(b),
-                Event::Listen(c) => c.explain = self.listen_failure(c),
+                Event::Listen(c) => c.explain = self.listen_failure(c).map(Arc::new),
                 _ => {}
             }
             self.coalesced
@@ -195,8 +195,9 @@ impl Explainer {
     }
 
     /// `explain` for a bind that failed with EADDRINUSE; `None` when it cannot be
-    /// looked up (not TCP/UDP).
-    fn bind_failure(&mut self, b: &Bind) -> Option<rules::Explain> {
+    /// looked up (not TCP/UDP). The same request on the same lookup of the
+    /// port gets the same explanation.
+    fn bind_failure(&mut self, b: &Bind) -> Option<Arc<rules::Explain>> {
         let (proto, asked) = b.request?;
         let r = Request {
             reuseaddr: b.options.reuseaddr.unwrap_or(false),
@@ -206,19 +207,26 @@ impl Explainer {
             ..Request::new(proto, asked.ip(), asked.port())
         };
         let p = &b.process;
+        let netns = p.netns.unwrap_or(0);
         if r.port == 0 {
-            return Some(
-                self.ephemeral(p.netns.unwrap_or(0), p.tid, &r)
+            return Some(Arc::new(
+                self.ephemeral(netns, p.tid, &r)
                     .unwrap_or_else(|e| rules::lookup_failed(0, &e)),
-            );
+            ));
         }
-        Some(
-            match self.holders(p.netns.unwrap_or(0), p.tid, proto, r.port) {
-                // The failing socket is bound to nothing: it is not among them.
-                Ok(on_port) => self.verdict(&r, &on_port),
-                Err(e) => rules::lookup_failed(r.port, &e),
-            },
-        )
+        let key = (netns, proto, r.port);
+        if let Some(e) = self.coalescer.verdict(key, &r) {
+            return Some(e);
+        }
+        Some(match self.holders(netns, p.tid, proto, r.port) {
+            // The failing socket is bound to nothing: it is not among them.
+            Ok(on_port) => {
+                let e = Arc::new(self.verdict(&r, &on_port));
+                self.coalescer.keep_verdict(key, &r, &e);
+                e
+            }
+            Err(e) => Arc::new(rules::lookup_failed(r.port, &e)),
+        })
     }
 
     /// A bind to port 0 that got EADDRINUSE: the namespace's port range and

@@ -495,11 +495,11 @@ mod tests {
         assert_eq!(failure_labels(&bind(0, 80), &mut ports), None);
         assert_eq!(failure_labels(&bind(-22, 80), &mut ports), None);
         let mut b = bind(-98, 5700);
-        b.explain = Some(Explain {
+        b.explain = Some(std::sync::Arc::new(Explain {
             rule: Rule::TimeWaitWithoutReuseaddr,
             hint: String::new(),
             blockers: Vec::new(),
-        });
+        }));
         assert_eq!(
             failure_labels(&b, &mut ports),
             Some(FailureLabels {

@@ -5,11 +5,31 @@
 //! The serde derives in `schema` stay the definition of every line: the
 //! tests check that this writes the same bytes as serde_json for any record.
 
-use crate::schema::{Bind, BindOptions, Event, Line, Process, SockCall};
+use std::sync::Arc;
+
+use crate::schema::{Bind, BindOptions, Event, Explain, Line, Process, SockCall};
+
+/// The last explanation written, and its JSON: the failures of a storm
+/// explained by one lookup share one (see `explain::Coalescer`).
+#[derive(Default)]
+pub struct LastExplain(Option<(Arc<Explain>, Vec<u8>)>);
+
+impl LastExplain {
+    fn write(&mut self, buf: &mut Vec<u8>, e: &Arc<Explain>) {
+        match &self.0 {
+            Some((last, json)) if Arc::ptr_eq(last, e) => buf.extend_from_slice(json),
+            _ => {
+                let json = serde_json::to_vec(&**e).expect("records serialize");
+                buf.extend_from_slice(&json);
+                self.0 = Some((e.clone(), json));
+            }
+        }
+    }
+}
 
 /// Writes `line` and returns true if it is of a kind written here; else
 /// writes nothing (the caller uses serde_json).
-pub fn write(buf: &mut Vec<u8>, line: &Line) -> bool {
+pub fn write(buf: &mut Vec<u8>, last: &mut LastExplain, line: &Line) -> bool {
     let (name, call) = match &line.event {
         Event::Bind(b) => ("bind", Call::Bind(b)),
         Event::Listen(c) => ("listen", Call::Sock(c)),
@@ -23,8 +43,8 @@ pub fn write(buf: &mut Vec<u8>, line: &Line) -> bool {
     w.key("ts").str(&line.ts);
     w.key("event").str(name);
     match call {
-        Call::Bind(b) => bind(&mut w, b),
-        Call::Sock(c) => sock_call(&mut w, c),
+        Call::Bind(b) => bind(&mut w, last, b),
+        Call::Sock(c) => sock_call(&mut w, last, c),
     }
     w.end();
     true
@@ -38,7 +58,7 @@ enum Call<'a> {
     Sock(&'a SockCall),
 }
 
-fn bind(w: &mut Object, b: &Bind) {
+fn bind(w: &mut Object, last: &mut LastExplain, b: &Bind) {
     process(w, &b.process);
     w.key("fd").int(i64::from(b.fd));
     w.key("family").opt_str(b.family.as_deref());
@@ -54,11 +74,11 @@ fn bind(w: &mut Object, b: &Bind) {
     w.key("sock_cookie").opt_uint(b.sock_cookie);
     w.key("sock_ino").opt_uint(b.sock_ino);
     if let Some(e) = &b.explain {
-        w.key("explain").serde(e);
+        last.write(w.key("explain").buf, e);
     }
 }
 
-fn sock_call(w: &mut Object, c: &SockCall) {
+fn sock_call(w: &mut Object, last: &mut LastExplain, c: &SockCall) {
     process(w, &c.process);
     w.key("fd").int(i64::from(c.fd));
     w.key("family").opt_str(c.family.as_deref());
@@ -70,7 +90,7 @@ fn sock_call(w: &mut Object, c: &SockCall) {
     w.key("errno").opt_str(c.errno.as_deref());
     w.key("latency_ns").opt_uint(c.latency_ns);
     if let Some(e) = &c.explain {
-        w.key("explain").serde(e);
+        last.write(w.key("explain").buf, e);
     }
 }
 
@@ -212,7 +232,7 @@ mod tests {
 
     fn same_as_serde(line: &Line) {
         let mut fast = Vec::new();
-        assert!(write(&mut fast, line));
+        assert!(write(&mut fast, &mut LastExplain::default(), line));
         let slow = serde_json::to_vec(line).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&fast),
@@ -270,16 +290,30 @@ mod tests {
     }
 
     #[test]
-    fn an_explained_bind_is_written_as_serde_json_writes_it() {
-        let mut b = Bind::from_record(&BindRecord::zeroed());
-        let mut holder = rules::holder(rules::TCP, 6, "127.0.0.1:5700", false, false, 0);
-        holder.comm = Some("python3".into());
-        b.explain = Some(Explain {
-            rule: Rule::TimeWaitWithoutReuseaddr,
-            hint: "a \"hint\"".into(),
-            blockers: vec![holder],
-        });
-        same_as_serde(&Line::at(&Clock::with_offset(0), 1, Event::Bind(b)));
+    fn explained_binds_are_written_as_serde_json_writes_them() {
+        let explained = |rule, hint: &str| {
+            let mut holder = rules::holder(rules::TCP, 6, "127.0.0.1:5700", false, false, 0);
+            holder.comm = Some("python3".into());
+            Arc::new(Explain {
+                rule,
+                hint: hint.into(),
+                blockers: vec![holder],
+            })
+        };
+        let line = |e: &Arc<Explain>| {
+            let mut b = Bind::from_record(&BindRecord::zeroed());
+            b.explain = Some(e.clone());
+            Line::at(&Clock::with_offset(0), 1, Event::Bind(b))
+        };
+        let first = explained(Rule::TimeWaitWithoutReuseaddr, "a \"hint\"");
+        let second = explained(Rule::ListenerConflict, "another");
+        // One explanation shared by two lines, then another: each line as serde writes it.
+        let mut last = LastExplain::default();
+        for e in [&first, &first, &second, &first] {
+            let mut fast = Vec::new();
+            assert!(write(&mut fast, &mut last, &line(e)));
+            assert_eq!(fast, serde_json::to_vec(&line(e)).unwrap());
+        }
     }
 
     #[test]
@@ -293,7 +327,7 @@ mod tests {
             }),
         );
         let mut buf = Vec::new();
-        assert!(!write(&mut buf, &line));
+        assert!(!write(&mut buf, &mut LastExplain::default(), &line));
         assert!(buf.is_empty());
     }
 }

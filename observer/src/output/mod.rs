@@ -55,6 +55,7 @@ pub struct Output {
     shared: Arc<Shared>,
     written: Arc<AtomicU64>,
     is_stdout: bool,
+    last_explain: json::LastExplain,
 }
 
 /// One record as one line of `format` (text lines end in a newline too).
@@ -97,6 +98,7 @@ impl Output {
             shared,
             written,
             is_stdout: path.is_none(),
+            last_explain: json::LastExplain::default(),
         })
     }
 
@@ -121,7 +123,7 @@ impl Output {
         match self.format {
             // Straight into the batch: no buffer per line to grow and copy.
             Format::Json => {
-                if !json::write(&mut self.batch, record) {
+                if !json::write(&mut self.batch, &mut self.last_explain, record) {
                     serde_json::to_writer(&mut self.batch, record).expect("records serialize");
                 }
                 self.batch.push(b'\n');

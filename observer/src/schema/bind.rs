@@ -1,6 +1,6 @@
 //! Schema v1 records, built from kernel records and serialized as JSON Lines.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use observer_common::{BindRecord, bind::flags};
 use serde::Serialize;
@@ -28,9 +28,10 @@ pub struct Bind {
     pub sock_cookie: Option<u64>,
     /// The socket's inode (`ss -e`'s `ino:`): always there for a socket.
     pub sock_ino: Option<u64>,
-    /// On EADDRINUSE: who holds the port, which rule fired, what would fix it.
+    /// On EADDRINUSE: who holds the port, which rule fired, what would fix it
+    /// (shared by the failures of a storm explained by one lookup).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub explain: Option<Explain>,
+    pub explain: Option<Arc<Explain>>,
     /// For the explainer, typed: the IP protocol of a TCP or UDP socket and
     /// the address it asked for.
     #[serde(skip)]

@@ -61,10 +61,12 @@ fn blocker() -> Holder {
 /// A record of each kind as the code writes it, every optional part filled.
 fn code_record(event: &str, with_explain: bool) -> Value {
     let clock = Clock::with_offset(0);
-    let explain = with_explain.then(|| Explain {
-        rule: Rule::TimeWaitWithoutReuseaddr,
-        hint: "a hint".into(),
-        blockers: vec![blocker()],
+    let explain = with_explain.then(|| {
+        std::sync::Arc::new(Explain {
+            rule: Rule::TimeWaitWithoutReuseaddr,
+            hint: "a hint".into(),
+            blockers: vec![blocker()],
+        })
     });
     let call = |call| {
         let mut e = Event::of_call(&observer_common::SockCallRecord::zeroed(call));

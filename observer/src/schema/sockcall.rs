@@ -1,6 +1,6 @@
 //! `listen` and `connect` failures.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use observer_common::{
     SockCallRecord,
@@ -29,7 +29,7 @@ pub struct SockCall {
     pub latency_ns: Option<u64>,
     /// On a listen() EADDRINUSE: who holds the port, which rule fired, what would fix it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub explain: Option<Explain>,
+    pub explain: Option<Arc<Explain>>,
     /// The local end, typed, for the explainer.
     #[serde(skip)]
     pub local: Option<SocketAddr>,
