@@ -34,8 +34,9 @@ pub struct Btf {
     strings: std::ops::Range<usize>,
     /// `offsets[id - 1]`: where type `id` starts, relative to `types_at`.
     offsets: Vec<u32>,
-    /// Struct ids by name.
-    structs: HashMap<Box<str>, Vec<u32>>,
+    /// Struct ids by a hash of their name, sorted: no string is made or
+    /// checked for the ~10,000 structs of which a dozen are asked for.
+    structs: Vec<(u64, u32)>,
 }
 
 /// One type's common header.
@@ -82,7 +83,7 @@ impl Btf {
             types_at,
             strings,
             offsets: Vec::new(),
-            structs: HashMap::new(),
+            structs: Vec::new(),
         };
         let mut at = types_at;
         while at < types_at + type_len {
@@ -90,14 +91,15 @@ impl Btf {
             btf.offsets.push((at - types_at) as u32);
             let h = btf.head(at).ok_or("truncated type")?;
             if h.kind == KIND_STRUCT && h.name_off != 0 {
-                let name = btf.str(h.name_off).ok_or("bad name offset")?;
-                btf.structs.entry(name.into()).or_default().push(id);
+                let name = btf.name_bytes(h.name_off).ok_or("bad name offset")?;
+                btf.structs.push((name_hash(name), id));
             }
             at = h.rest + extra_len(&h).ok_or_else(|| format!("unknown kind {}", h.kind))?;
         }
         if at != types_at + type_len {
             return Err("the last type runs past the type section".into());
         }
+        btf.structs.sort_unstable();
         Ok(btf)
     }
 
@@ -124,20 +126,37 @@ impl Btf {
         self.head(self.types_at + off as usize)
     }
 
-    fn str(&self, off: u32) -> Option<&str> {
+    fn name_bytes(&self, off: u32) -> Option<&[u8]> {
         let start = self.strings.start + off as usize;
         let bytes = self.data.get(start..self.strings.end)?;
         let end = bytes.iter().position(|&b| b == 0)?;
-        std::str::from_utf8(&bytes[..end]).ok()
+        Some(&bytes[..end])
+    }
+
+    fn str(&self, off: u32) -> Option<&str> {
+        std::str::from_utf8(self.name_bytes(off)?).ok()
+    }
+
+    /// The ids of the structs named `name`.
+    fn structs_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = u32> + 'a {
+        let hash = name_hash(name.as_bytes());
+        let from = self.structs.partition_point(|&(h, _)| h < hash);
+        self.structs[from..]
+            .iter()
+            .take_while(move |&&(h, _)| h == hash)
+            .map(|&(_, id)| id)
+            .filter(move |&id| {
+                self.head_of(id)
+                    .and_then(|h| self.name_bytes(h.name_off))
+                    .is_some_and(|n| n == name.as_bytes())
+            })
     }
 
     /// Bit offset of `member` in struct `ty` (any struct of that name that
     /// has it), looking into anonymous structs and unions.
     pub fn member_bit_offset(&self, ty: &str, member: &str) -> Option<u32> {
-        self.structs
-            .get(ty)?
-            .iter()
-            .find_map(|&id| self.find_in(id, member, 0))
+        self.structs_named(ty)
+            .find_map(|id| self.find_in(id, member, 0))
     }
 
     /// Byte offset of `member` in struct `ty`.
@@ -209,6 +228,11 @@ impl Btf {
         }
         found
     }
+}
+
+fn name_hash(name: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0).hash_one(name)
 }
 
 /// Bytes of kind-specific data after a type's header; `None` for a kind
