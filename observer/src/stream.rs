@@ -401,7 +401,13 @@ impl Stream {
 
     /// A failure to the explainer; written at once, unexplained, when it is
     /// that far behind.
-    fn explain(&mut self, line: Line) {
+    fn explain(&mut self, mut line: Line) {
+        if let Event::Bind(b) = &mut line.event
+            && self.explainer.explain_at_once(b)
+        {
+            self.write(line);
+            return;
+        }
         match self.explainer.submit(Box::new(line)) {
             Ok(()) => self.explaining += 1,
             Err(line) => {

@@ -469,20 +469,12 @@ pub fn failure(r: &Request, holders: &[Holder]) -> rules::Explain {
 /// Explanations of a storm of failures: one lookup per (netns, proto, port) per
 /// window; later failures in the window reuse it, and are counted.
 pub struct Coalescer {
-    recent: HashMap<(u32, u8, u16), Lookup>,
+    recent: HashMap<Port, (Instant, Vec<Holder>)>,
     pub coalesced: u64,
 }
 
-/// One lookup of a port, and the verdicts given from it: in a storm the same
-/// request fails again and again, and gets the same explanation, shared.
-struct Lookup {
-    at: Instant,
-    holders: Vec<Holder>,
-    verdicts: Vec<(Request, Arc<Explain>)>,
-}
-
-/// The requests one lookup keeps verdicts for, at most.
-const VERDICTS: usize = 16;
+/// A port of a network namespace: (netns, IP protocol, port).
+pub type Port = (u32, u8, u16);
 
 pub const COALESCE: Duration = Duration::from_millis(100);
 
@@ -494,48 +486,61 @@ impl Coalescer {
         }
     }
 
-    /// The holders on the port, from a lookup made less than 100 ms ago or from `lookup`.
+    /// The holders on the port, from a lookup made less than 100 ms ago or
+    /// from `lookup`; and when that lookup was made.
     pub fn holders(
         &mut self,
-        key: (u32, u8, u16),
+        key: Port,
         lookup: impl FnOnce() -> io::Result<Vec<Holder>>,
-    ) -> io::Result<Vec<Holder>> {
+    ) -> io::Result<(Vec<Holder>, Instant)> {
         let now = Instant::now();
         self.recent
-            .retain(|_, l| now.duration_since(l.at) < COALESCE);
-        if let Some(l) = self.recent.get(&key) {
+            .retain(|_, (t, _)| now.duration_since(*t) < COALESCE);
+        if let Some((t, h)) = self.recent.get(&key) {
             self.coalesced += 1;
-            return Ok(l.holders.clone());
+            return Ok((h.clone(), *t));
         }
-        let holders = lookup()?;
-        self.recent.insert(
-            key,
-            Lookup {
-                at: now,
-                holders: holders.clone(),
-                verdicts: Vec::new(),
-            },
-        );
-        Ok(holders)
+        let h = lookup()?;
+        self.recent.insert(key, (now, h.clone()));
+        Ok((h, now))
     }
+}
 
-    /// The verdict already given on `r` from the port's current lookup.
-    pub fn verdict(&mut self, key: (u32, u8, u16), r: &Request) -> Option<Arc<Explain>> {
-        let l = self.recent.get(&key)?;
-        if Instant::now().duration_since(l.at) >= COALESCE {
+/// The verdicts given from each port's current lookup (the worker's
+/// `Coalescer`), shared: in a storm the same request fails again and again,
+/// and the event loop gives it the same explanation itself, without a
+/// round trip through the worker.
+#[derive(Default)]
+pub struct Verdicts {
+    /// When the port's lookup was made, and the verdicts given from it.
+    by_port: HashMap<Port, (Instant, Vec<Verdict>)>,
+}
+
+type Verdict = (Request, Arc<Explain>);
+
+/// The requests one lookup keeps verdicts for, at most.
+const VERDICTS: usize = 16;
+
+impl Verdicts {
+    /// The verdict on `r` from a lookup of its port less than 100 ms old.
+    pub fn get(&self, key: Port, r: &Request) -> Option<Arc<Explain>> {
+        let (at, verdicts) = self.by_port.get(&key)?;
+        if at.elapsed() >= COALESCE {
             return None;
         }
-        let (_, e) = l.verdicts.iter().find(|(q, _)| q == r)?;
-        self.coalesced += 1;
+        let (_, e) = verdicts.iter().find(|(q, _)| q == r)?;
         Some(e.clone())
     }
 
-    /// Keeps the verdict on `r`, given from the port's current lookup.
-    pub fn keep_verdict(&mut self, key: (u32, u8, u16), r: &Request, e: &Arc<Explain>) {
-        if let Some(l) = self.recent.get_mut(&key)
-            && l.verdicts.len() < VERDICTS
-        {
-            l.verdicts.push((r.clone(), e.clone()));
+    /// Keeps the verdict on `r` from the lookup of its port made `at`.
+    pub fn keep(&mut self, key: Port, at: Instant, r: &Request, e: &Arc<Explain>) {
+        self.by_port.retain(|_, (t, _)| t.elapsed() < COALESCE);
+        let (t, verdicts) = self.by_port.entry(key).or_insert((at, Vec::new()));
+        if *t != at {
+            (*t, *verdicts) = (at, Vec::new()); // a newer lookup
+        }
+        if verdicts.len() < VERDICTS && !verdicts.iter().any(|(q, _)| q == r) {
+            verdicts.push((r.clone(), e.clone()));
         }
     }
 }
@@ -591,22 +596,27 @@ mod tests {
 
     #[test]
     fn a_request_that_fails_again_gets_the_same_explanation() {
-        let mut c = Coalescer::new();
+        let mut v = Verdicts::default();
         let key = (1, rules::TCP, 5700);
         let asked = Request::new(rules::TCP, "127.0.0.1".parse().unwrap(), 5700);
         let other = Request {
             reuseaddr: true,
             ..asked.clone()
         };
-        // Nothing kept before the port's lookup.
-        assert!(c.verdict(key, &asked).is_none());
-        c.holders(key, || Ok(Vec::new())).unwrap();
+        assert!(v.get(key, &asked).is_none());
+        let at = Instant::now();
         let e = Arc::new(rules::no_blocker(5700));
-        c.keep_verdict(key, &asked, &e);
-        let again = c.verdict(key, &asked).expect("kept");
-        assert!(Arc::ptr_eq(&e, &again));
-        assert!(c.verdict(key, &other).is_none());
-        assert!(c.verdict((1, rules::UDP, 5700), &asked).is_none());
-        assert_eq!(c.coalesced, 1);
+        v.keep(key, at, &asked, &e);
+        assert!(Arc::ptr_eq(&e, &v.get(key, &asked).expect("kept")));
+        assert!(v.get(key, &other).is_none());
+        assert!(v.get((1, rules::UDP, 5700), &asked).is_none());
+        // A newer lookup of the port forgets the verdicts of the older one.
+        let later = Arc::new(rules::no_blocker(5700));
+        v.keep(key, at + Duration::from_millis(1), &other, &later);
+        assert!(v.get(key, &asked).is_none());
+        assert!(Arc::ptr_eq(&later, &v.get(key, &other).expect("kept")));
+        // And a lookup 100 ms old is stale.
+        v.keep(key, at - COALESCE, &asked, &e);
+        assert!(v.get(key, &asked).is_none());
     }
 }

@@ -11,11 +11,11 @@ use std::{
         atomic::{AtomicU64, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use super::{
-    Ask, Bound, Coalescer, Known, OptionsBook, Owners, failure, holder, on_port,
+    Ask, Bound, Coalescer, Known, OptionsBook, Owners, Port, Verdicts, failure, holder, on_port,
     rules::{self, Holder, Request},
     socket_inode,
 };
@@ -38,7 +38,10 @@ pub struct Worker {
     /// What the stream saw (binds, TIME_WAIT sockets): shared with the
     /// worker, locked briefly on both sides.
     pub book: Arc<Mutex<OptionsBook>>,
+    verdicts: Arc<Mutex<Verdicts>>,
     coalesced: Arc<AtomicU64>,
+    /// Failures the event loop explained itself, from `verdicts`.
+    given: u64,
     /// Failures written without an explanation: the queue was full.
     pub skipped: u64,
 }
@@ -48,8 +51,9 @@ impl Worker {
     pub fn spawn(done: tokio::sync::mpsc::Sender<Failure>) -> Worker {
         let (tx, rx) = sync_channel(QUEUE);
         let book = Arc::new(Mutex::new(OptionsBook::default()));
+        let verdicts = Arc::new(Mutex::new(Verdicts::default()));
         let coalesced = Arc::new(AtomicU64::new(0));
-        let explainer = Explainer::new(book.clone(), coalesced.clone());
+        let explainer = Explainer::new(book.clone(), verdicts.clone(), coalesced.clone());
         std::thread::Builder::new()
             .name("explain".into())
             .spawn(move || explainer.serve(rx, done))
@@ -57,9 +61,25 @@ impl Worker {
         Worker {
             tx,
             book,
+            verdicts,
             coalesced,
+            given: 0,
             skipped: 0,
         }
+    }
+
+    /// Explains a bind failure at once when it repeats a request the worker
+    /// explained from the port's current lookup (never waits for the lock).
+    pub fn explain_at_once(&mut self, b: &mut Bind) -> bool {
+        let Some((key, r)) = bind_request(b) else {
+            return false;
+        };
+        let Some(e) = self.verdicts.try_lock().ok().and_then(|v| v.get(key, &r)) else {
+            return false;
+        };
+        b.explain = Some(e);
+        self.given += 1;
+        true
     }
 
     /// Hands a failure over; gives it back when the queue is full.
@@ -71,7 +91,7 @@ impl Worker {
 
     /// Failures explained from an earlier lookup on the same port.
     pub fn coalesced(&self) -> u64 {
-        self.coalesced.load(Ordering::Relaxed)
+        self.coalesced.load(Ordering::Relaxed) + self.given
     }
 
     /// Locks the book (a poisoned lock only means the worker died mid-note).
@@ -83,6 +103,7 @@ impl Worker {
 /// The worker's side: owners, sock_diag sockets, the storm limiter.
 struct Explainer {
     book: Arc<Mutex<OptionsBook>>,
+    verdicts: Arc<Mutex<Verdicts>>,
     owners: Owners,
     coalescer: Coalescer,
     coalesced: Arc<AtomicU64>,
@@ -90,6 +111,19 @@ struct Explainer {
     own: Option<Diag>,
     /// This kernel's sock_diag lists sockets bound but not listening.
     lists_bound: bool,
+}
+
+/// The port a failed bind asked for, and the request the rules judge.
+fn bind_request(b: &Bind) -> Option<(Port, Request)> {
+    let (proto, asked) = b.request?;
+    let r = Request {
+        reuseaddr: b.options.reuseaddr.unwrap_or(false),
+        reuseport: b.options.reuseport.unwrap_or(false),
+        // v6only: not read by the bind program: the system default.
+        uid: b.process.uid,
+        ..Request::new(proto, asked.ip(), asked.port())
+    };
+    Some(((b.process.netns.unwrap_or(0), proto, asked.port()), r))
 }
 
 /// The sockets the stream saw bound, still open and not among `holders`
@@ -105,9 +139,14 @@ fn add_unlisted(holders: &mut Vec<Holder>, bound: &[Bound]) {
 }
 
 impl Explainer {
-    fn new(book: Arc<Mutex<OptionsBook>>, coalesced: Arc<AtomicU64>) -> Explainer {
+    fn new(
+        book: Arc<Mutex<OptionsBook>>,
+        verdicts: Arc<Mutex<Verdicts>>,
+        coalesced: Arc<AtomicU64>,
+    ) -> Explainer {
         Explainer {
             book,
+            verdicts,
             // A walk of /proc reads every descriptor of every process: at most one per 10 s.
             owners: Owners::every(Duration::from_secs(10)),
             coalescer: Coalescer::new(),
@@ -142,7 +181,13 @@ impl Explainer {
     /// The sockets on `port` in namespace `netns` (found through `tid`),
     /// coalesced; with the ones the stream saw bound where sock_diag cannot
     /// list them.
-    fn holders(&mut self, netns: u32, tid: u32, proto: u8, port: u16) -> io::Result<Vec<Holder>> {
+    fn holders(
+        &mut self,
+        netns: u32,
+        tid: u32,
+        proto: u8,
+        port: u16,
+    ) -> io::Result<(Vec<Holder>, Instant)> {
         let key = (netns, proto, port);
         let Explainer {
             book,
@@ -198,35 +243,33 @@ impl Explainer {
     /// looked up (not TCP/UDP). The same request on the same lookup of the
     /// port gets the same explanation.
     fn bind_failure(&mut self, b: &Bind) -> Option<Arc<rules::Explain>> {
-        let (proto, asked) = b.request?;
-        let r = Request {
-            reuseaddr: b.options.reuseaddr.unwrap_or(false),
-            reuseport: b.options.reuseport.unwrap_or(false),
-            // v6only: not read by the bind program: the system default.
-            uid: b.process.uid,
-            ..Request::new(proto, asked.ip(), asked.port())
-        };
-        let p = &b.process;
-        let netns = p.netns.unwrap_or(0);
-        if r.port == 0 {
+        let ((netns, proto, port), r) = bind_request(b)?;
+        let tid = b.process.tid;
+        if port == 0 {
             return Some(Arc::new(
-                self.ephemeral(netns, p.tid, &r)
+                self.ephemeral(netns, tid, &r)
                     .unwrap_or_else(|e| rules::lookup_failed(0, &e)),
             ));
         }
-        let key = (netns, proto, r.port);
-        if let Some(e) = self.coalescer.verdict(key, &r) {
+        let key = (netns, proto, port);
+        let known = self.verdicts().get(key, &r);
+        if let Some(e) = known {
+            self.coalescer.coalesced += 1;
             return Some(e);
         }
-        Some(match self.holders(netns, p.tid, proto, r.port) {
+        Some(match self.holders(netns, tid, proto, port) {
             // The failing socket is bound to nothing: it is not among them.
-            Ok(on_port) => {
+            Ok((on_port, at)) => {
                 let e = Arc::new(self.verdict(&r, &on_port));
-                self.coalescer.keep_verdict(key, &r, &e);
+                self.verdicts().keep(key, at, &r, &e);
                 e
             }
-            Err(e) => Arc::new(rules::lookup_failed(r.port, &e)),
+            Err(e) => Arc::new(rules::lookup_failed(port, &e)),
         })
+    }
+
+    fn verdicts(&self) -> std::sync::MutexGuard<'_, Verdicts> {
+        self.verdicts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A bind to port 0 that got EADDRINUSE: the namespace's port range and
@@ -267,7 +310,7 @@ impl Explainer {
         let p = &c.process;
         let own_inode = socket_inode(format!("/proc/{}/fd/{}", p.pid, c.fd).as_ref());
         let on_port = match self.holders(p.netns.unwrap_or(0), p.tid, rules::TCP, port) {
-            Ok(on_port) => on_port,
+            Ok((on_port, _)) => on_port,
             Err(e) => return Some(rules::lookup_failed(port, &e)),
         };
         let (mine, others): (Vec<Holder>, Vec<Holder>) = on_port
