@@ -61,10 +61,10 @@ impl Clock {
         let mut s = String::with_capacity(SECOND_LEN + 11);
         s.push_str(std::str::from_utf8(&second).expect("ASCII"));
         s.push('.');
-        let nanos = since.subsec_nanos();
-        let digits = itoa::Buffer::new().format(nanos).len();
-        s.extend(std::iter::repeat_n('0', 9 - digits));
-        s.push_str(itoa::Buffer::new().format(nanos));
+        let mut nanos = itoa::Buffer::new();
+        let nanos = nanos.format(since.subsec_nanos());
+        s.extend(std::iter::repeat_n('0', 9 - nanos.len()));
+        s.push_str(nanos);
         s.push('Z');
         s
     }

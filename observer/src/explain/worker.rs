@@ -243,7 +243,8 @@ impl Explainer {
     /// looked up (not TCP/UDP). The same request on the same lookup of the
     /// port gets the same explanation.
     fn bind_failure(&mut self, b: &Bind) -> Option<Arc<rules::Explain>> {
-        let ((netns, proto, port), r) = bind_request(b)?;
+        let (key, r) = bind_request(b)?;
+        let (netns, proto, port) = key;
         let tid = b.process.tid;
         if port == 0 {
             return Some(Arc::new(
@@ -251,7 +252,6 @@ impl Explainer {
                     .unwrap_or_else(|e| rules::lookup_failed(0, &e)),
             ));
         }
-        let key = (netns, proto, port);
         let known = self.verdicts().get(key, &r);
         if let Some(e) = known {
             self.coalescer.coalesced += 1;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::schema::{Bind, BindOptions, Event, Explain, Line, Process, SockCall};
 
 /// The last explanation written, and its JSON: the failures of a storm
-/// explained by one lookup share one (see `explain::Coalescer`).
+/// that repeat one request share one (see `explain::Verdicts`).
 #[derive(Default)]
 pub struct LastExplain(Option<(Arc<Explain>, Vec<u8>)>);
 
